@@ -1,0 +1,123 @@
+"""Self-speculative decoding by layer skipping (Draft & Verify, Zhang et al. 2024; SWIFT).
+
+The target drafts for itself by running only a subset of its layers (``keep_layers``) plus its
+embedding, final norm and LM head. No extra parameters and no extra cache: drafting reads the
+target's committed cache entries of the kept layers and writes its draft tokens' entries into
+the scratch slots ``L, L+1, ...`` of those layers, exactly the slots the verification forward
+then overwrites with the full model's entries. Drafts are a chain of ``draft_len`` tokens;
+under sampling each is drawn from the processed draft distribution and its ``q`` recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from specjax import masks
+from specjax.drafter import Proposal
+from specjax.sampling import SamplingConfig, processed_probs, sample_probs
+from specjax.tree import DraftTree
+
+
+def default_keep_layers(num_layers: int) -> tuple[int, ...]:
+    """Keeps the first quarter and the last two layers and every other layer in between
+    (about 60% of the layers); tuned on SmolLM2-135M, see WORKSPACE.md."""
+    head = max(1, num_layers // 4)
+    tail = min(2, num_layers - head)
+    middle = tuple(range(head, num_layers - tail, 2))
+    return tuple(range(head)) + middle + tuple(range(num_layers - tail, num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkipDrafter:
+    """Static configuration.
+
+    Attributes:
+      target: the target model (drafts run its own layers).
+      keep_layers: layers run while drafting (ascending); ``None`` = :func:`default_keep_layers`.
+      draft_len: K tokens drafted per round.
+      sampling: the decoding's sampling settings.
+    """
+
+    target: object
+    keep_layers: Optional[tuple[int, ...]] = None
+    draft_len: int = 4
+    sampling: SamplingConfig = SamplingConfig()
+
+    siblings = "iid"
+
+    def __post_init__(self):
+        n = self.target.num_layers
+        keep = default_keep_layers(n) if self.keep_layers is None else tuple(
+            int(i) for i in self.keep_layers)
+        if not keep or list(keep) != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n:
+            raise ValueError(f"keep_layers must be distinct ascending layer indices in [0, {n}), "
+                             f"got {self.keep_layers}")
+        if len(keep) == n:
+            raise ValueError("keep_layers keeps every layer: skip at least one layer")
+        if self.draft_len < 1:
+            raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
+        object.__setattr__(self, "keep_layers", keep)
+
+    @classmethod
+    def skipping(cls, target, skip_layers: Sequence[int], **kwargs) -> "LayerSkipDrafter":
+        """Builds the drafter from the layers to skip instead of the layers to keep."""
+        skip = {int(i) for i in skip_layers}
+        bad = sorted(i for i in skip if not 0 <= i < target.num_layers)
+        if bad:
+            raise ValueError(f"skip_layers {bad} are not layers of a {target.num_layers}-layer "
+                             "model")
+        keep = tuple(i for i in range(target.num_layers) if i not in skip)
+        return cls(target=target, keep_layers=keep, **kwargs)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.sampling.greedy
+
+    @property
+    def tree(self) -> DraftTree:
+        return DraftTree.chain(self.draft_len)
+
+    def check_compatible(self, target) -> None:
+        if target != self.target:
+            raise ValueError("a layer-skip drafter must be built from the target it drafts for")
+
+    def init(self, params, ctx, prompt_tokens, prompt_lengths):
+        return ()
+
+    def propose(self, params, state, ctx, key):
+        del params  # drafting uses the target's own parameters
+        tparams, cache = ctx.target_params, ctx.cache
+        committed = cache.lengths
+
+        def step(carry, xs):
+            cache, token = carry
+            offset, step_key = xs
+            at = committed + offset  # this token's slot and position
+            out = self.target.forward(tparams, token[:, None], at[:, None],
+                                      cache.replace(lengths=at),
+                                      masks.causal_mask(at, 1, cache.num_slots),
+                                      layers=self.keep_layers)
+            logits = out.logits[:, 0]
+            if self.sampling.greedy:
+                nxt, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+            else:
+                q = processed_probs(logits, self.sampling)
+                nxt = sample_probs(step_key, q)
+            return (out.cache.replace(lengths=committed), nxt), (nxt, q)
+
+        offsets = jnp.arange(self.draft_len, dtype=jnp.int32)
+        keys = jax.random.split(key, self.draft_len)
+        (cache, _), (drafted, qs) = jax.lax.scan(step, (cache, ctx.pending), (offsets, keys))
+        tokens = jnp.concatenate([ctx.pending[:, None], jnp.moveaxis(drafted, 0, 1)], axis=1)
+        draft_probs = None
+        if qs is not None:
+            qs = jnp.moveaxis(qs, 0, 1)
+            draft_probs = jnp.concatenate([jnp.zeros_like(qs[:, :1]), qs], axis=1)
+        return Proposal(tokens=tokens, draft_probs=draft_probs), state, cache
+
+    def commit(self, params, state, ctx, info):
+        return state

@@ -1,0 +1,52 @@
+"""Shared pieces of the experiment binaries: user-facing errors, atomic output, prompt files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one clear line, no traceback, exit code 2."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turns library input errors into a one-line message and exit status 2."""
+    from specjax.cache import CacheCapacityError
+    try:
+        yield
+    except (UserError, ValueError, FileNotFoundError, CacheCapacityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` via a temporary file and a rename: a reader never sees
+    a half-written file, and a failure leaves no partial output."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-empty line."""
+    if not os.path.exists(path):
+        raise UserError(f"--prompts_file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts_file {path!r} has no non-empty lines")
+    return prompts

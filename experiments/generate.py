@@ -1,0 +1,86 @@
+"""Generate text with specjax: plain or speculative decoding on any supported model.
+
+  python -m experiments.generate --prompt="What is the capital of France?" --chat
+  python -m experiments.generate --prompts_file=prompts.txt --output_json=out.json --nostream
+
+Output JSON (written atomically): for one prompt, an object with ``prompt``, ``prompt_ids``,
+``generated_ids``, ``text`` and ``stats`` (``new_tokens``, ``target_calls``, ``tau``, ``wall_s``,
+``tokens_per_s``, ...); for ``--prompts_file``, ``{"results": [one object per prompt], "stats":
+{totals}}``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+from experiments import common, methods
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF checkpoint directory or .gguf file.")
+flags.DEFINE_string("prompt", "What is the capital of France? Answer in one sentence.",
+                    "Prompt text (ignored when --prompts_file is given).")
+flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line, run as a batch.")
+flags.DEFINE_bool("chat", True, "Wrap each prompt in the model's chat template.")
+flags.DEFINE_integer("max_new_tokens", 128, "Most new tokens per prompt (>= 1).", lower_bound=1)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise sampling temperature.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("top_k", 0, "Keep the k most probable tokens (0 = off).", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
+flags.DEFINE_float("min_p", 0.0, "Min-p sampling threshold in [0, 1) (0 = off).")
+flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+flags.DEFINE_string("output_json", None, "Write prompts, ids, text and stats here (atomically).")
+flags.DEFINE_bool("stream", True, "Print text as it is generated (Python-driven step loop); "
+                  "--nostream runs the whole generation in one on-device loop.")
+methods.define_flags()
+
+
+def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if not prompt.strip():
+        raise common.UserError("the prompt is empty: give --prompt some text")
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with common.user_errors():
+        run = methods.build_run(FLAGS)  # validates flags before the slow model load
+        prompts = (common.read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file
+                   else [FLAGS.prompt])
+        loaded = run.load()
+        if loaded.tokenizer is None:
+            raise common.UserError(f"model {FLAGS.model!r} has no tokenizer: use a real model")
+        ids = [_encode(loaded.tokenizer, p, FLAGS.chat) for p in prompts]
+        streaming = FLAGS.stream and len(prompts) == 1
+        if streaming:
+            printer = methods.TextStreamer(loaded.tokenizer)
+            result = run.stream(loaded, ids, on_tokens=printer.push)
+            printer.finish()
+        else:
+            result = run.generate(loaded, ids)
+        records = []
+        for prompt, prompt_ids, gen in zip(prompts, ids, result.generated):
+            text = loaded.tokenizer.decode(gen)
+            if not streaming:
+                print(text)
+            records.append({"prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": gen,
+                            "text": text, "stats": result.row_stats(gen)})
+        summary = result.summary()
+        print(f"[{run.method}] {summary['new_tokens']} tokens in {summary['wall_s']:.2f}s "
+              f"({summary['tokens_per_s']:.1f} tok/s, tau {summary['tau']:.2f}, "
+              f"compile {summary['compile_s']:.1f}s)", file=sys.stderr)
+        if FLAGS.output_json:
+            obj = records[0] | {"stats": summary} if len(records) == 1 else {
+                "results": records, "stats": summary}
+            common.write_json_atomic(FLAGS.output_json, obj)
+
+
+if __name__ == "__main__":
+    app.run(main)

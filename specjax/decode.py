@@ -1,0 +1,213 @@
+"""Plain autoregressive decoding on the device: the reference every other method is tested against.
+
+``generate`` runs prefill and one ``lax.while_loop`` inside a single jit: no host round trip
+until every row has hit an EOS token or ``max_new_tokens``. ``stream`` drives the very same
+jitted step from Python and yields tokens as they are produced (CLI, notebooks).
+
+Axis glossary: B batch rows, P padded prompt length, N max new tokens, S cache slots, V vocab.
+
+Invariant (shared with speculative decoding): the cache holds every token of a row except the
+``pending`` one, the last token emitted, which is fed at the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from specjax import masks
+from specjax.cache import KVCache, check_capacity
+from specjax.model_api import LanguageModel
+from specjax.prompts import PromptBatch, make_prompt_batch
+from specjax.sampling import SamplingConfig, sample
+
+
+@struct.dataclass
+class DecodeStats:
+    """On-device counters. ``target_calls`` counts every target forward pass, prefill included,
+    so ``tau = new_tokens / target_calls`` is exactly 1 for plain decoding."""
+
+    target_calls: jax.Array  # int32[]
+    steps: jax.Array  # int32[] loop iterations after prefill
+
+
+@struct.dataclass
+class DecodeState:
+    """Loop state of plain decoding."""
+
+    cache: KVCache
+    pending: jax.Array  # int32[B] last emitted token (not yet in the cache)
+    out_tokens: jax.Array  # int32[B, N] emitted tokens, -1 past out_len
+    out_len: jax.Array  # int32[B]
+    done: jax.Array  # bool[B]
+    key: jax.Array  # PRNG key
+    stats: DecodeStats
+
+
+@struct.dataclass
+class GenerateOutput:
+    """``tokens[b, :lengths[b]]`` are row b's new tokens (EOS included if one was emitted)."""
+
+    tokens: jax.Array  # int32[B, N], -1 padded
+    lengths: jax.Array  # int32[B]
+    stats: DecodeStats
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Static decoding settings.
+
+    Attributes:
+      max_new_tokens: N, the most tokens emitted per row.
+      sampling: how the next token is chosen from the target's logits.
+      eos_ids: tokens that end a row (emitted, then the row stops).
+      num_slots: S, cache slots; 0 picks the smallest multiple of 128 that fits.
+    """
+
+    max_new_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    eos_ids: tuple[int, ...] = ()
+    num_slots: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+
+    def slots_for(self, padded_prompt_len: int, lookahead: int = 0) -> int:
+        """Cache size: the configured one (checked) or the smallest multiple of 128 that fits."""
+        needed = padded_prompt_len + self.max_new_tokens + lookahead
+        if self.num_slots:
+            check_capacity(needed, self.num_slots,
+                           f"a prompt padded to {padded_prompt_len} tokens plus "
+                           f"max_new_tokens={self.max_new_tokens} (+{lookahead} draft slots)")
+            return self.num_slots
+        return -(-needed // 128) * 128
+
+
+def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
+    """bool mask of ``tokens`` that are in ``eos_ids``."""
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+def prefill(model: LanguageModel, params, batch: PromptBatch, cache: KVCache):
+    """Writes every prompt token into the cache and returns the last prompt position's output.
+
+    Returns:
+      ``(ForwardOutput with logits [B, 1, V], cache with lengths = prompt lengths)``.
+    """
+    b, p = batch.tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    mask = masks.causal_mask(cache.lengths, p, cache.num_slots)
+    out = model.forward(params, batch.tokens, positions, cache, mask,
+                        logits_at=(batch.lengths - 1)[:, None])
+    return out, out.cache.replace(lengths=batch.lengths)
+
+
+def _start(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int):
+    cache = model.init_cache(batch.tokens.shape[0], num_slots)
+    out, cache = prefill(model, params, batch, cache)
+    key, sub = jax.random.split(key)
+    first = sample(sub, out.logits[:, 0], config.sampling)
+    b, n = batch.tokens.shape[0], config.max_new_tokens
+    out_tokens = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(first)
+    done = is_eos(first, config.eos_ids) | (n <= 1)
+    stats = DecodeStats(target_calls=jnp.int32(1), steps=jnp.int32(0))
+    return DecodeState(cache=cache, pending=first, out_tokens=out_tokens,
+                       out_len=jnp.ones((b,), jnp.int32), done=done, key=key, stats=stats)
+
+
+def _step(model, params, state: DecodeState, config: DecodeConfig) -> DecodeState:
+    """Feeds ``pending``, appends one token to every unfinished row."""
+    cache = state.cache
+    b = state.pending.shape[0]
+    positions = cache.lengths[:, None]
+    mask = masks.causal_mask(cache.lengths, 1, cache.num_slots)
+    out = model.forward(params, state.pending[:, None], positions, cache, mask)
+    key, sub = jax.random.split(state.key)
+    token = sample(sub, out.logits[:, 0], config.sampling)
+    live = ~state.done
+    cache = out.cache.replace(lengths=cache.lengths + live.astype(jnp.int32))
+    rows = jnp.arange(b)
+    col = jnp.where(live, state.out_len, config.max_new_tokens)  # dropped when not live
+    out_tokens = state.out_tokens.at[rows, col].set(token, mode="drop")
+    out_len = state.out_len + live.astype(jnp.int32)
+    done = state.done | (live & is_eos(token, config.eos_ids)) | (out_len >= config.max_new_tokens)
+    pending = jnp.where(live, token, state.pending)
+    stats = DecodeStats(target_calls=state.stats.target_calls + 1, steps=state.stats.steps + 1)
+    return DecodeState(cache=cache, pending=pending, out_tokens=out_tokens, out_len=out_len,
+                       done=done, key=key, stats=stats)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "num_slots"))
+def _generate(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int):
+    state = _start(model, params, batch, key, config, num_slots)
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
+                               lambda s: _step(model, params, s, config), state)
+    return GenerateOutput(tokens=state.out_tokens, lengths=state.out_len, stats=state.stats)
+
+
+def generate(model: LanguageModel, params, prompts, config: DecodeConfig,
+             key: jax.Array | None = None) -> GenerateOutput:
+    """Generates up to ``config.max_new_tokens`` tokens for each prompt, on the device.
+
+    Args:
+      model: a :class:`~specjax.model_api.LanguageModel` (static).
+      params: its parameters.
+      prompts: a list of token-id sequences (different lengths allowed) or a ``PromptBatch``.
+      config: static decoding settings.
+      key: PRNG key for sampling (ignored when greedy).
+
+    Returns:
+      :class:`GenerateOutput`; rows are in prompt order.
+    """
+    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(prompts)
+    num_slots = config.slots_for(batch.tokens.shape[1])
+    check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
+    key = jax.random.key(0) if key is None else key
+    return _generate(model, params, batch, key, config, num_slots)
+
+
+_start_jit = jax.jit(_start, static_argnames=("model", "config", "num_slots"))
+_step_jit = jax.jit(_step, static_argnames=("model", "config"), donate_argnames=("state",))
+
+
+def stream(model: LanguageModel, params, prompts, config: DecodeConfig,
+           key: jax.Array | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Plain decoding driven from Python, one jitted step per token (the same step ``generate``
+    loops over on the device).
+
+    Yields:
+      ``(tokens int32[B], emitted bool[B])`` after prefill and after every step: the token each
+      row produced and whether that row emitted one (finished rows emit nothing).
+    """
+    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(prompts)
+    num_slots = config.slots_for(batch.tokens.shape[1])
+    key = jax.random.key(0) if key is None else key
+    state = _start_jit(model, params, batch, key, config, num_slots)
+    yield np.asarray(state.pending), np.ones(state.pending.shape, bool)
+    while not bool(jnp.all(state.done)):
+        live = ~np.asarray(state.done)
+        state = _step_jit(model, params, state, config)
+        yield np.asarray(state.pending), live
+
+
+def compile_generate(model: LanguageModel, params, batch: PromptBatch, config: DecodeConfig,
+                     key: jax.Array):
+    """Compiles ``generate`` ahead of time for this batch shape (for timing without compilation).
+
+    Returns:
+      ``fn(params, batch, key) -> GenerateOutput``.
+    """
+    num_slots = config.slots_for(batch.tokens.shape[1])
+    check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
+    compiled = _generate.lower(model, params, batch, key, config, num_slots).compile()
+    return lambda p, b, k: compiled(p, b, k)

@@ -1,0 +1,123 @@
+"""The drafter contract: what every drafter gives the speculative loop and gets back from it.
+
+A drafter is a frozen, hashable dataclass of static configuration (a jit static argument) with
+three pure methods, all traced inside the loop's ``lax.while_loop``:
+
+* ``init(params, ctx, prompt) -> state``: build the drafter's own state from the prefill
+  (e.g. prefill a draft model's cache, or nothing).
+* ``propose(params, state, ctx, key) -> (Proposal, state, target_cache)``: candidate nodes for
+  every row. Node 0 is always the pending token. May write scratch entries of the target cache
+  (self-speculative drafters run the target's own layers) and returns that cache.
+* ``commit(params, state, ctx, result) -> state``: update after acceptance (roll back a draft
+  cache, record features, update n-gram pools).
+
+Drafters live in ``drafters/``; specjax only knows this contract.
+
+Axis glossary: B batch rows, T candidate nodes (static budget), V vocab, E embed, H history slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+import jax
+from flax import struct
+
+from specjax.cache import KVCache
+
+DrafterState = Any  # each drafter's own pytree
+
+
+@struct.dataclass
+class Proposal:
+    """Candidate nodes of one round.
+
+    Attributes:
+      tokens: int32[B, T]; ``tokens[:, 0]`` is the pending token.
+      parents: int32[B, T] parent node of each node (``-1`` for node 0), BFS order. ``None``
+        when the drafter's static ``tree`` applies to every row.
+      valid: bool[B, T] padding mask (invalid nodes are ignored by verification), or None.
+      draft_probs: float32[B, T, V] the distribution each node's token was drawn from, or None
+        for deterministic drafts (point masses: verified with the deterministic-draft rule).
+    """
+
+    tokens: jax.Array
+    parents: Optional[jax.Array] = None
+    valid: Optional[jax.Array] = None
+    draft_probs: Optional[jax.Array] = None
+
+
+@struct.dataclass
+class DraftContext:
+    """What the loop tells a drafter at each call (read-only except the target cache).
+
+    Attributes:
+      target_params: the target model's parameters (self-speculative drafters, shared heads).
+      cache: the target's KV cache (committed ``lengths``; scratch past them).
+      history: int32[B, H] every token of each row so far: prompt, emitted tokens, pending last.
+      history_len: int32[B] number of valid entries of ``history`` (pending is at ``-1``).
+      pending: int32[B] the pending token (root of this round's candidates).
+      pending_hidden: [B, E] the target's final hidden state at the node that produced
+        ``pending`` (draft heads read it).
+      done: bool[B] rows that have finished (their proposals are ignored).
+    """
+
+    target_params: Any
+    cache: KVCache
+    history: jax.Array
+    history_len: jax.Array
+    pending: jax.Array
+    pending_hidden: jax.Array
+    done: jax.Array
+
+
+@struct.dataclass
+class CommitInfo:
+    """What the loop tells a drafter after acceptance.
+
+    Attributes:
+      proposal: the proposal that was verified.
+      path: int32[B, D+1] accepted node indices (``path[:, 0] == 0``), see ``specjax.accept``.
+      num_accepted: int32[B] accepted draft tokens (root excluded).
+      next_token: int32[B] the new pending token.
+      new_lengths: int32[B] the target cache's committed length after this round.
+      verify_hidden: [B, T, E] the target's final hidden states at every node.
+      live: bool[B] rows that took part in this round.
+    """
+
+    proposal: Proposal
+    path: jax.Array
+    num_accepted: jax.Array
+    next_token: jax.Array
+    new_lengths: jax.Array
+    verify_hidden: jax.Array
+    live: jax.Array
+
+
+class Drafter(Protocol):
+    """Static drafter configuration with pure ``init`` / ``propose`` / ``commit``.
+
+    Attributes:
+      tree: the static candidate structure (``specjax.tree.DraftTree``), or for dynamic trees
+        the node budget's shape (its ``num_nodes`` and ``max_depth`` bound the proposal).
+      deterministic: True when drafted tokens are point masses (no ``draft_probs``).
+      siblings: how sibling nodes were drawn, for sampling verification: ``"iid"`` or
+        ``"without_replacement"`` (chains: either).
+    """
+
+    tree: Any
+    deterministic: bool
+    siblings: str
+
+    def check_compatible(self, target) -> None:
+        """Raises ValueError (saying what to do) if this drafter cannot serve ``target``."""
+        ...
+
+    def init(self, params, ctx: DraftContext, prompt_tokens: jax.Array,
+             prompt_lengths: jax.Array) -> DrafterState: ...
+
+    def propose(self, params, state: DrafterState, ctx: DraftContext, key: jax.Array
+                ) -> tuple[Proposal, DrafterState, KVCache]: ...
+
+    def commit(self, params, state: DrafterState, ctx: DraftContext, info: CommitInfo
+               ) -> DrafterState: ...
