@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
+
+# jax logs at INFO that it found no TPU on every CPU run; keep the binaries' output readable.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 class UserError(Exception):

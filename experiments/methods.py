@@ -1,8 +1,8 @@
 """Decoding methods by name, for the experiment binaries: flags, validation and timed runs.
 
-A :class:`Run` knows how to load the model, generate on the device (timed after an ahead-of-time
-compile) and stream from a Python-driven step loop. Every method registered in ``METHODS`` is
-selectable with ``--method``.
+A :class:`Run` loads the model, builds the method's drafter, generates on the device (timed
+after an ahead-of-time compile) or streams from a Python-driven step loop. Every method in
+``METHODS`` is selectable with ``--method`` and runs on the embedded model with no other flags.
 """
 
 from __future__ import annotations
@@ -10,22 +10,47 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import flags
 
 from experiments.common import UserError
-from specjax import decode
+from specjax import decode, speculative
 from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
 
-METHODS = ("ar",)
+# Defaults per method, chosen on SmolLM2-135M on the 2-core CPU (see WORKSPACE.md).
+METHODS = {
+    "ar": {},
+    "prompt_lookup": {"draft_len": 8},
+    "draft_model": {"draft_len": 3},
+    "layer_skip": {"draft_len": 3},
+}
+DEFAULT_DRAFT_LAYERS = 6  # draft_model on a target without a smaller sibling: its first layers
 
 
 def define_flags() -> None:
     flags.DEFINE_string("method", "ar", f"Decoding method, one of {', '.join(METHODS)}.")
+    flags.DEFINE_integer("draft_len", 0, "Draft tokens per round (0 = the method's default).",
+                         lower_bound=0)
+    flags.DEFINE_string("draft_model", None,
+                        "draft_model: registry name / checkpoint path of the draft model; by "
+                        f"default the target's first {DEFAULT_DRAFT_LAYERS} layers "
+                        "(--draft_layers).")
+    flags.DEFINE_integer("draft_layers", DEFAULT_DRAFT_LAYERS,
+                         "draft_model without --draft_model: how many of the target's first "
+                         "layers form the draft model.", lower_bound=1)
+    flags.DEFINE_string("skip_layers", None,
+                        "layer_skip: comma-separated layers to skip while drafting (default: "
+                        "a tuned set, see drafters/layer_skip.py).")
+    flags.DEFINE_string("tree", "chain", "prompt_lookup: 'chain' (one continuation) or 'tree' "
+                        "(--num_branches continuations verified together).")
+    flags.DEFINE_integer("num_branches", 3, "prompt_lookup with --tree=tree: branches.",
+                         lower_bound=1)
+    flags.DEFINE_enum("acceptance", "auto", list(speculative.ACCEPTANCE_RULES),
+                      "auto = lossless; typical_lossy = Medusa typical acceptance (LOSSY).")
 
 
 @dataclasses.dataclass
@@ -34,6 +59,7 @@ class Result:
 
     generated: list[list[int]]
     target_calls: int
+    row_calls: int
     wall_s: float
     compile_s: float
     extra: dict = dataclasses.field(default_factory=dict)
@@ -41,8 +67,8 @@ class Result:
     def summary(self) -> dict:
         new = sum(len(g) for g in self.generated)
         return {"new_tokens": new, "target_calls": self.target_calls,
-                "tau": new / max(1, self.target_calls) / max(1, len(self.generated)),
-                "wall_s": self.wall_s, "tokens_per_s": new / self.wall_s if self.wall_s else 0.0,
+                "tau": new / max(1, self.row_calls), "wall_s": self.wall_s,
+                "tokens_per_s": new / self.wall_s if self.wall_s else 0.0,
                 "compile_s": self.compile_s, **self.extra}
 
     def row_stats(self, gen: Sequence[int]) -> dict:
@@ -53,6 +79,14 @@ def _rows(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     return [tokens[i, :lengths[i]].tolist() for i in range(len(lengths))]
 
 
+def _spec_extra(stats) -> dict:
+    rounds = max(1, int(stats.row_rounds))
+    return {"rounds": int(stats.rounds), "drafted": int(stats.drafted),
+            "accepted": int(stats.accepted),
+            "acceptance_rate": int(stats.accepted) / max(1, int(stats.drafted)),
+            "accept_rate_by_depth": [round(int(a) / rounds, 4) for a in stats.accepted_at_depth]}
+
+
 @dataclasses.dataclass
 class Run:
     """One configured decoding method."""
@@ -60,59 +94,128 @@ class Run:
     method: str
     model_name: str
     config: decode.DecodeConfig
+    spec: speculative.SpecConfig = speculative.SpecConfig()
     seed: int = 0
+    draft_len: int = 0
+    draft_model: Optional[str] = None
+    draft_layers: int = DEFAULT_DRAFT_LAYERS
+    skip_layers: Optional[tuple[int, ...]] = None
+    num_branches: int = 1
 
     def load(self):
         from models import registry
         return registry.load(self.model_name)
 
-    def _config_for(self, loaded) -> decode.DecodeConfig:
+    def config_for(self, loaded) -> decode.DecodeConfig:
         eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
         return dataclasses.replace(self.config, eos_ids=tuple(eos))
 
-    def generate(self, loaded, prompts: Sequence[Sequence[int]]) -> Result:
-        config = self._config_for(loaded)
+    def drafter(self, loaded):
+        """``(drafter, drafter_params)`` for a speculative method (None for ``ar``)."""
+        from drafters import draft_model, layer_skip, prompt_lookup
+        k = self.draft_len or METHODS[self.method].get("draft_len", 0)
+        sampling = self.config.sampling
+        if self.method == "ar":
+            return None, None
+        if self.method == "prompt_lookup":
+            return prompt_lookup.PromptLookupDrafter(draft_len=k,
+                                                     num_branches=self.num_branches), None
+        if self.method == "draft_model":
+            if self.draft_model:
+                from models import registry
+                small = registry.load(self.draft_model)
+                return draft_model.DraftModelDrafter(small.model, k, sampling), small.params
+            model, params = draft_model.from_target_layers(loaded.model, loaded.params,
+                                                           self.draft_layers)
+            return draft_model.DraftModelDrafter(model, k, sampling), params
+        if self.method == "layer_skip":
+            if self.skip_layers is None:
+                return layer_skip.LayerSkipDrafter(loaded.model, None, k, sampling), None
+            return layer_skip.LayerSkipDrafter.skipping(loaded.model, self.skip_layers,
+                                                        draft_len=k, sampling=sampling), None
+        raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    def generate(self, loaded, prompts: Sequence[Sequence[int]], drafter=None) -> Result:
+        """Runs the whole batch in one on-device loop; ``wall_s`` excludes compilation."""
+        config = self.config_for(loaded)
         batch = make_prompt_batch(prompts, vocab_size=loaded.model.vocab_size)
         key = jax.random.key(self.seed)
+        drafter, dparams = drafter if drafter is not None else self.drafter(loaded)
         t0 = time.perf_counter()
-        fn = decode.compile_generate(loaded.model, loaded.params, batch, config, key)
+        if drafter is None:
+            fn = decode.compile_generate(loaded.model, loaded.params, batch, config, key)
+            call = lambda: fn(loaded.params, batch, key)  # noqa: E731
+        else:
+            fn, batch = speculative.compile_speculative_generate(
+                loaded.model, loaded.params, drafter, dparams, batch, config, self.spec, key)
+            call = lambda: fn(loaded.params, dparams, batch, key)  # noqa: E731
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(loaded.params, batch, key))
+        out = jax.block_until_ready(call())
         wall = time.perf_counter() - t0
-        return Result(_rows(np.asarray(out.tokens), np.asarray(out.lengths)),
-                      int(out.stats.target_calls), wall, compile_s)
+        generated = _rows(np.asarray(out.tokens), np.asarray(out.lengths))
+        if drafter is None:
+            calls = int(out.stats.target_calls)
+            return Result(generated, calls, calls * len(generated), wall, compile_s)
+        return Result(generated, int(out.stats.target_calls), int(out.stats.row_calls), wall,
+                      compile_s, _spec_extra(out.stats))
 
     def stream(self, loaded, prompts, on_tokens: Callable[[list[int]], None]) -> Result:
-        config = self._config_for(loaded)
+        """Python-driven rounds; ``on_tokens`` gets row 0's tokens so far after every round."""
+        config = self.config_for(loaded)
         batch = make_prompt_batch(prompts, vocab_size=loaded.model.vocab_size)
-        generated = [[] for _ in prompts]
-        calls, t0, t_first = 0, time.perf_counter(), None
-        for tokens, emitted in decode.stream(loaded.model, loaded.params, batch, config,
-                                             jax.random.key(self.seed)):
-            if t_first is None:
-                t_first = time.perf_counter()
-            calls += 1
-            for i in np.nonzero(emitted)[0]:
-                generated[i].append(int(tokens[i]))
-            on_tokens(generated[0])
+        key = jax.random.key(self.seed)
+        drafter, dparams = self.drafter(loaded)
+        t0, t_first, calls, stats = time.perf_counter(), None, 0, None
+        if drafter is None:
+            generated = [[] for _ in prompts]
+            for tokens, emitted in decode.stream(loaded.model, loaded.params, batch, config, key):
+                t_first = t_first or time.perf_counter()
+                calls += 1
+                for i in np.nonzero(emitted)[0]:
+                    generated[i].append(int(tokens[i]))
+                on_tokens(generated[0])
+            row_calls = calls * len(prompts)
+        else:
+            for out_tokens, out_len, stats in speculative.speculative_stream(
+                    loaded.model, loaded.params, drafter, dparams, batch, config, self.spec, key):
+                t_first = t_first or time.perf_counter()
+                generated = _rows(out_tokens, out_len)
+                on_tokens(generated[0])
+            calls, row_calls = int(stats.target_calls), int(stats.row_calls)
         end = time.perf_counter()
-        # The first call includes compilation; report steady-state time after it.
-        return Result(generated, calls, end - t_first, t_first - t0,
-                      {"loop": "python", "note": "wall_s excludes the first (compiling) step"})
+        extra = {"loop": "python", "note": "wall_s excludes the first (compiling) call"}
+        if stats is not None:
+            extra |= _spec_extra(stats)
+        return Result(generated, calls, row_calls, end - t_first, t_first - t0, extra)
+
+
+def _parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise UserError(f"--skip_layers must be comma-separated integers, got {text!r}") from e
 
 
 def build_run(FLAGS) -> Run:
     """Validates the flags and builds the run (before any slow model load)."""
     if FLAGS.method not in METHODS:
         raise UserError(f"unknown --method {FLAGS.method!r}; choose one of {', '.join(METHODS)}")
+    if FLAGS.tree not in ("chain", "tree"):
+        raise UserError(f"--tree must be 'chain' or 'tree', got {FLAGS.tree!r}")
     try:
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                   top_p=FLAGS.top_p, min_p=FLAGS.min_p)
         config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling)
+        spec = speculative.SpecConfig(acceptance=FLAGS.acceptance)
     except ValueError as e:
         raise UserError(str(e)) from e
-    return Run(method=FLAGS.method, model_name=FLAGS.model, config=config, seed=FLAGS.seed)
+    return Run(method=FLAGS.method, model_name=FLAGS.model, config=config, spec=spec,
+               seed=FLAGS.seed, draft_len=FLAGS.draft_len, draft_model=FLAGS.draft_model,
+               draft_layers=FLAGS.draft_layers, skip_layers=_parse_layers(FLAGS.skip_layers),
+               num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1)
 
 
 class TextStreamer:
