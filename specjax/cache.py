@@ -60,7 +60,8 @@ def check_capacity(needed: int, num_slots: int, what: str = "this request") -> N
     if needed > num_slots:
         raise CacheCapacityError(
             f"{what} needs {needed} cache slots but the cache has {num_slots}: shorten the "
-            f"prompt, lower max_new_tokens / the draft length, or raise cache_size.")
+            f"prompt, lower max_new_tokens / the draft length, or raise num_slots (the cache "
+            f"size; 0 picks one that fits).")
 
 
 def write_layer(layer_kv: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:

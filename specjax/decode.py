@@ -169,7 +169,8 @@ def generate(model: LanguageModel, params, prompts, config: DecodeConfig,
     Returns:
       :class:`GenerateOutput`; rows are in prompt order.
     """
-    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(prompts)
+    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(
+        prompts, vocab_size=model.vocab_size)
     num_slots = config.slots_for(batch.tokens.shape[1])
     check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
     key = jax.random.key(0) if key is None else key
@@ -189,9 +190,16 @@ def stream(model: LanguageModel, params, prompts, config: DecodeConfig,
       ``(tokens int32[B], emitted bool[B])`` after prefill and after every step: the token each
       row produced and whether that row emitted one (finished rows emit nothing).
     """
-    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(prompts)
+    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(
+        prompts, vocab_size=model.vocab_size)
     num_slots = config.slots_for(batch.tokens.shape[1])
+    check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "stream")
     key = jax.random.key(0) if key is None else key
+    # Input errors above raise at the call; the steps run lazily as the caller iterates.
+    return _stream_steps(model, params, batch, key, config, num_slots)
+
+
+def _stream_steps(model, params, batch, key, config, num_slots):
     state = _start_jit(model, params, batch, key, config, num_slots)
     yield np.asarray(state.pending), np.ones(state.pending.shape, bool)
     while not bool(jnp.all(state.done)):

@@ -174,7 +174,21 @@ def _round(target, tparams, drafter, dparams, state: SpecState, config: DecodeCo
     lengths = cache.lengths
     positions = tree_lib.positions(lengths, depth)
     mask = masks.block_mask(lengths, visible, cache.num_slots)
-    out = target.forward(tparams, tokens, positions, cache, mask)
+    if proposal.valid is None:
+        out = target.forward(tparams, tokens, positions, cache, mask)
+    else:
+        # Rounds where no live row has a single draft (e.g. prompt lookup found no match) pay
+        # for a one-token forward instead of all T nodes; outputs are padded to T nodes.
+        def full(_):
+            return target.forward(tparams, tokens, positions, cache, mask)
+
+        def root_only(_):
+            o = target.forward(tparams, tokens[:, :1], positions[:, :1], cache, mask[:, :1])
+            pad = lambda x: jnp.broadcast_to(x, (x.shape[0], num_nodes) + x.shape[2:])  # noqa
+            return o.replace(logits=pad(o.logits), hidden=pad(o.hidden))
+
+        any_draft = jnp.any(proposal.valid[:, 1:] & live[:, None])
+        out = jax.lax.cond(any_draft, full, root_only, None)
 
     # ACCEPT
     structure = tree if proposal.parents is None else parents
@@ -298,6 +312,13 @@ def speculative_stream(target, target_params, drafter, drafter_params, prompts,
     """
     batch, num_slots = _prepare(target, drafter, prompts, config)
     key = jax.random.key(0) if key is None else key
+    # Input errors above raise at the call; the rounds run lazily as the caller iterates.
+    return _stream_rounds(target, target_params, drafter, drafter_params, batch, config, spec,
+                          key, num_slots)
+
+
+def _stream_rounds(target, target_params, drafter, drafter_params, batch, config, spec, key,
+                   num_slots):
     state = _start_jit(target, target_params, drafter, drafter_params, batch, key, config,
                        num_slots)
     yield np.asarray(state.out_tokens), np.asarray(state.out_len), jax.device_get(state.stats)

@@ -1,0 +1,219 @@
+"""Test kit: tiny random Llama-family models and slow, obviously-correct references.
+
+Importable by any test (and by other packages' tests); depends only on jax, flax, numpy and
+``models.llama``. It is the one specjax module that imports a concrete model, so library code
+must never import it.
+
+* :func:`tiny_model` builds a small float32 model whose weights are redrawn at unit-preserving
+  scales, so attention is peaked and logits are well separated (std ~2): masking or position
+  bugs change logits by far more than float error, and greedy argmax has no near-ties.
+* :func:`full_forward` runs a whole sequence from an empty cache (teacher forcing).
+* :func:`reference_forward` is an independent float64 numpy Llama forward (no cache, plain
+  causal attention, Hugging Face conventions), the oracle for the model's math.
+* :func:`greedy_reference` is naive greedy decoding: a full forward over the whole sequence at
+  every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.llama import LlamaConfig, LlamaModel, RopeScaling
+from specjax import masks
+
+KINDS = ("llama", "gqa", "mqa", "qwen2", "llama3_rope")
+
+
+def tiny_config(kind: str = "llama", **overrides) -> LlamaConfig:
+    """A small float32 :class:`LlamaConfig` of one architecture flavour.
+
+    kinds: ``llama`` (multi-head, 3 layers), ``gqa`` (2 kv heads), ``mqa`` (1 kv head),
+    ``qwen2`` (qkv bias, tied embeddings, theta 1e6), ``llama3_rope`` (Llama-3 rope scaling with
+    a 64-token original context, so all three frequency bands occur at head_dim 16).
+    """
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3,
+                num_heads=4, num_kv_heads=4)
+    if kind == "llama":
+        pass
+    elif kind == "gqa":
+        base.update(num_kv_heads=2)
+    elif kind == "mqa":
+        base.update(num_kv_heads=1, num_layers=2)
+    elif kind == "qwen2":
+        base.update(num_kv_heads=2, num_layers=2, qkv_bias=True, tie_embeddings=True,
+                    rope_theta=1e6, rms_norm_eps=1e-6)
+    elif kind == "llama3_rope":
+        base.update(num_kv_heads=2, num_layers=2, rope_theta=500000.0,
+                    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0,
+                                             original_max_position_embeddings=64))
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def random_params(config: LlamaConfig, seed: int = 0) -> dict:
+    """Parameters with the model's tree structure, drawn from numpy at unit-preserving scales."""
+    model = LlamaModel(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    e, f, h, d = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+    std = {
+        "embedding": 2.0 / math.sqrt(e) if config.tie_embeddings else 1.0,
+        "wq": 2.0 / math.sqrt(e), "wk": 1.0 / math.sqrt(e), "wv": 1.0 / math.sqrt(e),
+        "wo": 1.0 / math.sqrt(h * d), "w_gate": 1.0 / math.sqrt(e), "w_up": 1.0 / math.sqrt(e),
+        "w_down": 1.0 / math.sqrt(f), "bq": 0.5, "bk": 0.5, "bv": 0.5,
+        "lm_head": 2.0 / math.sqrt(e),
+    }
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name.endswith("norm"):
+            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        else:
+            value = std[name] * rng.standard_normal(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_model_cached(kind, seed, overrides):
+    config = tiny_config(kind, **dict(overrides))
+    return LlamaModel(config), random_params(config, seed)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
+    """``(LlamaModel, params)`` for :func:`tiny_config` ``(kind, **overrides)``; cached."""
+    return _tiny_model_cached(kind, seed, tuple(sorted(overrides.items())))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layers", "hidden_layers"))
+def forward(model, params, tokens, positions, cache, mask, layers=None, hidden_layers=(),
+            logits_at=None):
+    """Jitted ``model.forward`` (``layers`` / ``hidden_layers`` must be tuples)."""
+    return model.forward(params, tokens, positions, cache, mask, layers=layers,
+                         hidden_layers=hidden_layers, logits_at=logits_at)
+
+
+def full_forward(model, params, tokens, num_slots: int | None = None, layers=None,
+                 hidden_layers=(), start_position: int = 0):
+    """Teacher-forced forward of ``tokens[B, T]`` from an empty cache, at positions
+    ``start_position + (0..T-1)``."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    num_slots = t if num_slots is None else num_slots
+    cache = model.init_cache(b, num_slots)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + start_position, (b, t))
+    mask = masks.causal_mask(cache.lengths, t, num_slots)
+    return forward(model, params, tokens, positions, cache, mask,
+                   layers=None if layers is None else tuple(layers),
+                   hidden_layers=tuple(hidden_layers))
+
+
+def greedy_reference(model, params, prompt: Sequence[int], max_new_tokens: int,
+                     eos_ids: Sequence[int] = (), width: int | None = None) -> list[int]:
+    """Naive greedy decoding: a full forward over the whole sequence for every new token.
+
+    The sequence is right-padded to ``width`` (default prompt + max_new_tokens) so every step
+    reuses one compiled forward; causality makes the padding invisible to earlier positions.
+    """
+    seq = list(prompt)
+    width = len(seq) + max_new_tokens if width is None else width
+    out = []
+    for _ in range(max_new_tokens):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(seq)] = seq
+        logits = np.asarray(full_forward(model, params, padded).logits)[0, len(seq) - 1]
+        token = int(np.argmax(logits))
+        out.append(token)
+        seq.append(token)
+        if token in eos_ids:
+            break
+    return out
+
+
+def reference_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """float64 rope inverse frequencies, Llama-3 scaling written out per frequency as in HF's
+    ``_compute_llama3_parameters``."""
+    d = config.head_dim
+    inv = [1.0 / config.rope_theta ** (i / d) for i in range(0, d, 2)]
+    s = config.rope_scaling
+    if s is None:
+        return np.array(inv)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return np.array(out)
+
+
+def reference_forward(model: LlamaModel, params, tokens, start_position: int = 0) -> dict:
+    """Independent float64 numpy forward of ``tokens[B, T]`` at positions
+    ``start_position + (0..T-1)``.
+
+    Plain causal attention over the sequence (no cache), kv heads repeated per query group,
+    half-split rotary embeddings: the Hugging Face Llama/Qwen2 conventions.
+
+    Returns:
+      dict with ``logits [B, T, V]``, ``hidden [B, T, E]`` (after the final norm) and
+      ``residuals [L, B, T, E]`` (residual stream after each layer).
+    """
+    c = model.config
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    lp = p["layers"]
+    tokens = np.asarray(tokens)
+    b, t = tokens.shape
+    group = c.num_heads // c.num_kv_heads
+    inv_freq = reference_inv_freq(c)
+    angles = (np.arange(t) + start_position)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
+
+    def rms(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.rms_norm_eps) * w
+
+    def rope(x):  # [B, T, N, D]
+        x1, x2 = np.split(x, 2, axis=-1)
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    causal = np.tril(np.ones((t, t), bool))
+    x = p["embedder"]["embedding"][tokens]
+    residuals = []
+    for i in range(c.num_layers):
+        h = rms(x, lp["attn_norm"][i])
+        q = np.einsum("bte,ehd->bthd", h, lp["wq"][i])
+        k = np.einsum("bte,ekd->btkd", h, lp["wk"][i])
+        v = np.einsum("bte,ekd->btkd", h, lp["wv"][i])
+        if c.qkv_bias:
+            q, k, v = q + lp["bq"][i], k + lp["bk"][i], v + lp["bv"][i]
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # head j -> kv j // G
+        scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(c.head_dim)
+        scores = np.where(causal, scores, -np.inf)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = scores / scores.sum(-1, keepdims=True)
+        attn = np.einsum("bhts,bshd->bthd", probs, v)
+        x = x + np.einsum("bthd,hde->bte", attn, lp["wo"][i])
+        h = rms(x, lp["mlp_norm"][i])
+        gate = h @ lp["w_gate"][i]
+        x = x + ((gate / (1 + np.exp(-gate))) * (h @ lp["w_up"][i])) @ lp["w_down"][i]
+        residuals.append(x)
+    hidden = rms(x, p["final_norm"])
+    head = p["embedder"]["embedding"].T if c.tie_embeddings else p["lm_head"]
+    return {"logits": hidden @ head, "hidden": hidden, "residuals": np.stack(residuals)}
