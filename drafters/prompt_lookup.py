@@ -55,6 +55,7 @@ class PromptLookupDrafter:
 
     deterministic = True
     siblings = "without_replacement"
+    skip_verify_when_empty = True  # no match anywhere: a one-token forward suffices
 
     def __post_init__(self):
         if self.draft_len < 1:

@@ -39,12 +39,18 @@ class Proposal:
       valid: bool[B, T] padding mask (invalid nodes are ignored by verification), or None.
       draft_probs: float32[B, T, V] the distribution each node's token was drawn from, or None
         for deterministic drafts (point masses: verified with the deterministic-draft rule).
+      depth: int32[B, T] position offsets (``position = lengths + depth``) overriding the tree's
+        depths, or None. For nodes that are computed but never candidates (lookahead windows).
+      visible: bool[B, T, T] attention among the nodes, overriding the tree's ancestor-or-self
+        visibility, or None. Candidate nodes must still see exactly their ancestors.
     """
 
     tokens: jax.Array
     parents: Optional[jax.Array] = None
     valid: Optional[jax.Array] = None
     draft_probs: Optional[jax.Array] = None
+    depth: Optional[jax.Array] = None
+    visible: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -103,6 +109,8 @@ class Drafter(Protocol):
       deterministic: True when drafted tokens are point masses (no ``draft_probs``).
       siblings: how sibling nodes were drawn, for sampling verification: ``"iid"`` or
         ``"without_replacement"`` (chains: either).
+      skip_verify_when_empty: optional; when True, rounds in which no live row proposes a valid
+        draft node run a one-token target forward instead of all T nodes.
     """
 
     tree: Any

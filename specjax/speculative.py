@@ -167,6 +167,10 @@ def _round(target, tparams, drafter, dparams, state: SpecState, config: DecodeCo
         parents = proposal.parents
         depth = tree_lib.depths_from_parents(parents)
         visible = tree_lib.visibility_from_parents(parents, proposal.valid)
+    if proposal.depth is not None:
+        depth = proposal.depth
+    if proposal.visible is not None:
+        visible = proposal.visible
     valid = (jnp.ones((b, num_nodes), bool) if proposal.valid is None else proposal.valid)
     tokens = proposal.tokens.at[:, 0].set(state.pending)
 
@@ -174,7 +178,7 @@ def _round(target, tparams, drafter, dparams, state: SpecState, config: DecodeCo
     lengths = cache.lengths
     positions = tree_lib.positions(lengths, depth)
     mask = masks.block_mask(lengths, visible, cache.num_slots)
-    if proposal.valid is None:
+    if proposal.valid is None or not getattr(drafter, "skip_verify_when_empty", False):
         out = target.forward(tparams, tokens, positions, cache, mask)
     else:
         # Rounds where no live row has a single draft (e.g. prompt lookup found no match) pay
