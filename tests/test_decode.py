@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from specjax import decode
-from specjax import testing as kit
+import tinymodels as kit
 from specjax.cache import CacheCapacityError
 from specjax.decode import DecodeConfig
 from specjax.prompts import make_prompt_batch

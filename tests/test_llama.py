@@ -11,7 +11,7 @@ import pytest
 from models.llama import LlamaModel, rms_norm, rope_inv_freq
 from specjax import cache as cache_lib
 from specjax import masks
-from specjax import testing as kit
+import tinymodels as kit
 
 ATOL = 1e-5  # float32 model vs float32 model, same math in a different order
 REF_ATOL = 5e-5  # float32 model vs the float64 numpy reference (observed error ~5e-6)

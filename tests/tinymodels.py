@@ -1,8 +1,7 @@
 """Test kit: tiny random Llama-family models and slow, obviously-correct references.
 
-Importable by any test (and by other packages' tests); depends only on jax, flax, numpy and
-``models.llama``. It is the one specjax module that imports a concrete model, so library code
-must never import it.
+Lives in ``tests/`` (imported as ``tinymodels``; pytest puts this directory on ``sys.path``)
+because it imports the concrete model ``models.llama``, which ``specjax`` itself never does.
 
 * :func:`tiny_model` builds a small float32 model whose weights are redrawn at unit-preserving
   scales, so attention is peaked and logits are well separated (std ~2): masking or position
