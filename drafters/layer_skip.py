@@ -23,12 +23,13 @@ from specjax.tree import DraftTree
 
 
 def default_keep_layers(num_layers: int) -> tuple[int, ...]:
-    """Keeps the first quarter and the last two layers and every other layer in between
-    (about 60% of the layers); tuned on SmolLM2-135M, see WORKSPACE.md."""
-    head = max(1, num_layers // 4)
-    tail = min(2, num_layers - head)
-    middle = tuple(range(head, num_layers - tail, 2))
-    return tuple(range(head)) + middle + tuple(range(num_layers - tail, num_layers))
+    """Skips every third layer from ``num_layers // 6`` up to the last three (kept): for 30
+    layers it skips 5, 8, ..., 26 and keeps 22. Of the sets tried on SmolLM2-135M (WORKSPACE.md)
+    this one had the highest acceptance (tau 1.78 with 3 drafts). Models with fewer than 4
+    layers skip their middle layer.
+    """
+    skip = set(range(num_layers // 6, num_layers - 3, 3)) or {num_layers // 2}
+    return tuple(i for i in range(num_layers) if i not in skip)
 
 
 @dataclasses.dataclass(frozen=True)

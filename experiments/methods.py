@@ -25,10 +25,10 @@ from specjax.sampling import SamplingConfig
 METHODS = {
     "ar": {},
     "prompt_lookup": {"draft_len": 8},
-    "draft_model": {"draft_len": 3},
-    "layer_skip": {"draft_len": 3},
+    "draft_model": {"draft_len": 2},
+    "layer_skip": {"draft_len": 2},
 }
-DEFAULT_DRAFT_LAYERS = 6  # draft_model on a target without a smaller sibling: its first layers
+DEFAULT_DRAFT_LAYERS = 4  # draft_model on a target without a smaller sibling: its first layers
 
 
 def define_flags() -> None:
