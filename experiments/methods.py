@@ -190,7 +190,7 @@ class Run:
         return Result(generated, calls, row_calls, end - t_first, t_first - t0, extra)
 
 
-def _parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+def parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if text is None:
         return None
     try:
@@ -214,7 +214,7 @@ def build_run(FLAGS) -> Run:
         raise UserError(str(e)) from e
     return Run(method=FLAGS.method, model_name=FLAGS.model, config=config, spec=spec,
                seed=FLAGS.seed, draft_len=FLAGS.draft_len, draft_model=FLAGS.draft_model,
-               draft_layers=FLAGS.draft_layers, skip_layers=_parse_layers(FLAGS.skip_layers),
+               draft_layers=FLAGS.draft_layers, skip_layers=parse_layers(FLAGS.skip_layers),
                num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1)
 
 

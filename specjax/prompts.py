@@ -1,7 +1,7 @@
 """Batches of prompts of different lengths, padded to a bucketed static length.
 
-Padding every batch to a power-of-two length (at least ``min_bucket``) bounds recompilation: a
-jitted decoder traces once per (batch size, bucket), not once per prompt length.
+Padding every batch to a bucketed length (powers of two up to 256, then multiples of 256) bounds
+recompilation: a jitted decoder traces once per (batch size, bucket), not once per prompt length.
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ class PromptBatch:
     lengths: jax.Array
 
 
-def bucket_length(n: int, min_bucket: int = 16) -> int:
-    """The smallest power of two >= max(n, min_bucket)."""
+def bucket_length(n: int, min_bucket: int = 16, step: int = 256) -> int:
+    """The padded length for a prompt of ``n`` tokens: the smallest power of two
+    ``>= max(n, min_bucket)`` up to ``step``, then the next multiple of ``step`` (so a long
+    prompt wastes less than ``step`` padded positions in prefill)."""
     size = min_bucket
-    while size < n:
+    while size < n and size < step:
         size *= 2
-    return size
+    if size >= n:
+        return size
+    return -(-n // step) * step
 
 
 def make_prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0, min_bucket: int = 16,

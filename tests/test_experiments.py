@@ -1,0 +1,224 @@
+"""Smoke tests of the experiment binaries (run as subprocesses, as a user runs them) and of the
+benchmark helpers.
+
+Real-model (SmolLM2) subprocesses are few: one good ``generate`` run and one empty-prompt run
+(the empty-prompt check happens after the model load). Everything else uses the tiny random
+models or fails before any model is loaded.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import benchmark as bench
+from experiments import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC_BENCH = bench.DEFAULT_PROMPTS
+
+
+def _start(module, args):
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _run(module, args, timeout=600):
+    return _finish(_start(module, args), timeout)
+
+
+# --------------------------------------------------------------------- generate.py: bad input
+
+BAD_GENERATE = {
+    "unknown_method": (["--method=bogus"], "--method"),
+    "zero_tokens": (["--max_new_tokens=0"], "max_new_tokens"),
+    "top_p": (["--top_p=2"], "top_p"),
+    "empty_prompt": (["--prompt=   "], "prompt is empty"),  # loads SmolLM2 first
+    "missing_prompts_file": (["--prompts_file=/nonexistent/prompts.txt"], "does not exist"),
+    "unknown_model": (["--model=no-such-model"], "unknown model"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_generate_runs(tmp_path_factory):
+    """All bad-flag runs started at once (each is mostly interpreter + jax start-up)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    procs = {}
+    for name, (args, _) in BAD_GENERATE.items():
+        out = tmp / f"{name}.json"
+        procs[name] = (_start("experiments.generate",
+                              args + ["--nostream", f"--output_json={out}"]), out)
+    return {name: (*_finish(p), out) for name, (p, out) in procs.items()}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GENERATE))
+def test_generate_rejects_bad_input(bad_generate_runs, case):
+    rc, _, err = bad_generate_runs[case][:3]
+    out = bad_generate_runs[case][3]
+    keyword = BAD_GENERATE[case][1]
+    assert rc != 0, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert errors and keyword in errors[0], err  # one clear line naming the problem
+    assert not out.exists()
+
+
+def test_generate_good_run_writes_documented_json(tmp_path):
+    out = tmp_path / "out.json"
+    rc, stdout, err = _run("experiments.generate",
+                           ["--max_new_tokens=4", "--nostream", f"--output_json={out}"])
+    assert rc == 0, err
+    obj = json.loads(out.read_text())
+    for key in ("prompt", "prompt_ids", "generated_ids", "text", "stats"):
+        assert key in obj
+    for key in ("new_tokens", "target_calls", "tau", "wall_s", "tokens_per_s"):
+        assert key in obj["stats"], obj["stats"]
+    assert 1 <= len(obj["generated_ids"]) <= 4
+    assert obj["stats"]["new_tokens"] == len(obj["generated_ids"])
+    assert obj["stats"]["tau"] == pytest.approx(1.0)  # plain decoding: one token per call
+    assert all(isinstance(i, int) for i in obj["prompt_ids"] + obj["generated_ids"])
+    assert obj["text"].strip() and obj["text"].strip() in stdout
+
+
+# --------------------------------------------------------------------- benchmark.py
+
+
+@pytest.mark.skipif(not os.path.isfile(SPEC_BENCH), reason="Spec-Bench prompts not available")
+def test_benchmark_smoke(tmp_path):
+    js, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    rc, stdout, err = _run("experiments.benchmark", [
+        "--model=tiny-llama", "--nopeer", "--per_category=1", "--categories=qa,translation",
+        "--max_new_tokens=4", "--draft_layers=1", f"--output_json={js}",
+        f"--output_md={md}"])
+    assert rc == 0, err
+    res = json.loads(js.read_text())
+    assert list(res["methods"]) == ["ar", "prompt_lookup", "draft_model", "layer_skip"]
+    assert res["groups"] == ["translation", "qa"] and res["num_prompts"] == 2
+    assert res["mismatches"] == []
+    for name, m in res["methods"].items():
+        assert len(m["per_prompt"]) == 2
+        o = m["overall"]
+        assert o["new_tokens"] == 8 and o["tau"] >= 1.0 and o["tokens_per_s"] > 0
+        if name != "ar":
+            assert o["mismatches"] == 0 and o["speedup"] > 0
+            assert len(o["accept_rate_by_depth"]) == m["draft_len"]
+            assert set(m["by_category"]) == {"translation", "qa"}
+    text = md.read_text()
+    assert "| prompt_lookup |" in text and "Speedup / tau by task group" in text
+    assert "ar" in stdout and "speedup" in stdout
+
+
+def test_benchmark_rejects_bad_flags_before_loading(tmp_path):
+    js = tmp_path / "x.json"
+    cases = [(["--methods=ar,bogus"], "bogus"),
+             (["--categories=nope"], "nope"),
+             (["--prompts=/nonexistent.jsonl"], "does not exist"),
+             (["--model=tiny-llama"], "transformers peer")]  # --peer on a model without twin
+    procs = [(_start("experiments.benchmark", a + [f"--output_json={js}"]), k) for a, k in cases]
+    for proc, keyword in procs:
+        rc, _, err = _finish(proc)
+        assert rc == 2 and "Traceback" not in err, err
+        assert keyword in err.strip().splitlines()[-1], err
+    assert not js.exists()
+
+
+def test_benchmark_ar_smoke(tmp_path):
+    js, md = tmp_path / "ar.json", tmp_path / "ar.md"
+    rc, _, err = _run("experiments.benchmark_ar", [
+        "--model=tiny-llama", "--nohf", "--num_prompts=1", "--max_new_tokens=4",
+        f"--output_json={js}", f"--output_md={md}"])
+    assert rc == 0, err
+    res = json.loads(js.read_text())
+    assert set(res["tokens_per_s"]) == {"generate", "stream"}
+    assert res["ratios"]["generate/stream"] > 0
+    row = res["per_prompt"][0]
+    assert row["stream"]["same_tokens_as_generate"]
+    assert row["generate"]["new_tokens"] == 4 and row["generate"]["target_calls"] == 4
+    assert "| stream |" in md.read_text()
+
+
+# --------------------------------------------------------------------- helpers, in process
+
+
+def _write_questions(path):
+    rows = []
+    for i, cat in enumerate(["writing", "writing", "roleplay", "coding", "qa", "qa", "qa"]):
+        rows.append({"question_id": i, "category": cat, "turns": [f"question {i}", "turn 2"]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_read_prompts_groups_and_round_robin(tmp_path):
+    path = tmp_path / "q.jsonl"
+    _write_questions(path)
+    got = bench.read_prompts(str(path), 3, None)
+    assert [(p.group, p.category, p.question_id) for p in got] == [
+        ("mt_bench", "writing", 0), ("mt_bench", "roleplay", 2), ("mt_bench", "coding", 3),
+        ("qa", "qa", 4), ("qa", "qa", 5), ("qa", "qa", 6)]
+    assert got[0].text == "question 0"  # first turn only
+    assert [p.question_id for p in bench.read_prompts(str(path), 5, ["writing"])] == [0, 1]
+    assert [p.question_id for p in bench.read_prompts(str(path), 1, ["qa"])] == [4]
+    with pytest.raises(common.UserError, match="unknown --categories"):
+        bench.read_prompts(str(path), 1, ["nope"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "qa", "turns": []}\n')
+    with pytest.raises(common.UserError, match="bad.jsonl:1"):
+        bench.read_prompts(str(bad), 1, None)
+
+
+def test_aggregate_and_mismatch():
+    assert bench.first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+    assert bench.first_mismatch([1, 2, 3], [1, 2]) == 2
+    ar = [{"new_tokens": 10, "wall_s": 1.0, "tokens_per_s": 10.0, "target_calls": 10},
+          {"new_tokens": 10, "wall_s": 4.0, "tokens_per_s": 2.5, "target_calls": 10}]
+    spec = [{"new_tokens": 10, "wall_s": 0.5, "tokens_per_s": 20.0, "target_calls": 4,
+             "rounds": 3, "drafted": 9, "accepted": 6, "accepted_at_depth": [3, 2, 1],
+             "matches_ar": True},
+            {"new_tokens": 10, "wall_s": 4.0, "tokens_per_s": 2.5, "target_calls": 10,
+             "rounds": 9, "drafted": 27, "accepted": 0, "accepted_at_depth": [0, 0, 0],
+             "matches_ar": False}]
+    a = bench.aggregate(spec, ar)
+    assert a["tau"] == pytest.approx(20 / 14)
+    assert a["speedup"] == pytest.approx((22.5 / 2) / (12.5 / 2))  # mean tok/s ratio
+    assert a["speedup_wall"] == pytest.approx(5.0 / 4.5)
+    assert a["accept_rate_by_depth"] == [0.25, round(2 / 12, 4), round(1 / 12, 4)]
+    assert a["acceptance_rate"] == pytest.approx(6 / 36)
+    assert a["mismatches"] == 1
+
+
+# --------------------------------------------------------------------- hf_peer
+
+
+def test_hf_peer_modes_agree_and_stop_at_eos(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from experiments import hf_peer
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128,
+                                      initializer_range=0.5)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    prompt = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]
+    peer = hf_peer.Peer.load(str(tmp_path), eos_ids=[63], draft="first_layers:1", num_threads=1)
+    plain = peer.generate(prompt, 12)
+    assert len(plain.generated) == 12 and plain.target_calls == 12
+    lookup = peer.generate(prompt, 12, prompt_lookup_num_tokens=4)
+    assisted = peer.generate(prompt, 12, assisted=True, draft_len=3)
+    assert lookup.generated == plain.generated == assisted.generated
+    assert assisted.draft_calls > 0 and len(peer.assistant.model.layers) == 1
+    assert len(peer.model.model.layers) == 2  # the draft shares modules, the target is intact
+    # The same EOS ids as specjax: generation stops at (and includes) the first EOS.
+    eos = plain.generated[2]
+    stop = hf_peer.Peer(peer.model, eos_ids=[eos]).generate(prompt, 12)
+    assert stop.generated == plain.generated[:plain.generated.index(eos) + 1]
+    with pytest.raises(ValueError, match="cannot load"):
+        hf_peer.resolve("tiny-llama")
