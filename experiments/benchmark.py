@@ -409,7 +409,8 @@ def _validate(FLAGS) -> tuple[list[str], bool]:
     """Flag checks that need no model; returns (methods to run, ar first; lossless?)."""
     if FLAGS["method"].present:
         raise common.UserError("--method is generate.py's flag; the benchmark takes --methods")
-    names = list(FLAGS.methods) if FLAGS.methods else list(methods.METHODS)
+    # sjd is jacobi under greedy decoding, so the greedy benchmark runs it only when asked.
+    names = list(FLAGS.methods) if FLAGS.methods else [m for m in methods.METHODS if m != "sjd"]
     unknown = [m for m in names if m not in methods.METHODS]
     if unknown:
         raise common.UserError(f"unknown --methods {unknown}; choose from "
@@ -433,7 +434,9 @@ def _make_run(method: str, FLAGS) -> methods.Run:
     return methods.Run(method=method, model_name=FLAGS.model, config=config, spec=spec,
                        draft_len=FLAGS.draft_len, draft_model=FLAGS.draft_model,
                        draft_layers=FLAGS.draft_layers, skip_layers=skip,
-                       num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1)
+                       num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1,
+                       window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
+                       jacobi_init=FLAGS.jacobi_init)
 
 
 def _draft_len(method: str) -> int:

@@ -27,6 +27,9 @@ METHODS = {
     "prompt_lookup": {"draft_len": 8},
     "draft_model": {"draft_len": 2},
     "layer_skip": {"draft_len": 2},
+    "jacobi": {},
+    "sjd": {},
+    "lookahead": {},
 }
 DEFAULT_DRAFT_LAYERS = 4  # draft_model on a target without a smaller sibling: its first layers
 
@@ -49,6 +52,13 @@ def define_flags() -> None:
                         "(--num_branches continuations verified together).")
     flags.DEFINE_integer("num_branches", 3, "prompt_lookup with --tree=tree: branches.",
                          lower_bound=1)
+    flags.DEFINE_integer("window", 0, "jacobi/sjd: guessed tokens; lookahead: W columns "
+                         "(0 = the method's default).", lower_bound=0)
+    flags.DEFINE_integer("ngram", 0, "lookahead: n-gram size N (0 = default).", lower_bound=0)
+    flags.DEFINE_integer("guess_set", -1, "lookahead: candidate n-grams verified per round G "
+                         "(-1 = default).", lower_bound=-1)
+    flags.DEFINE_string("jacobi_init", "repeat", "jacobi/sjd: fresh guesses: repeat, random or "
+                        "prompt_lookup.")
     flags.DEFINE_enum("acceptance", "auto", list(speculative.ACCEPTANCE_RULES),
                       "auto = lossless; typical_lossy = Medusa typical acceptance (LOSSY).")
 
@@ -101,6 +111,10 @@ class Run:
     draft_layers: int = DEFAULT_DRAFT_LAYERS
     skip_layers: Optional[tuple[int, ...]] = None
     num_branches: int = 1
+    window: int = 0
+    ngram: int = 0
+    guess_set: int = -1
+    jacobi_init: str = "repeat"
 
     def load(self):
         from models import registry
@@ -133,6 +147,18 @@ class Run:
                 return layer_skip.LayerSkipDrafter(loaded.model, None, k, sampling), None
             return layer_skip.LayerSkipDrafter.skipping(loaded.model, self.skip_layers,
                                                         draft_len=k, sampling=sampling), None
+        if self.method in ("jacobi", "sjd"):
+            from drafters import jacobi
+            kwargs = {"window": self.window} if self.window else {}
+            return jacobi.make(loaded.model, init=self.jacobi_init, sampling=sampling, **kwargs)
+        if self.method == "lookahead":
+            from drafters import lookahead
+            kwargs = {"window": self.window} if self.window else {}
+            if self.ngram:
+                kwargs["ngram"] = self.ngram
+            if self.guess_set >= 0:
+                kwargs["guess_set"] = self.guess_set
+            return lookahead.make(loaded.model, sampling=sampling, **kwargs)
         raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
 
     def generate(self, loaded, prompts: Sequence[Sequence[int]], drafter=None) -> Result:
@@ -203,6 +229,11 @@ def build_run(FLAGS) -> Run:
     """Validates the flags and builds the run (before any slow model load)."""
     if FLAGS.method not in METHODS:
         raise UserError(f"unknown --method {FLAGS.method!r}; choose one of {', '.join(METHODS)}")
+    if FLAGS.jacobi_init not in ("repeat", "random", "prompt_lookup"):
+        raise UserError(f"--jacobi_init must be repeat, random or prompt_lookup, got "
+                        f"{FLAGS.jacobi_init!r}")
+    if FLAGS.method == "lookahead" and FLAGS.ngram == 1:
+        raise UserError("--ngram must be >= 2 for lookahead (0 = default)")
     if FLAGS.tree not in ("chain", "tree"):
         raise UserError(f"--tree must be 'chain' or 'tree', got {FLAGS.tree!r}")
     try:
@@ -215,7 +246,9 @@ def build_run(FLAGS) -> Run:
     return Run(method=FLAGS.method, model_name=FLAGS.model, config=config, spec=spec,
                seed=FLAGS.seed, draft_len=FLAGS.draft_len, draft_model=FLAGS.draft_model,
                draft_layers=FLAGS.draft_layers, skip_layers=parse_layers(FLAGS.skip_layers),
-               num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1)
+               num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1,
+               window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
+               jacobi_init=FLAGS.jacobi_init)
 
 
 class TextStreamer:

@@ -34,8 +34,9 @@ class Proposal:
 
     Attributes:
       tokens: int32[B, T]; ``tokens[:, 0]`` is the pending token.
-      parents: int32[B, T] parent node of each node (``-1`` for node 0), BFS order. ``None``
-        when the drafter's static ``tree`` applies to every row.
+      parents: int32[B, T] parent node of each node (``-1`` for node 0); valid nodes satisfy
+        ``parents[n] < n`` (BFS order among valid nodes; invalid nodes, e.g. lookahead windows,
+        may have parent -1 and any depth). ``None`` when the drafter's static ``tree`` applies.
       valid: bool[B, T] padding mask (invalid nodes are ignored by verification), or None.
       draft_probs: float32[B, T, V] the distribution each node's token was drawn from, or None
         for deterministic drafts (point masses: verified with the deterministic-draft rule).
@@ -89,6 +90,7 @@ class CommitInfo:
       new_lengths: int32[B] the target cache's committed length after this round.
       verify_hidden: [B, T, E] the target's final hidden states at every node.
       live: bool[B] rows that took part in this round.
+      verify_logits: float32[B, T, V] the target's logits at every node (raw, unprocessed).
     """
 
     proposal: Proposal
@@ -98,6 +100,7 @@ class CommitInfo:
     new_lengths: jax.Array
     verify_hidden: jax.Array
     live: jax.Array
+    verify_logits: Optional[jax.Array] = None
 
 
 class Drafter(Protocol):

@@ -234,7 +234,8 @@ def _round(target, tparams, drafter, dparams, state: SpecState, config: DecodeCo
 
     info = CommitInfo(proposal=proposal.replace(tokens=tokens), path=result.path,
                       num_accepted=n_acc, next_token=result.next_token,
-                      new_lengths=cache.lengths, verify_hidden=out.hidden, live=live)
+                      new_lengths=cache.lengths, verify_hidden=out.hidden, live=live,
+                      verify_logits=out.logits)
     new_state = state.replace(cache=cache, pending=pending, pending_hidden=pending_hidden,
                               history=history, history_len=state.history_len + count,
                               out_tokens=out_tokens, out_len=out_len, done=done, key=key)
