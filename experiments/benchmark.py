@@ -409,8 +409,10 @@ def _validate(FLAGS) -> tuple[list[str], bool]:
     """Flag checks that need no model; returns (methods to run, ar first; lossless?)."""
     if FLAGS["method"].present:
         raise common.UserError("--method is generate.py's flag; the benchmark takes --methods")
-    # sjd is jacobi under greedy decoding, so the greedy benchmark runs it only when asked.
-    names = list(FLAGS.methods) if FLAGS.methods else [m for m in methods.METHODS if m != "sjd"]
+    # sjd is jacobi under greedy decoding, so the greedy benchmark runs it only when asked; the
+    # head drafters run by default only where trained weights ship for the model.
+    names = list(FLAGS.methods) if FLAGS.methods else [
+        m for m in methods.METHODS if m != "sjd" and methods.has_weights(m, FLAGS.model)]
     unknown = [m for m in names if m not in methods.METHODS]
     if unknown:
         raise common.UserError(f"unknown --methods {unknown}; choose from "

@@ -30,8 +30,22 @@ METHODS = {
     "jacobi": {},
     "sjd": {},
     "lookahead": {},
+    "blockwise": {"draft_len": 4},
+    "medusa": {},
+    "hydra": {},
 }
-DEFAULT_DRAFT_LAYERS = 4  # draft_model on a target without a smaller sibling: its first layers
+DEFAULT_DRAFT_LAYERS = 4
+HEAD_METHODS = ("blockwise", "medusa", "hydra")  # trained drafters with shipped weights
+
+
+def has_weights(method: str, model_name: str) -> bool:
+    """Whether ``method`` can run on ``model_name`` without training (heads need shipped
+    weights, trained per model; every other method always can)."""
+    if method not in HEAD_METHODS:
+        return True
+    import os
+    from drafters import heads
+    return os.path.exists(heads.shipped_path(method, model_name))  # draft_model on a target without a smaller sibling: its first layers
 
 
 def define_flags() -> None:
@@ -147,6 +161,11 @@ class Run:
                 return layer_skip.LayerSkipDrafter(loaded.model, None, k, sampling), None
             return layer_skip.LayerSkipDrafter.skipping(loaded.model, self.skip_layers,
                                                         draft_len=k, sampling=sampling), None
+        if self.method in ("blockwise", "medusa", "hydra"):
+            from drafters import heads  # shipped weights trained for the embedded model
+            kwargs = {"draft_len": k} if self.method == "blockwise" and k else {}
+            drafter, params = heads.load_shipped(self.method, loaded, **kwargs)
+            return drafter, params
         if self.method in ("jacobi", "sjd"):
             from drafters import jacobi
             kwargs = {"window": self.window} if self.window else {}

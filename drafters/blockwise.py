@@ -1,0 +1,112 @@
+"""Blockwise parallel decoding (Stern et al. 2018): K independent heads propose a chain.
+
+Head ``k`` is a residual feed-forward layer on the pending hidden state ``h``,
+``x_k = h + W2_k ReLU(W1_k h)`` (``W2`` starts at zero), followed by the target's own frozen
+output layer; it proposes the token ``k + 1`` places after the pending one. Each round drafts
+the chain of the heads' top-1 tokens (point masses: ``deterministic = True``) and the loop
+verifies it with exact match (greedy) or the deterministic-draft rule (sampling): lossless.
+
+Stern et al.'s *relaxed* acceptance criteria are LOSSY; :func:`topk_acceptance_lossy` is the
+top-k membership rule, usable as an acceptance rule (see its docstring). It is not wired into
+the loop by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drafters.heads import HeadDrafter
+from specjax import accept as accept_lib
+from specjax.tree import DraftTree
+
+
+class BlockwiseHeads(nn.Module):
+    """K residual FFN heads: ``[..., E] -> [..., K, E]``."""
+
+    num_heads: int
+    hidden_size: int
+    ffn_size: int
+
+    @nn.compact
+    def __call__(self, h):
+        outs = []
+        for k in range(self.num_heads):
+            y = nn.relu(nn.Dense(self.ffn_size, name=f"head_{k}_in")(h))
+            y = nn.Dense(self.hidden_size, kernel_init=nn.initializers.zeros,
+                         name=f"head_{k}_out")(y)
+            outs.append(h + y)
+        return jnp.stack(outs, axis=-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseDrafter(HeadDrafter):
+    """Blockwise heads; ``num_layers`` is the FFN width as a multiple of the hidden size.
+
+    ``tree`` is a chain of ``draft_len <= num_heads`` drafted tokens.
+    """
+
+    name = "blockwise"
+
+    @classmethod
+    def create(cls, target, num_heads: int = 4, num_layers: int = 1,
+               draft_len: Optional[int] = None, max_nodes: Optional[int] = None,
+               choices=None) -> "BlockwiseDrafter":
+        """Drafts the chain of heads ``0 .. draft_len - 1`` (default: all heads)."""
+        if choices is not None:
+            raise ValueError("blockwise decoding drafts a chain: pass draft_len, not choices")
+        draft_len = num_heads if draft_len is None else draft_len
+        return cls(target=target, num_heads=num_heads,
+                   tree=DraftTree.chain(draft_len, max_nodes=max_nodes), num_layers=num_layers)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.tree.is_chain:
+            raise ValueError("blockwise decoding drafts a chain (DraftTree.chain)")
+
+    @property
+    def module(self) -> BlockwiseHeads:
+        return BlockwiseHeads(self.num_heads, self.hidden_size,
+                              self.num_layers * self.hidden_size)
+
+    def _init_inputs(self):
+        return (jnp.zeros((1, self.hidden_size), jnp.float32),)
+
+    def train_logits(self, params, target_params, hidden, tokens):
+        del tokens
+        feats = self.module.apply({"params": params}, hidden.astype(jnp.float32))
+        return self.project(target_params, feats)
+
+    def propose(self, params, state, ctx, key):
+        del key
+        k = self.tree.max_depth
+        feats = self.module.apply({"params": params}, ctx.pending_hidden.astype(jnp.float32))
+        logits = self.project(ctx.target_params, feats[:, :k])  # [B, K, V]
+        drafted = jnp.argmax(logits, axis=-1)
+        return self._proposal(ctx.pending, drafted), state, ctx.cache
+
+
+def topk_acceptance_lossy(tokens: jax.Array, parents, logits: jax.Array,
+                          valid: Optional[jax.Array] = None, top_k: int = 2
+                          ) -> accept_lib.AcceptResult:
+    """Blockwise parallel decoding's relaxed "top-k" criterion. LOSSY: the output is NOT the
+    target's greedy output (nor its distribution).
+
+    Node ``n`` passes iff its token is among the ``top_k`` highest target logits at its parent;
+    the deepest node whose whole root path passes is kept (lowest index among ties), and the
+    next token is the target's argmax there. ``top_k == 1`` is exact-match greedy. Arguments and
+    result as in :func:`specjax.accept.greedy`.
+    """
+    batch, num_nodes = tokens.shape
+    parents, valid, max_depth = accept_lib.tree_arrays(parents, valid, batch, num_nodes)
+    _, top = jax.lax.top_k(logits, top_k)  # [B, T, k]
+    parent_top = accept_lib._parent_rows(top, parents)  # noqa: SLF001 [B, T, k]
+    passes = valid & jnp.any(parent_top == tokens[..., None], axis=-1)
+    final = accept_lib._deepest(passes, parents, valid, max_depth)  # noqa: SLF001
+    next_token = jnp.take_along_axis(jnp.argmax(logits, -1), final[:, None], 1)[:, 0]
+    return accept_lib._result(tokens, parents, final, next_token.astype(jnp.int32),  # noqa
+                              max_depth)

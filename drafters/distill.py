@@ -1,0 +1,363 @@
+"""Self-distillation data for trained drafters: the target's own responses and hidden states.
+
+1. Prompts: the first user turn of each question of a Spec-Bench ``question.jsonl`` (fields
+   ``turns`` / ``category``), or one prompt per non-empty line of a plain-text file; rendered
+   with the tokenizer's chat template (:func:`encode_prompts`).
+2. The target answers them greedily, in batches, with :func:`specjax.decode.generate`.
+3. One teacher-forced forward over prompt + response records the target's FINAL-NORM hidden
+   state at every position (what ``DraftContext.pending_hidden`` holds during decoding) and the
+   tokens.
+
+On disk (``out_dir``): ``shard-00000.npz`` ... each with ``tokens int32[n, W]``,
+``lengths int32[n]`` (prompt + response), ``prompt_lengths int32[n]`` and ``hidden [n, W, E]``
+(bf16 stored as its uint16 bit pattern, or float32), every file written atomically (temporary
+file + rename), then ``manifest.json`` (written last: a directory without one is incomplete).
+
+Reading: :func:`load_records` (validated against a target), :func:`split_records`, and for
+head drafters :func:`position_dataset` (one example per response position). Other drafters
+(e.g. EAGLE-style) can read the full sequences of :class:`Records`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import masks
+from specjax.decode import DecodeConfig, generate
+
+MANIFEST = "manifest.json"
+FORMAT = "specjax-distill-v1"
+DTYPES = ("bfloat16", "float32")
+
+
+class DistillDataError(ValueError):
+    """Distillation data that is missing, incomplete, damaged or made with another target."""
+
+
+# Prompts -----------------------------------------------------------------------------------------
+
+
+def read_prompt_texts(path: str, limit: Optional[int] = None, offset: int = 0) -> list[str]:
+    """Prompt texts from a Spec-Bench jsonl (first turn of each question) or a text file (one
+    prompt per non-empty line; any file not ending in ``.jsonl``).
+
+    Args:
+      limit: keep at most this many (after ``offset``).
+      offset: skip this many first.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    text = json.loads(line)["turns"][0]
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not a Spec-Bench question (needs a "
+                                     f"non-empty 'turns' list): {e}") from None
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{path}:{n}: the first turn is empty")
+                texts.append(text)
+            else:
+                texts.append(line.rstrip("\n"))
+    texts = texts[offset:]
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise ValueError(f"prompt file {path!r} gave no prompts (offset={offset}, limit={limit})")
+    return texts
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], chat: bool = True) -> list[list[int]]:
+    """Token ids of ``texts``: through the chat template (a single user turn, generation
+    prompt added) when ``chat`` and the tokenizer has one, else plain ``encode``."""
+    out = []
+    for text in texts:
+        if chat and tokenizer.chat_template:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     add_generation_prompt=True)
+            out.append(tokenizer.encode(rendered, add_special_tokens=False))
+        else:
+            out.append(tokenizer.encode(text))
+    return out
+
+
+# Generation + hidden states ----------------------------------------------------------------------
+
+
+def _forward_hidden(model, params, tokens):
+    b, w = tokens.shape
+    cache = model.init_cache(b, w)
+    positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
+    out = model.forward(params, tokens, positions, cache,
+                        masks.causal_mask(cache.lengths, w, w),
+                        logits_at=jnp.zeros((b, 1), jnp.int32))
+    return out.hidden
+
+
+_forward_hidden_jit = jax.jit(_forward_hidden, static_argnames=("model",))
+
+
+def teacher_forced_hidden(model, params, tokens: np.ndarray) -> jax.Array:
+    """Final-norm hidden states ``[B, W, E]`` of a causal forward over ``tokens int32[B, W]``."""
+    return _forward_hidden_jit(model, params, jnp.asarray(tokens, jnp.int32))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _save_npz_atomic(path: str, **arrays) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
+            max_new_tokens: int = 128, batch_size: int = 16, eos_ids: Sequence[int] = (),
+            dtype: str = "bfloat16", shard_size: int = 64, max_prompt_len: Optional[int] = None,
+            model_name: str = "", source: str = "", progress: bool = False) -> dict:
+    """Generates greedy responses to ``prompts`` and writes self-distillation shards.
+
+    Prompts longer than ``max_prompt_len`` tokens are skipped (counted in the manifest). Rows
+    are processed in length order (less padding); each ``generate`` call has ``batch_size``
+    rows (the last batch is padded with a repeated prompt, whose output is dropped).
+
+    Returns:
+      the manifest (also written to ``out_dir/manifest.json``).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size < 1 or shard_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size, shard_size and max_new_tokens must be >= 1")
+    prompts = [list(map(int, p)) for p in prompts]
+    kept = [p for p in prompts if max_prompt_len is None or len(p) <= max_prompt_len]
+    if not kept:
+        raise ValueError(f"every prompt is longer than max_prompt_len={max_prompt_len}")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise FileExistsError(f"{out_dir} already holds distillation data: pick a new directory")
+    order = sorted(range(len(kept)), key=lambda i: len(kept[i]))
+    config = DecodeConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+    pending: list[tuple[list[int], list[int], np.ndarray]] = []
+    shards = []
+    total = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(kept), unit="prompt", desc="distill", dynamic_ncols=True)
+
+    def flush(rows):
+        nonlocal total
+        width = max(len(p) + len(r) for p, r, _ in rows)
+        n, e = len(rows), rows[0][2].shape[-1]
+        tokens = np.zeros((n, width), np.int32)
+        hidden = np.zeros((n, width, e), np.float32)
+        for i, (p, r, h) in enumerate(rows):
+            seq = p + r
+            tokens[i, :len(seq)] = seq
+            hidden[i, :len(seq)] = h[:len(seq)]
+        if dtype == "bfloat16":
+            hidden_out = hidden.astype(jnp.bfloat16).view(np.uint16)
+        else:
+            hidden_out = hidden
+        name = f"shard-{len(shards):05d}.npz"
+        _save_npz_atomic(os.path.join(out_dir, name), tokens=tokens, hidden=hidden_out,
+                         lengths=np.array([len(p) + len(r) for p, r, _ in rows], np.int32),
+                         prompt_lengths=np.array([len(p) for p, _, _ in rows], np.int32))
+        shards.append({"file": name, "num_records": n, "width": width})
+        total += n
+
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = [kept[i] for i in idx]
+        real = len(batch)
+        batch = batch + [batch[-1]] * (batch_size - real)
+        out = generate(model, params, batch, config)
+        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        responses = [toks[i, :lens[i]].tolist() for i in range(real)]
+        width = _round_up(max(len(p) + len(r) for p, r in zip(batch, responses)), 64)
+        seq = np.zeros((batch_size, width), np.int32)
+        for i, (p, r) in enumerate(zip(batch, responses)):
+            seq[i, :len(p) + len(r)] = p + r
+        hidden = np.asarray(teacher_forced_hidden(model, params, seq), np.float32)
+        for i in range(real):
+            pending.append((batch[i], responses[i], hidden[i]))
+        while len(pending) >= shard_size:
+            flush(pending[:shard_size])
+            pending = pending[shard_size:]
+        if bar is not None:
+            bar.update(real)
+    if pending:
+        flush(pending)
+    if bar is not None:
+        bar.close()
+    manifest = {"format": FORMAT, "model": model_name, "hidden_size": int(model.hidden_size),
+                "vocab_size": int(model.vocab_size), "dtype": dtype,
+                "max_new_tokens": max_new_tokens, "eos_ids": list(map(int, eos_ids)),
+                "num_records": total, "skipped_long_prompts": len(prompts) - len(kept),
+                "max_prompt_len": max_prompt_len, "source": source, "shards": shards}
+    _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+# Reading -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Records:
+    """Self-distilled sequences (numpy, right-padded to a common width ``W``).
+
+    Attributes:
+      tokens: int32[N, W] prompt + response. lengths: int32[N]. prompt_lengths: int32[N].
+      hidden: float32[N, W, E] final-norm hidden state at every position (0 past lengths).
+      manifest: the data set's manifest.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+    hidden: np.ndarray
+    manifest: dict
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def subset(self, idx) -> "Records":
+        return Records(self.tokens[idx], self.lengths[idx], self.prompt_lengths[idx],
+                       self.hidden[idx], self.manifest)
+
+
+def read_manifest(data_dir: str) -> dict:
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise DistillDataError(f"no {MANIFEST} in {data_dir!r}: not a (complete) distillation "
+                               "data directory; generate it with experiments/train_drafter.py "
+                               "--prompts=...")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        raise DistillDataError(f"{path} is damaged: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise DistillDataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def load_records(data_dir: str, target=None) -> Records:
+    """All shards of ``data_dir`` (float32 hidden states).
+
+    Raises:
+      DistillDataError: no manifest, a missing / damaged shard, or (when ``target`` is given)
+        data made with a target of another hidden size or vocabulary.
+    """
+    manifest = read_manifest(data_dir)
+    if target is not None and (manifest["hidden_size"] != target.hidden_size
+                               or manifest["vocab_size"] != target.vocab_size):
+        raise DistillDataError(
+            f"{data_dir} was made with a target of hidden size {manifest['hidden_size']} / "
+            f"vocabulary {manifest['vocab_size']} ({manifest.get('model') or 'unknown'}), this "
+            f"target has {target.hidden_size} / {target.vocab_size}")
+    parts = []
+    for shard in manifest["shards"]:
+        path = os.path.join(data_dir, shard["file"])
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                part = {k: z[k] for k in ("tokens", "hidden", "lengths", "prompt_lengths")}
+        except Exception as e:  # OSError, BadZipFile, ValueError, KeyError, EOFError, ...
+            raise DistillDataError(f"shard {path} is missing or damaged ({e}); regenerate the "
+                                   "data") from None
+        if manifest["dtype"] == "bfloat16":
+            part["hidden"] = part["hidden"].view(jnp.bfloat16).astype(np.float32)
+        if part["tokens"].shape[0] != shard["num_records"]:
+            raise DistillDataError(f"shard {path} has {part['tokens'].shape[0]} records, the "
+                                   f"manifest says {shard['num_records']}")
+        parts.append(part)
+    if not parts:
+        raise DistillDataError(f"{data_dir} holds no records")
+    width = max(p["tokens"].shape[1] for p in parts)
+
+    def pad(a, axis_len):
+        widths = [(0, 0)] * a.ndim
+        widths[1] = (0, axis_len - a.shape[1])
+        return np.pad(a, widths)
+
+    return Records(tokens=np.concatenate([pad(p["tokens"], width) for p in parts]),
+                   lengths=np.concatenate([p["lengths"] for p in parts]),
+                   prompt_lengths=np.concatenate([p["prompt_lengths"] for p in parts]),
+                   hidden=np.concatenate([pad(p["hidden"], width) for p in parts]),
+                   manifest=manifest)
+
+
+def split_records(records: Records, eval_fraction: float, seed: int = 0
+                  ) -> tuple[Records, Records]:
+    """``(train, held_out)`` by whole sequences (a seeded shuffle; at least one of each when
+    there are two or more records)."""
+    n = len(records)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    return records.subset(np.sort(perm[n_eval:])), records.subset(np.sort(perm[:n_eval]))
+
+
+def position_dataset(records: Records, num_future: int, response_only: bool = True) -> dict:
+    """One example per position ``t`` whose next token is known, for head training.
+
+    Example ``(row, t)``: ``hidden = hidden[row, t]``, ``tokens = tokens[row, t+1 : t+2+K]``
+    (``K = num_future``; entry 0 is the target's next token, entry ``1 + k`` head ``k``'s
+    label) and ``mask[k]`` whether label ``k`` exists. With ``response_only`` (default) only
+    positions from ``prompt_length - 1`` on are used: their next tokens are the target's own
+    greedy choices. Positions without any label are dropped.
+
+    Returns:
+      ``{"hidden": float32[M, E], "tokens": int32[M, K + 1], "mask": bool[M, K]}``.
+    """
+    rows, cols = [], []
+    for r in range(len(records)):
+        start = int(records.prompt_lengths[r]) - 1 if response_only else 0
+        stop = int(records.lengths[r]) - 2  # t + 2 < length: head 0 has a label
+        for t in range(max(start, 0), stop):
+            rows.append(r)
+            cols.append(t)
+    rows, cols = np.array(rows, np.int64), np.array(cols, np.int64)
+    offs = cols[:, None] + 1 + np.arange(num_future + 1)[None, :]
+    width = records.tokens.shape[1]
+    tokens = records.tokens[rows[:, None], np.minimum(offs, width - 1)]
+    present = offs < records.lengths[rows][:, None]
+    tokens = np.where(present, tokens, 0).astype(np.int32)
+    return {"hidden": records.hidden[rows, cols].astype(np.float32), "tokens": tokens,
+            "mask": present[:, 1:]}

@@ -1,0 +1,133 @@
+"""Hydra draft heads (Ankner et al. 2024): sequentially dependent Medusa heads.
+
+Head ``k`` sees the pending hidden state ``h`` AND the target's input embeddings of the tokens
+on its path: the pending token ``p`` and the ``k`` tokens drafted before it,
+
+    x_k = h + SiLU(W_k [h; emb(p); emb(d_1); ...; emb(d_k)])     (then num_layers - 1 ResBlocks)
+    logits_k = lm_head(x_k)                                       (the target's, frozen)
+
+so head 0 already knows ``p`` (Medusa's head 0 does not). ``W_k`` starts at zero: an untrained
+head predicts what the target's LM head predicts from ``h``.
+
+In a static tree every node's children are filled by one head call on the node's own path, so
+the tree is drafted level by level (``max_depth`` head calls, each over all nodes of one depth
+that have children, static shapes). Children take the top-k ranks of their parent's head output
+(per ``choice_of_node``), so siblings are distinct tokens. Drafts are point masses
+(``deterministic = True``): verification stays lossless under greedy and sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drafters import heads
+from drafters.heads import HeadDrafter, ResBlock
+from drafters.medusa import DEFAULT_CHOICES, DEFAULT_MAX_NODES
+
+
+class HydraHead(nn.Module):
+    """One head: ``(h [..., E], path_emb [..., k + 1, E]) -> [..., E]``."""
+
+    hidden_size: int
+    num_layers: int = 1
+
+    @nn.compact
+    def __call__(self, h, path_emb):
+        flat = path_emb.reshape(path_emb.shape[:-2] + (-1,))
+        x = jnp.concatenate([h, flat.astype(h.dtype)], axis=-1)
+        x = h + nn.silu(nn.Dense(self.hidden_size, kernel_init=nn.initializers.zeros,
+                                 name="in_proj")(x))
+        for layer in range(self.num_layers - 1):
+            x = ResBlock(self.hidden_size, name=f"block_{layer}")(x)
+        return x
+
+
+class HydraHeads(nn.Module):
+    """K heads; head ``k`` takes ``k + 1`` path embeddings."""
+
+    num_heads: int
+    hidden_size: int
+    num_layers: int = 1
+
+    def setup(self):
+        self.heads = [HydraHead(self.hidden_size, self.num_layers, name=f"head_{k}")
+                      for k in range(self.num_heads)]
+
+    def head(self, k: int, h, path_emb):
+        return self.heads[k](h, path_emb)
+
+    def __call__(self, h, path_emb):
+        """Teacher-forced: ``path_emb [..., K, E]`` (p, d_1, .., d_{K-1}) -> ``[..., K, E]``."""
+        return jnp.stack([self.heads[k](h, path_emb[..., :k + 1, :])
+                          for k in range(self.num_heads)], axis=-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class HydraDrafter(HeadDrafter):
+    """Hydra heads. See :class:`drafters.heads.HeadDrafter` for the fields."""
+
+    name = "hydra"
+
+    @classmethod
+    def create(cls, target, num_heads: int = 3, num_layers: int = 1,
+               choices: Optional[Sequence[Sequence[int]]] = None,
+               max_nodes: Optional[int] = DEFAULT_MAX_NODES) -> "HydraDrafter":
+        """A drafter with the tree from ``choices`` (default: Medusa's default tree cut to
+        ``num_heads`` levels); ``ValueError`` if the tree exceeds ``max_nodes`` nodes."""
+        if choices is None:
+            choices = [c for c in DEFAULT_CHOICES if len(c) <= num_heads]
+        tree = heads.make_tree(choices, DEFAULT_CHOICES, max_nodes)
+        return cls(target=target, num_heads=num_heads, tree=tree, num_layers=num_layers)
+
+    @property
+    def module(self) -> HydraHeads:
+        return HydraHeads(self.num_heads, self.hidden_size, self.num_layers)
+
+    def _init_inputs(self):
+        e = self.hidden_size
+        return (jnp.zeros((1, e), jnp.float32), jnp.zeros((1, self.num_heads, e), jnp.float32))
+
+    def train_logits(self, params, target_params, hidden, tokens):
+        emb = self.embed(target_params, tokens[:, :self.num_heads]).astype(jnp.float32)
+        feats = self.module.apply({"params": params}, hidden.astype(jnp.float32), emb)
+        return self.project(target_params, feats)
+
+    def _levels(self):
+        """Static plan: for each depth ``d``, the nodes at ``d`` with children, their ancestor
+        paths ``int32[P, d + 1]``, and for the children at ``d + 1`` (in index order) the
+        position of their parent among those nodes and their rank."""
+        tree = self.tree
+        depth = np.asarray(tree.depth)
+        ancestors = [np.flatnonzero(tree.visible[n]) for n in range(tree.num_nodes)]
+        levels = []
+        for d in range(tree.max_depth):
+            expand = [n for n in range(tree.num_nodes) if depth[n] == d and tree.children[n]]
+            paths = np.array([ancestors[n] for n in expand], np.int32)  # [P, d + 1]
+            children = [c for n in expand for c in tree.children[n]]
+            slot = np.array([expand.index(tree.parents[c]) for c in children], np.int32)
+            rank = np.array([tree.choice_rank[c] for c in children], np.int32)
+            levels.append((paths, np.array(children, np.int32), slot, rank))
+        return levels
+
+    def propose(self, params, state, ctx, key):
+        del key
+        b = ctx.pending.shape[0]
+        t = self.tree.num_nodes
+        h = ctx.pending_hidden.astype(jnp.float32)
+        tokens = jnp.zeros((b, t), jnp.int32).at[:, 0].set(ctx.pending)
+        for d, (paths, children, slot, rank) in enumerate(self._levels()):
+            path_tokens = tokens[:, paths]  # [B, P, d + 1]
+            emb = self.embed(ctx.target_params, path_tokens).astype(jnp.float32)
+            hp = jnp.broadcast_to(h[:, None], (b, paths.shape[0], h.shape[-1]))
+            feats = self.module.apply({"params": params}, d, hp, emb,
+                                      method=HydraHeads.head)  # [B, P, E]
+            logits = self.project(ctx.target_params, feats)  # [B, P, V]
+            _, top = jax.lax.top_k(logits, int(rank.max()) + 1)  # [B, P, R]
+            tokens = tokens.at[:, children].set(top[:, slot, rank])
+        return self._proposal(ctx.pending, tokens[:, 1:]), state, ctx.cache

