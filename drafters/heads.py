@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from specjax.drafter import Proposal
 from specjax.tree import DraftTree
@@ -261,25 +262,13 @@ def _accuracy_fn(drafter):
 # Weights files -----------------------------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flatten(tree: dict) -> dict:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def save_weights(path: str | os.PathLike, drafter: HeadDrafter, params, *,

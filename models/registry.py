@@ -29,6 +29,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from models import gguf as gguf_loader
 from models import hf as hf_loader
@@ -130,25 +131,13 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _flatten(params: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in params.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flatten(tree: dict) -> dict:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _disk_cache_path(gguf_path: str) -> Optional[str]:
