@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specjax.files import write_atomic, write_text_atomic
 from specjax import masks
 from specjax.decode import DecodeConfig, generate
 
@@ -119,31 +119,14 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, write)
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,

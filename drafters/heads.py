@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -32,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from specjax.drafter import Proposal
+from specjax.files import write_atomic
 from specjax.tree import DraftTree
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -285,17 +285,7 @@ def save_weights(path: str | os.PathLike, drafter: HeadDrafter, params, *,
     flat = {k: jnp.asarray(v, dtype) for k, v in _flatten(jax.device_get(params)).items()}
     meta = {"format": WEIGHTS_FORMAT, "config": json.dumps(drafter.config_dict()),
             "target": target_name, "extra": json.dumps(extra or {})}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:

@@ -19,16 +19,14 @@ that have children, static shapes). Children take the top-k ranks of their paren
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drafters import heads
-from drafters.heads import HeadDrafter, ResBlock
-from drafters.medusa import DEFAULT_CHOICES, DEFAULT_MAX_NODES
+from drafters.heads import ResBlock
+from drafters.medusa import MedusaDrafter
 
 
 class HydraHead(nn.Module):
@@ -69,21 +67,11 @@ class HydraHeads(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class HydraDrafter(HeadDrafter):
-    """Hydra heads. See :class:`drafters.heads.HeadDrafter` for the fields."""
+class HydraDrafter(MedusaDrafter):
+    """Hydra heads on Medusa's trees (``create`` and its tree options are Medusa's). See
+    :class:`drafters.heads.HeadDrafter` for the fields."""
 
     name = "hydra"
-
-    @classmethod
-    def create(cls, target, num_heads: int = 3, num_layers: int = 1,
-               choices: Optional[Sequence[Sequence[int]]] = None,
-               max_nodes: Optional[int] = DEFAULT_MAX_NODES) -> "HydraDrafter":
-        """A drafter with the tree from ``choices`` (default: Medusa's default tree cut to
-        ``num_heads`` levels); ``ValueError`` if the tree exceeds ``max_nodes`` nodes."""
-        if choices is None:
-            choices = [c for c in DEFAULT_CHOICES if len(c) <= num_heads]
-        tree = heads.make_tree(choices, DEFAULT_CHOICES, max_nodes)
-        return cls(target=target, num_heads=num_heads, tree=tree, num_layers=num_layers)
 
     @property
     def module(self) -> HydraHeads:

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import benchmark as bench
-from experiments import common
+from experiments import common, spec_bench
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF directory or .gguf file.")
@@ -91,7 +91,7 @@ def main(argv):
         import jax
         from specjax import decode
         from specjax.prompts import make_prompt_batch
-        prompts = bench.read_prompts(FLAGS.prompts, 1, FLAGS.categories)[:FLAGS.num_prompts]
+        prompts = spec_bench.read_prompts(FLAGS.prompts, 1, FLAGS.categories)[:FLAGS.num_prompts]
         if FLAGS.hf:
             from experiments import hf_peer
             hf_peer.resolve(FLAGS.model)
@@ -108,7 +108,7 @@ def main(argv):
                                      num_threads=FLAGS.hf_threads or None)
         compiled, warmed, rows = {}, set(), []
         for p in prompts:
-            ids = bench.encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
+            ids = spec_bench.encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
             batch = make_prompt_batch([ids], vocab_size=loaded.model.vocab_size)
             row = {"question_id": p.question_id, "group": p.group, "prompt_len": len(ids),
                    "bucket": int(batch.tokens.shape[1])}

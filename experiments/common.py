@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 # jax logs at INFO that it found no TPU on every CPU run; keep the binaries' output readable.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
@@ -29,20 +28,10 @@ def user_errors():
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Writes ``obj`` as JSON to ``path`` via a temporary file and a rename: a reader never sees
-    a half-written file, and a failure leaves no partial output."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Writes ``obj`` as JSON to ``path`` atomically: a reader never sees a half-written file,
+    and a failure leaves no partial output."""
+    from specjax.files import write_text_atomic
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_prompts_file(path: str) -> list[str]:

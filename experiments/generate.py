@@ -12,7 +12,6 @@ Output JSON (written atomically): for one prompt, an object with ``prompt``, ``p
 from __future__ import annotations
 
 import sys
-import time
 
 from absl import app, flags
 

