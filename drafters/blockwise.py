@@ -6,9 +6,9 @@ output layer; it proposes the token ``k + 1`` places after the pending one. Each
 the chain of the heads' top-1 tokens (point masses: ``deterministic = True``) and the loop
 verifies it with exact match (greedy) or the deterministic-draft rule (sampling): lossless.
 
-Stern et al.'s *relaxed* acceptance criteria are LOSSY; :func:`topk_acceptance_lossy` is the
-top-k membership rule, usable as an acceptance rule (see its docstring). It is not wired into
-the loop by default.
+Stern et al.'s *relaxed* acceptance criteria are LOSSY and opt-in:
+``SpecConfig(acceptance="topk_lossy", topk_k=k)`` (``--acceptance=topk_lossy --topk_k=k``) and
+``"distance_lossy"`` (ordinal vocabularies only), implemented in :mod:`specjax.accept`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import dataclasses
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from drafters.heads import HeadDrafter
-from specjax import accept as accept_lib
 from specjax.tree import DraftTree
 
 
@@ -88,25 +86,3 @@ class BlockwiseDrafter(HeadDrafter):
         logits = self.project(ctx.target_params, feats[:, :k])  # [B, K, V]
         drafted = jnp.argmax(logits, axis=-1)
         return self._proposal(ctx.pending, drafted), state, ctx.cache
-
-
-def topk_acceptance_lossy(tokens: jax.Array, parents, logits: jax.Array,
-                          valid: Optional[jax.Array] = None, top_k: int = 2
-                          ) -> accept_lib.AcceptResult:
-    """Blockwise parallel decoding's relaxed "top-k" criterion. LOSSY: the output is NOT the
-    target's greedy output (nor its distribution).
-
-    Node ``n`` passes iff its token is among the ``top_k`` highest target logits at its parent;
-    the deepest node whose whole root path passes is kept (lowest index among ties), and the
-    next token is the target's argmax there. ``top_k == 1`` is exact-match greedy. Arguments and
-    result as in :func:`specjax.accept.greedy`.
-    """
-    batch, num_nodes = tokens.shape
-    parents, valid, max_depth = accept_lib.tree_arrays(parents, valid, batch, num_nodes)
-    _, top = jax.lax.top_k(logits, top_k)  # [B, T, k]
-    parent_top = accept_lib._parent_rows(top, parents)  # noqa: SLF001 [B, T, k]
-    passes = valid & jnp.any(parent_top == tokens[..., None], axis=-1)
-    final = accept_lib._deepest(passes, parents, valid, max_depth)  # noqa: SLF001
-    next_token = jnp.take_along_axis(jnp.argmax(logits, -1), final[:, None], 1)[:, 0]
-    return accept_lib._result(tokens, parents, final, next_token.astype(jnp.int32),  # noqa
-                              max_depth)

@@ -330,10 +330,10 @@ def _validate(FLAGS) -> tuple[list[str], bool]:
 
 
 def _make_run(method: str, FLAGS) -> methods.Run:
-    from specjax import decode, speculative
+    from specjax import decode
     try:
         config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens)
-        spec = speculative.SpecConfig(acceptance=FLAGS.acceptance)
+        spec = methods.spec_config(FLAGS)
         skip = methods.parse_layers(FLAGS.skip_layers)
     except ValueError as e:
         raise common.UserError(str(e)) from e

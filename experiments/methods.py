@@ -74,7 +74,21 @@ def define_flags() -> None:
     flags.DEFINE_string("jacobi_init", "repeat", "jacobi/sjd: fresh guesses: repeat, random or "
                         "prompt_lookup.")
     flags.DEFINE_enum("acceptance", "auto", list(speculative.ACCEPTANCE_RULES),
-                      "auto = lossless; typical_lossy = Medusa typical acceptance (LOSSY).")
+                      "auto = lossless. LOSSY rules (the output is NOT the target's): "
+                      "typical_lossy = Medusa typical acceptance; topk_lossy / distance_lossy = "
+                      "blockwise parallel decoding's relaxed criteria (see --topk_k, "
+                      "--max_distance).")
+    flags.DEFINE_integer("topk_k", 2, "--acceptance=topk_lossy: a draft passes when it is among "
+                         "the target's k best tokens.", lower_bound=1)
+    flags.DEFINE_integer("max_distance", 1, "--acceptance=distance_lossy: a draft passes when its "
+                         "id is within this distance of the target's argmax (ordinal "
+                         "vocabularies only).", lower_bound=0)
+
+
+def spec_config(FLAGS) -> "speculative.SpecConfig":
+    """The :class:`SpecConfig` the method flags ask for (raises ValueError on bad values)."""
+    return speculative.SpecConfig(acceptance=FLAGS.acceptance, topk_k=FLAGS.topk_k,
+                                  max_distance=FLAGS.max_distance)
 
 
 @dataclasses.dataclass
@@ -259,7 +273,7 @@ def build_run(FLAGS) -> Run:
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                   top_p=FLAGS.top_p, min_p=FLAGS.min_p)
         config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling)
-        spec = speculative.SpecConfig(acceptance=FLAGS.acceptance)
+        spec = spec_config(FLAGS)
     except ValueError as e:
         raise UserError(str(e)) from e
     return Run(method=FLAGS.method, model_name=FLAGS.model, config=config, spec=spec,

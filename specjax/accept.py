@@ -337,6 +337,58 @@ def typical_acceptance_lossy(key: jax.Array, tokens: jax.Array, parents: Structu
     return _result(tokens, parents, final, next_token, max_depth)
 
 
+def topk_acceptance_lossy(key: jax.Array, tokens: jax.Array, parents: Structure,
+                          logits: jax.Array, config: SamplingConfig,
+                          valid: Optional[jax.Array] = None, top_k: int = 2) -> AcceptResult:
+    """Blockwise parallel decoding's relaxed top-k criterion (Stern et al. 2018). LOSSY: the
+    output is NOT the target's greedy output, nor distributed as the target.
+
+    Node ``n`` passes iff its token is among the ``top_k`` highest target logits at its parent;
+    the deepest node whose whole root path passes is kept (lowest index among ties) and the
+    next token is the target's argmax there (sampled from the processed target when sampling).
+    ``top_k == 1`` is exact-match greedy. Arguments as in :func:`speculative_sampling`.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    batch, num_nodes = tokens.shape
+    parents, valid, max_depth = tree_arrays(parents, valid, batch, num_nodes)
+    _, top = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))  # [B, T, k]
+    passes = valid & jnp.any(_parent_rows(top, parents) == tokens[..., None], axis=-1)
+    final = _deepest(passes, parents, valid, max_depth)
+    return _result(tokens, parents, final, _next_at(key, logits, final, config), max_depth)
+
+
+def distance_acceptance_lossy(key: jax.Array, tokens: jax.Array, parents: Structure,
+                              logits: jax.Array, config: SamplingConfig,
+                              valid: Optional[jax.Array] = None,
+                              max_distance: int = 1) -> AcceptResult:
+    """Blockwise parallel decoding's relaxed distance criterion (Stern et al. 2018). LOSSY.
+
+    For vocabularies whose ids are ORDINAL (e.g. quantised pixel intensities or numbers), node
+    ``n`` passes iff ``|tokens[n] - argmax(logits[parent])| <= max_distance``. On text
+    vocabularies ids carry no order, so this rule is only meaningful for ordinal outputs.
+    ``max_distance == 0`` is exact-match greedy. Arguments as in :func:`speculative_sampling`.
+    """
+    if max_distance < 0:
+        raise ValueError(f"max_distance must be >= 0, got {max_distance}")
+    batch, num_nodes = tokens.shape
+    parents, valid, max_depth = tree_arrays(parents, valid, batch, num_nodes)
+    best = _parent_rows(jnp.argmax(logits, axis=-1).astype(jnp.int32), parents)  # [B, T]
+    passes = valid & (jnp.abs(tokens - best) <= max_distance)
+    final = _deepest(passes, parents, valid, max_depth)
+    return _result(tokens, parents, final, _next_at(key, logits, final, config), max_depth)
+
+
+def _next_at(key: jax.Array, logits: jax.Array, final: jax.Array,
+             config: SamplingConfig) -> jax.Array:
+    """``int32[B]``: the target's next token at node ``final`` (argmax, or a sample when
+    ``config`` samples)."""
+    final_logits = jnp.take_along_axis(logits, final[:, None, None], axis=1)[:, 0]
+    if config.greedy:
+        return jnp.argmax(final_logits, axis=-1).astype(jnp.int32)
+    return sample_probs(key, processed_probs(final_logits, config))
+
+
 def expected_tau(alpha, k: int):
     """Expected tokens per verification of a ``k``-token chain with i.i.d. acceptance ``alpha``:
     ``(1 - alpha**(k + 1)) / (1 - alpha)`` (``k + 1`` when ``alpha == 1``), bonus included."""

@@ -36,7 +36,7 @@ from specjax.model_api import LanguageModel
 from specjax.prompts import PromptBatch, make_prompt_batch
 from specjax.sampling import sample
 
-ACCEPTANCE_RULES = ("auto", "typical_lossy")
+ACCEPTANCE_RULES = ("auto", "typical_lossy", "topk_lossy", "distance_lossy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +45,30 @@ class SpecConfig:
 
     Attributes:
       acceptance: ``"auto"`` picks the lossless rule (greedy exact match, or the sampling rule
-        that matches how the drafter drew its nodes); ``"typical_lossy"`` is Medusa's typical
-        acceptance, which does NOT preserve the target distribution.
+        that matches how the drafter drew its nodes). The others are LOSSY (the output is NOT
+        the target's): ``"typical_lossy"`` is Medusa's typical acceptance; ``"topk_lossy"`` and
+        ``"distance_lossy"`` are blockwise parallel decoding's relaxed criteria (a draft passes
+        when it is among the target's ``topk_k`` best tokens, or within ``max_distance`` ids of
+        the target's argmax: ordinal vocabularies only).
       typical_epsilon, typical_delta: thresholds of typical acceptance.
+      topk_k: the ``k`` of ``"topk_lossy"``.
+      max_distance: the id distance of ``"distance_lossy"``.
     """
 
     acceptance: str = "auto"
     typical_epsilon: float = 0.09
     typical_delta: float = 0.3
+    topk_k: int = 2
+    max_distance: int = 1
 
     def __post_init__(self):
         if self.acceptance not in ACCEPTANCE_RULES:
             raise ValueError(f"unknown acceptance rule {self.acceptance!r}; choose one of "
                              f"{ACCEPTANCE_RULES}")
+        if self.topk_k < 1:
+            raise ValueError(f"topk_k must be >= 1, got {self.topk_k}")
+        if self.max_distance < 0:
+            raise ValueError(f"max_distance must be >= 0, got {self.max_distance}")
 
 
 @struct.dataclass
@@ -142,6 +153,13 @@ def _accept(drafter, proposal, structure, valid, logits, config: DecodeConfig, s
         return accept_lib.typical_acceptance_lossy(
             key, tokens, structure, logits, config.sampling, valid,
             epsilon=spec.typical_epsilon, delta=spec.typical_delta)
+    if spec.acceptance == "topk_lossy":
+        return accept_lib.topk_acceptance_lossy(key, tokens, structure, logits, config.sampling,
+                                                valid, top_k=spec.topk_k)
+    if spec.acceptance == "distance_lossy":
+        return accept_lib.distance_acceptance_lossy(key, tokens, structure, logits,
+                                                    config.sampling, valid,
+                                                    max_distance=spec.max_distance)
     if config.sampling.greedy:
         return accept_lib.greedy(tokens, structure, logits, valid)
     if drafter.deterministic or proposal.draft_probs is None:

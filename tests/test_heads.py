@@ -9,10 +9,9 @@ import pytest
 
 import tinymodels as kit
 from drafters import heads
-from drafters.blockwise import BlockwiseDrafter, topk_acceptance_lossy
+from drafters.blockwise import BlockwiseDrafter
 from drafters.hydra import HydraDrafter
 from drafters.medusa import MedusaDrafter
-from specjax import accept as accept_lib
 from specjax.decode import DecodeConfig, generate
 from specjax.drafter import DraftContext
 from specjax.sampling import SamplingConfig
@@ -160,20 +159,6 @@ def test_hydra_sequence_distribution_is_exact():
     counts, total = _sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
                                       rows=2048, rounds=3)
     assert _chi_square_pvalue(seqs, joint, counts, total) > 1e-3
-
-
-def test_lossy_topk_acceptance():
-    tree = DraftTree.chain(3)
-    logits = jnp.asarray(np.log(np.array([[[.5, .3, .2, 0.001]] * 4])))  # top1 0, top2 1
-    tokens = jnp.array([[0, 1, 0, 2]], jnp.int32)
-    greedy = accept_lib.greedy(tokens, tree, logits)
-    top1 = topk_acceptance_lossy(tokens, tree, logits, top_k=1)
-    assert int(greedy.num_accepted[0]) == int(top1.num_accepted[0]) == 0
-    top2 = topk_acceptance_lossy(tokens, tree, logits, top_k=2)
-    assert int(top2.num_accepted[0]) == 2  # 1 and 0 are in the top 2, 2 is not
-    np.testing.assert_array_equal(np.asarray(top2.emitted[0]), [1, 0, 0, -1])
-    top3 = topk_acceptance_lossy(tokens, tree, logits, top_k=3)
-    assert int(top3.num_accepted[0]) == 3
 
 
 # Bad input -----------------------------------------------------------------------------------
