@@ -1,0 +1,1 @@
+"""Pallas kernels with pure-jnp references (``tree_attention``: tree-masked attention)."""
