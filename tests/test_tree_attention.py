@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
