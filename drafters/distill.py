@@ -305,6 +305,32 @@ def load_records(data_dir: str, target=None) -> Records:
                    manifest=manifest)
 
 
+def concat_records(parts: Sequence[Records]) -> Records:
+    """Several data sets as one (right-padded to the widest); the first one's manifest, with
+    ``sources`` listing every part's. Raises ``DistillDataError`` when their hidden sizes or
+    vocabularies differ."""
+    if not parts:
+        raise DistillDataError("no data sets to concatenate")
+    first = parts[0].manifest
+    for r in parts[1:]:
+        if (r.manifest["hidden_size"], r.manifest["vocab_size"]) != (first["hidden_size"],
+                                                                   first["vocab_size"]):
+            raise DistillDataError("data sets made with different targets cannot be combined: "
+                                   f"{r.manifest.get('model')} vs {first.get('model')}")
+    width = max(r.tokens.shape[1] for r in parts)
+
+    def pad(a):
+        widths = [(0, 0)] * a.ndim
+        widths[1] = (0, width - a.shape[1])
+        return np.pad(a, widths)
+
+    manifest = dict(first, sources=[r.manifest.get("source") for r in parts])
+    return Records(tokens=np.concatenate([pad(r.tokens) for r in parts]),
+                   lengths=np.concatenate([r.lengths for r in parts]),
+                   prompt_lengths=np.concatenate([r.prompt_lengths for r in parts]),
+                   hidden=np.concatenate([pad(r.hidden) for r in parts]), manifest=manifest)
+
+
 def split_records(records: Records, eval_fraction: float, seed: int = 0
                   ) -> tuple[Records, Records]:
     """``(train, held_out)`` by whole sequences (a seeded shuffle; at least one of each when

@@ -43,6 +43,7 @@ Models without a tokenizer (the random ``tiny-*`` test models): each prompt beco
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -77,8 +78,9 @@ def define_flags() -> None:
     flags.DEFINE_list("categories", None,
                       f"Task groups to run ({', '.join(GROUPS)}) or original categories (e.g. "
                       "coding); default: all.")
-    flags.DEFINE_list("methods", None, "Methods to compare with ar (which always runs first); "
-                      f"default: all of {', '.join(methods.METHODS)}.")
+    flags.DEFINE_list("methods", None, "Methods to compare with ar (which always runs first), "
+                      "each METHOD or METHOD:TREE (e.g. eagle:dynamic, prompt_lookup:tree); "
+                      f"default: all of {', '.join(methods.METHODS)} (plus eagle:dynamic).")
     flags.DEFINE_integer("max_new_tokens", 128, "Most new tokens per prompt.", lower_bound=1)
     flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF directory or .gguf file.")
     flags.DEFINE_bool("scan_layers", True, "Run the layer stack as a lax.scan (compiles ~10x "
@@ -98,6 +100,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("fail_on_mismatch", True, "Exit with status 1 when a lossless method's "
                       "output differs from ar's (after writing the outputs).")
     methods.define_flags()
+    common.define_mesh_flags()
 
 
 # ----------------------------------------------------------------------------------- running
@@ -132,11 +135,13 @@ class MethodRunner:
             m, p = self.loaded.model, self.loaded.params
             t0 = time.perf_counter()
             if self.drafter is None:
-                fn = decode.compile_generate(m, p, batch, self.config, self.key)
+                fn = decode.compile_generate(m, p, batch, self.config, self.key,
+                                             plan=self.run.plan)
                 call = lambda b: fn(p, b, self.key)  # noqa: E731
             else:
                 fn, _ = speculative.compile_speculative_generate(
-                    m, p, self.drafter, self.dparams, batch, self.config, self.run.spec, self.key)
+                    m, p, self.drafter, self.dparams, batch, self.config, self.run.spec, self.key,
+                    plan=self.run.plan)
                 call = lambda b: fn(p, self.dparams, b, self.key)  # noqa: E731
             self.compile_s += time.perf_counter() - t0
             self._compiled[bucket] = call
@@ -145,8 +150,8 @@ class MethodRunner:
     def __call__(self, ids: Sequence[int]) -> dict:
         """Generates for one prompt; returns its record (tokens, timing, statistics)."""
         import jax
-        from specjax.prompts import make_prompt_batch
-        batch = make_prompt_batch([ids], vocab_size=self.loaded.model.vocab_size)
+        from specjax import decode
+        batch = decode.prepare_batch([ids], self.loaded.model.vocab_size, self.run.plan)
         fn = self._fn(batch)
         if not self.warmed:
             jax.block_until_ready(fn(batch))
@@ -317,20 +322,31 @@ def _validate(FLAGS) -> tuple[list[str], bool]:
     # head drafters run by default only where trained weights ship for the model.
     names = list(FLAGS.methods) if FLAGS.methods else [
         m for m in methods.METHODS if m != "sjd" and methods.has_weights(m, FLAGS.model)]
-    unknown = [m for m in names if m not in methods.METHODS]
+    if not FLAGS.methods and "eagle" in names:
+        names.insert(names.index("eagle") + 1, "eagle:dynamic")
+    unknown = [m for m in names if _split(m)[0] not in methods.METHODS]
     if unknown:
         raise common.UserError(f"unknown --methods {unknown}; choose from "
-                               f"{', '.join(methods.METHODS)}")
+                               f"{', '.join(methods.METHODS)} (optionally METHOD:TREE)")
+    for name in names:  # trees valid per method
+        method, tree = _split(name)
+        methods.tree_for(method, tree or FLAGS.tree, bool(tree) or FLAGS["tree"].present)
     names = ["ar"] + [m for m in dict.fromkeys(names) if m != "ar"]
-    if FLAGS.tree not in ("chain", "tree"):
-        raise common.UserError(f"--tree must be 'chain' or 'tree', got {FLAGS.tree!r}")
     if FLAGS.peer_draft_model and not FLAGS.peer:
         raise common.UserError("--peer_draft_model needs --peer")
     return names, FLAGS.acceptance == "auto"
 
 
-def _make_run(method: str, FLAGS) -> methods.Run:
+def _split(name: str) -> tuple[str, str]:
+    """``"eagle:dynamic"`` -> ``("eagle", "dynamic")``; ``"medusa"`` -> ``("medusa", "")``."""
+    method, _, tree = name.partition(":")
+    return method, tree
+
+
+def _make_run(name: str, FLAGS) -> methods.Run:
     from specjax import decode
+    method, tree = _split(name)
+    tree = methods.tree_for(method, tree or FLAGS.tree, bool(tree) or FLAGS["tree"].present)
     try:
         config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens)
         spec = methods.spec_config(FLAGS)
@@ -340,13 +356,15 @@ def _make_run(method: str, FLAGS) -> methods.Run:
     return methods.Run(method=method, model_name=FLAGS.model, config=config, spec=spec,
                        draft_len=FLAGS.draft_len, draft_model=FLAGS.draft_model,
                        draft_layers=FLAGS.draft_layers, skip_layers=skip,
-                       num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1,
+                       num_branches=FLAGS.num_branches if tree == "tree" else 1,
                        window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
-                       jacobi_init=FLAGS.jacobi_init)
+                       jacobi_init=FLAGS.jacobi_init,
+                       eagle_tree=tree if method == "eagle" else "static",
+                       adaptive_draft=FLAGS.adaptive_draft)
 
 
-def _draft_len(method: str) -> int:
-    return FLAGS.draft_len or methods.METHODS[method].get("draft_len", 0)
+def _draft_len(name: str) -> int:
+    return FLAGS.draft_len or methods.METHODS[_split(name)[0]].get("draft_len", 0)
 
 
 def _environment() -> dict:
@@ -388,6 +406,9 @@ def main(argv):
         loaded = load_model(FLAGS.model, FLAGS.scan_layers)
         for p in prompts:
             p.ids = encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
+        plan = common.mesh_plan(FLAGS.mesh, loaded.model.config, 1)  # one prompt at a time
+        loaded = common.place_on_mesh(loaded, plan)
+        runs = {m: dataclasses.replace(r, plan=plan) for m, r in runs.items()}
         runners = {m: MethodRunner(runs[m], loaded) for m in names}  # drafter errors: now
         from specjax.prompts import bucket_length
         buckets = sorted({bucket_length(len(p.ids)) for p in prompts})
@@ -463,6 +484,7 @@ def main(argv):
                        "draft_len": FLAGS.draft_len, "draft_layers": FLAGS.draft_layers,
                        "draft_model": FLAGS.draft_model, "skip_layers": FLAGS.skip_layers,
                        "tree": FLAGS.tree, "num_branches": FLAGS.num_branches,
+                       "mesh": FLAGS.mesh, "adaptive_draft": FLAGS.adaptive_draft,
                        "peer": FLAGS.peer, "peer_draft_model": FLAGS.peer_draft_model,
                        "peer_threads": FLAGS.peer_threads},
             "command": " ".join(["python -m experiments.benchmark"] + sys.argv[1:]),

@@ -1,4 +1,5 @@
-"""Shared pieces of the experiment binaries: user-facing errors, atomic output, prompt files."""
+"""Shared pieces of the experiment binaries: user-facing errors, atomic output, prompt files,
+the device mesh (``--mesh``) and multi-host start-up (``--distributed``)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,82 @@ def read_prompts_file(path: str) -> list[str]:
     if not prompts:
         raise UserError(f"--prompts_file {path!r} has no non-empty lines")
     return prompts
+
+
+# Device mesh / multi-host --------------------------------------------------------------------
+
+# Environment variables that mark one process of a multi-process (multi-host) job, with the
+# value that means "more than one process" (jax.distributed.initialize() reads them itself).
+_MULTI_PROCESS_ENV = {
+    "TPU_WORKER_HOSTNAMES": lambda v: len([h for h in v.split(",") if h.strip()]) > 1,  # TPU pod
+    "MEGASCALE_NUM_SLICES": lambda v: v.strip() not in ("", "0", "1"),  # multislice TPU
+    "SLURM_NTASKS": lambda v: v.strip().isdigit() and int(v) > 1,  # SLURM (GPU clusters)
+    "OMPI_COMM_WORLD_SIZE": lambda v: v.strip().isdigit() and int(v) > 1,  # mpirun
+    "JAX_COORDINATOR_ADDRESS": lambda v: bool(v.strip()),  # explicit jax coordinator
+}
+
+
+def define_mesh_flags() -> None:
+    """``--mesh`` and ``--distributed`` (call once per binary, next to its other flags)."""
+    from absl import flags
+    flags.DEFINE_string(
+        "mesh", "auto",
+        "Device mesh DATAxMODEL, e.g. 2x4: batch rows split 2 ways, tensor parallelism 4 ways "
+        "(heads, MLP, vocabulary); DATA*MODEL devices of all hosts are used. 'auto': every "
+        "device on MODEL when that divides the model's heads and MLP, else one device.")
+    flags.DEFINE_enum(
+        "distributed", "auto", ["auto", "on", "off"],
+        "Call jax.distributed.initialize() (multi-host: Cloud TPU pod slices, SLURM, mpirun). "
+        "'auto' does so when the environment shows a multi-process job.")
+
+
+def multi_process_env(environ=None) -> bool:
+    """Whether the environment is one process of a multi-process job."""
+    environ = os.environ if environ is None else environ
+    return any(name in environ and test(environ[name])
+               for name, test in _MULTI_PROCESS_ENV.items())
+
+
+def init_distributed(mode: str) -> bool:
+    """``jax.distributed.initialize()`` for ``--distributed=on`` (or ``auto`` in a multi-process
+    environment); must run before anything touches a JAX device. Returns whether it ran."""
+    if mode == "off" or (mode == "auto" and not multi_process_env()):
+        return False
+    import jax
+    try:
+        jax.distributed.initialize()  # coordinator, process id and count from the environment
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"jax.distributed.initialize() failed ({e}): on a Cloud TPU VM run the "
+                        "same command on every worker (gcloud ... ssh --worker=all); elsewhere "
+                        "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or "
+                        "pass --distributed=off for one host") from None
+    return True
+
+
+def mesh_plan(mesh: str, config, batch_size: int | None = None):
+    """The :class:`specjax.sharding.ShardingPlan` for ``--mesh`` on a model config, or None
+    when it is one device (today's single-device path). Raises :class:`UserError` with what to
+    do for a bad value, a mesh larger than the devices, a model axis that does not fit the
+    model, or a data axis that does not divide ``batch_size``."""
+    from specjax import sharding
+    try:
+        shape = (sharding.default_mesh_shape(config) if mesh.strip().lower() == "auto"
+                 else sharding.parse_mesh(mesh))
+        if shape == (1, 1):
+            return None
+        plan = sharding.plan_for_config(*shape, config)
+        if batch_size is not None:
+            plan.check_batch(batch_size)
+    except ValueError as e:
+        raise UserError(f"--mesh={mesh}: {e}") from None
+    return plan
+
+
+def place_on_mesh(loaded, plan):
+    """``loaded`` with its params placed on the plan's mesh (one ``device_put``; the decoding
+    loops never move them again). Unchanged without a plan."""
+    if plan is None:
+        return loaded
+    import dataclasses
+    return dataclasses.replace(loaded, params=plan.shard_params(loaded.params,
+                                                                loaded.model.logical_axes()))

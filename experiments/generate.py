@@ -2,6 +2,11 @@
 
   python -m experiments.generate --prompt="What is the capital of France?" --chat
   python -m experiments.generate --prompts_file=prompts.txt --output_json=out.json --nostream
+  python -m experiments.generate --mesh=2x4 --prompts_file=prompts.txt --nostream   # 8 devices
+
+On several hosts (a Cloud TPU pod slice) run the same command on every host: it calls
+``jax.distributed.initialize()`` (``--distributed``), builds the mesh over every host's devices,
+and only process 0 prints and writes ``--output_json``.
 
 Output JSON (written atomically): for one prompt, an object with ``prompt``, ``prompt_ids``,
 ``generated_ids``, ``text`` and ``stats`` (``new_tokens``, ``target_calls``, ``tau``, ``wall_s``,
@@ -11,6 +16,7 @@ Output JSON (written atomically): for one prompt, an object with ``prompt``, ``p
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import app, flags
@@ -34,6 +40,7 @@ flags.DEFINE_string("output_json", None, "Write prompts, ids, text and stats her
 flags.DEFINE_bool("stream", True, "Print text as it is generated (Python-driven step loop); "
                   "--nostream runs the whole generation in one on-device loop.")
 methods.define_flags()
+common.define_mesh_flags()
 
 
 def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -50,6 +57,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with common.user_errors():
+        common.init_distributed(FLAGS.distributed)  # before anything touches a device
         run = methods.build_run(FLAGS)  # validates flags before the slow model load
         if not FLAGS.prompts_file and not FLAGS.prompt.strip():
             raise common.UserError("the prompt is empty: give --prompt some text")
@@ -59,7 +67,12 @@ def main(argv):
         if loaded.tokenizer is None:
             raise common.UserError(f"model {FLAGS.model!r} has no tokenizer: use a real model")
         ids = [_encode(loaded.tokenizer, p, FLAGS.chat) for p in prompts]
-        streaming = FLAGS.stream and len(prompts) == 1
+        plan = common.mesh_plan(FLAGS.mesh, loaded.model.config, len(prompts))
+        loaded = common.place_on_mesh(loaded, plan)  # weights placed once, sharded
+        run = dataclasses.replace(run, plan=plan)
+        import jax
+        main_process = jax.process_index() == 0
+        streaming = FLAGS.stream and len(prompts) == 1 and jax.process_count() == 1
         if streaming:
             printer = methods.TextStreamer(loaded.tokenizer)
             result = run.stream(loaded, ids, on_tokens=printer.push)
@@ -69,14 +82,16 @@ def main(argv):
         records = []
         for prompt, prompt_ids, gen in zip(prompts, ids, result.generated):
             text = loaded.tokenizer.decode(gen)
-            if not streaming:
+            if not streaming and main_process:
                 print(text)
             records.append({"prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": gen,
                             "text": text, "stats": result.row_stats(gen)})
-        summary = result.summary()
+        summary = result.summary() | {"mesh": str(plan) if plan else "1x1"}
+        if not main_process:
+            return
         print(f"[{run.method}] {summary['new_tokens']} tokens in {summary['wall_s']:.2f}s "
               f"({summary['tokens_per_s']:.1f} tok/s, tau {summary['tau']:.2f}, "
-              f"compile {summary['compile_s']:.1f}s)", file=sys.stderr)
+              f"compile {summary['compile_s']:.1f}s, mesh {summary['mesh']})", file=sys.stderr)
         if FLAGS.output_json:
             obj = records[0] | {"stats": summary} if len(records) == 1 else {
                 "results": records, "stats": summary}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -33,9 +33,16 @@ METHODS = {
     "blockwise": {"draft_len": 4},
     "medusa": {},
     "hydra": {},
+    "eagle": {},
 }
 DEFAULT_DRAFT_LAYERS = 4
-HEAD_METHODS = ("blockwise", "medusa", "hydra")  # trained drafters with shipped weights
+ADAPTIVE_DRAFT = ("off", "acceptance")
+# Drafters that read the verification outputs of nodes they did not offer: the adaptive wrapper
+# must not narrow their verification forward.
+READS_ALL_VERIFY_OUTPUTS = ("jacobi", "sjd", "lookahead")
+HEAD_METHODS = ("blockwise", "medusa", "hydra", "eagle")  # trained, with shipped weights
+TREE_CHOICES = {"prompt_lookup": ("chain", "tree"), "eagle": ("static", "dynamic")}
+DEFAULT_TREE = {"prompt_lookup": "chain", "eagle": "static"}
 
 
 def has_weights(method: str, model_name: str) -> bool:
@@ -63,7 +70,8 @@ def define_flags() -> None:
                         "layer_skip: comma-separated layers to skip while drafting (default: "
                         "a tuned set, see drafters/layer_skip.py).")
     flags.DEFINE_string("tree", "chain", "prompt_lookup: 'chain' (one continuation) or 'tree' "
-                        "(--num_branches continuations verified together).")
+                        "(--num_branches continuations verified together); eagle: 'static' "
+                        "(EAGLE-1 tree, the default for eagle) or 'dynamic' (EAGLE-2).")
     flags.DEFINE_integer("num_branches", 3, "prompt_lookup with --tree=tree: branches.",
                          lower_bound=1)
     flags.DEFINE_integer("window", 0, "jacobi/sjd: guessed tokens; lookahead: W columns "
@@ -83,6 +91,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_distance", 1, "--acceptance=distance_lossy: a draft passes when its "
                          "id is within this distance of the target's argmax (ordinal "
                          "vocabularies only).", lower_bound=0)
+    flags.DEFINE_enum("adaptive_draft", "off", list(ADAPTIVE_DRAFT),
+                      "Adaptive draft length (lossless, specjax/adaptive.py): off, or "
+                      "acceptance = per-row length grown while drafts are accepted and cut back "
+                      "after a rejection, capped at --draft_len.")
 
 
 def spec_config(FLAGS) -> "speculative.SpecConfig":
@@ -143,6 +155,9 @@ class Run:
     ngram: int = 0
     guess_set: int = -1
     jacobi_init: str = "repeat"
+    eagle_tree: str = "static"
+    adaptive_draft: str = "off"
+    plan: Optional[Any] = None  # specjax.sharding.ShardingPlan (params already placed), or None
 
     def load(self):
         from models import registry
@@ -153,8 +168,27 @@ class Run:
         return dataclasses.replace(self.config, eos_ids=tuple(eos))
 
     def drafter(self, loaded):
-        """``(drafter, drafter_params)`` for a speculative method (None for ``ar``)."""
+        """``(drafter, drafter_params)`` for a speculative method (None for ``ar``); with a
+        ``plan``, the drafter's own params are placed on its mesh."""
+        drafter, dparams = self._drafter(loaded)
+        if self.plan is None or dparams is None:
+            return drafter, dparams
+        from specjax import sharding
+        if self.method == "draft_model" and self.draft_model:  # a separate LM: by its names
+            return drafter, sharding.shard_drafter_params(self.plan, dparams,
+                                                          drafter.model.logical_axes())
+        if self.method == "draft_model":  # the target's first layers: already placed
+            return drafter, dparams
+        return drafter, sharding.shard_drafter_params(self.plan, dparams)
+
+    def _drafter(self, loaded):
         from drafters import draft_model, layer_skip, prompt_lookup
+        if self.adaptive_draft != "off" and self.method != "ar":
+            from specjax.adaptive import AdaptiveDraftLength
+            inner, dparams = dataclasses.replace(self, adaptive_draft="off")._drafter(loaded)
+            return AdaptiveDraftLength(
+                inner, policy=self.adaptive_draft,
+                narrow_verify=self.method not in READS_ALL_VERIFY_OUTPUTS), dparams
         k = self.draft_len or METHODS[self.method].get("draft_len", 0)
         sampling = self.config.sampling
         if self.method == "ar":
@@ -180,6 +214,9 @@ class Run:
             kwargs = {"draft_len": k} if self.method == "blockwise" and k else {}
             drafter, params = heads.load_shipped(self.method, loaded, **kwargs)
             return drafter, params
+        if self.method == "eagle":
+            from drafters import eagle_weights  # shipped layer trained for the embedded model
+            return eagle_weights.load_shipped(loaded, tree=self.eagle_tree)
         if self.method in ("jacobi", "sjd"):
             from drafters import jacobi
             kwargs = {"window": self.window} if self.window else {}
@@ -197,16 +234,18 @@ class Run:
     def generate(self, loaded, prompts: Sequence[Sequence[int]], drafter=None) -> Result:
         """Runs the whole batch in one on-device loop; ``wall_s`` excludes compilation."""
         config = self.config_for(loaded)
-        batch = make_prompt_batch(prompts, vocab_size=loaded.model.vocab_size)
+        batch = decode.prepare_batch(prompts, loaded.model.vocab_size, self.plan)
         key = jax.random.key(self.seed)
         drafter, dparams = drafter if drafter is not None else self.drafter(loaded)
         t0 = time.perf_counter()
         if drafter is None:
-            fn = decode.compile_generate(loaded.model, loaded.params, batch, config, key)
+            fn = decode.compile_generate(loaded.model, loaded.params, batch, config, key,
+                                         plan=self.plan)
             call = lambda: fn(loaded.params, batch, key)  # noqa: E731
         else:
             fn, batch = speculative.compile_speculative_generate(
-                loaded.model, loaded.params, drafter, dparams, batch, config, self.spec, key)
+                loaded.model, loaded.params, drafter, dparams, batch, config, self.spec, key,
+                plan=self.plan)
             call = lambda: fn(loaded.params, dparams, batch, key)  # noqa: E731
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -228,7 +267,8 @@ class Run:
         t0, t_first, calls, stats = time.perf_counter(), None, 0, None
         if drafter is None:
             generated = [[] for _ in prompts]
-            for tokens, emitted in decode.stream(loaded.model, loaded.params, batch, config, key):
+            for tokens, emitted in decode.stream(loaded.model, loaded.params, batch, config, key,
+                                                 plan=self.plan):
                 t_first = t_first or time.perf_counter()
                 calls += 1
                 for i in np.nonzero(emitted)[0]:
@@ -237,7 +277,8 @@ class Run:
             row_calls = calls * len(prompts)
         else:
             for out_tokens, out_len, stats in speculative.speculative_stream(
-                    loaded.model, loaded.params, drafter, dparams, batch, config, self.spec, key):
+                    loaded.model, loaded.params, drafter, dparams, batch, config, self.spec, key,
+                    plan=self.plan):
                 t_first = t_first or time.perf_counter()
                 generated = _rows(out_tokens, out_len)
                 on_tokens(generated[0])
@@ -258,6 +299,18 @@ def parse_layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise UserError(f"--skip_layers must be comma-separated integers, got {text!r}") from e
 
 
+def tree_for(method: str, tree: str, given: bool) -> str:
+    """The ``--tree`` value for ``method``: its default unless ``given``; validated per method
+    (eagle: static / dynamic; every other method: chain / tree, used by prompt_lookup)."""
+    choices = TREE_CHOICES.get(method, TREE_CHOICES["prompt_lookup"])
+    if not given:
+        tree = DEFAULT_TREE.get(method, tree)
+    if tree not in choices:
+        what = "eagle" if method == "eagle" else "prompt_lookup (and the default for others)"
+        raise UserError(f"--tree must be one of {', '.join(choices)} for {what}, got {tree!r}")
+    return tree
+
+
 def build_run(FLAGS) -> Run:
     """Validates the flags and builds the run (before any slow model load)."""
     if FLAGS.method not in METHODS:
@@ -267,8 +320,7 @@ def build_run(FLAGS) -> Run:
                         f"{FLAGS.jacobi_init!r}")
     if FLAGS.method == "lookahead" and FLAGS.ngram == 1:
         raise UserError("--ngram must be >= 2 for lookahead (0 = default)")
-    if FLAGS.tree not in ("chain", "tree"):
-        raise UserError(f"--tree must be 'chain' or 'tree', got {FLAGS.tree!r}")
+    tree = tree_for(FLAGS.method, FLAGS.tree, FLAGS["tree"].present)
     try:
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                   top_p=FLAGS.top_p, min_p=FLAGS.min_p)
@@ -279,9 +331,10 @@ def build_run(FLAGS) -> Run:
     return Run(method=FLAGS.method, model_name=FLAGS.model, config=config, spec=spec,
                seed=FLAGS.seed, draft_len=FLAGS.draft_len, draft_model=FLAGS.draft_model,
                draft_layers=FLAGS.draft_layers, skip_layers=parse_layers(FLAGS.skip_layers),
-               num_branches=FLAGS.num_branches if FLAGS.tree == "tree" else 1,
+               num_branches=FLAGS.num_branches if tree == "tree" else 1,
                window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
-               jacobi_init=FLAGS.jacobi_init)
+               jacobi_init=FLAGS.jacobi_init, adaptive_draft=FLAGS.adaptive_draft,
+               eagle_tree=tree if FLAGS.method == "eagle" else "static")
 
 
 class TextStreamer:

@@ -1,4 +1,5 @@
-"""Train draft heads (blockwise / medusa / hydra) on a frozen target by self-distillation.
+"""Train draft heads (blockwise / medusa / hydra) or the EAGLE layer on a frozen target by
+self-distillation.
 
   python -m experiments.train_drafter --drafter=medusa --data_dir=/tmp/distill \
       --prompts=../shared/data/spec_bench/dev.jsonl --num_prompts=160 --steps=600 \
@@ -11,6 +12,12 @@ hidden states (``drafters/distill.py``). Then the heads train on the target's ow
 ``--ckpt_dir`` (an interrupted run resumes from there with the same flags), printing per-head
 top-1 accuracy on held-out sequences every ``--eval_every`` steps, and finally writing the bf16
 head weights (no embedding / LM head) to ``--output``.
+
+``--drafter=eagle`` trains the one-layer EAGLE drafter (``drafters/eagle.py``) on right-aligned
+windows of ``--seq_len`` pairs, ``--batch_size`` sequences per step (default 8), with feature
+regression plus ``--ce_weight`` x token cross-entropy at ``--levels`` levels of self-fed
+features (``drafters/eagle_train.py``); the evaluation prints per-depth top-1 accuracy with the
+drafter feeding its own features, as at decode time.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from absl import app, flags
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("drafter", "medusa", ["blockwise", "medusa", "hydra"], "Head drafter type.")
+flags.DEFINE_enum("drafter", "medusa", ["blockwise", "medusa", "hydra", "eagle"],
+                  "Drafter type.")
 flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
-flags.DEFINE_string("data_dir", None, "Self-distillation data directory (created if empty).")
+flags.DEFINE_string("data_dir", None, "Self-distillation data directory (created from --prompts "
+                    "if empty), or several, comma-separated, trained on together.")
 flags.DEFINE_string("prompts", None, "Spec-Bench jsonl or text file used to create --data_dir.")
 flags.DEFINE_integer("num_prompts", 160, "Prompts used to create the data.", lower_bound=1)
 flags.DEFINE_integer("prompt_offset", 0, "Skip this many prompts of --prompts first.",
@@ -44,7 +53,8 @@ flags.DEFINE_integer("num_heads", 0, "Heads (0 = the drafter's default: 4 blockw
 flags.DEFINE_integer("num_layers", 1, "Residual blocks per head (blockwise: FFN width / E).",
                      lower_bound=1)
 flags.DEFINE_integer("steps", 600, "Optimizer steps.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "Positions per step.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Positions per step (heads); sequences per step for "
+                     "eagle (default 8 there).", lower_bound=1)
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("warmup", 50, "Linear warmup steps.", lower_bound=0)
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.", lower_bound=0.0)
@@ -59,12 +69,24 @@ flags.DEFINE_float("eval_fraction", 0.1, "Held-out share of the sequences.")
 flags.DEFINE_string("output", None, "Final bf16 head weights (.safetensors).")
 flags.DEFINE_string("metrics_json", None, "Write the eval history and final accuracy here.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_integer("seq_len", 256, "eagle: pairs per training window.", lower_bound=2)
+flags.DEFINE_integer("levels", 3, "eagle: self-fed feature levels in the loss.", lower_bound=1)
+flags.DEFINE_integer("eval_levels", 4, "eagle: draft depths evaluated.", lower_bound=1)
+flags.DEFINE_float("ce_weight", 0.1, "eagle: token loss weight (regression weight 1).")
+flags.DEFINE_float("level_decay", 0.8, "eagle: level m's loss weight is level_decay ** m.")
+flags.DEFINE_integer("ce_window", 128, "eagle: token loss on the last N slots of a window.",
+                     lower_bound=1)
 
 DEFAULT_HEADS = {"blockwise": 4, "medusa": 3, "hydra": 3}
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _data_dirs() -> list[str]:
+    """``--data_dir`` as a list (comma-separated directories are trained on together)."""
+    return [d for d in FLAGS.data_dir.split(",") if d]
 
 
 def _make_data(loaded, data_dir: str):
@@ -89,6 +111,90 @@ def _make_data(loaded, data_dir: str):
          f"prompts skipped) in {time.time() - t:.0f} s")
 
 
+def _run_training(loaded, drafter, state, step_fn, get_batch, eval_fn, log_fn, meta):
+    """The shared loop: checkpoints / resume, periodic evaluation; returns (state, wall_s)."""
+    from specjax import train
+    ckpt = train.Checkpointer(FLAGS.ckpt_dir, FLAGS.ckpt_every, meta) if FLAGS.ckpt_dir \
+        else None
+    t = time.time()
+    try:
+        if ckpt is not None:
+            state = ckpt.restore_or(state)
+            if int(state.step):
+                _say(f"resumed from {FLAGS.ckpt_dir} at step {int(state.step)}")
+        state = train.train_loop(state, step_fn, get_batch, loaded.params, FLAGS.steps,
+                                 checkpointer=ckpt, eval_fn=eval_fn,
+                                 eval_every=FLAGS.eval_every or FLAGS.steps, log_fn=log_fn,
+                                 progress=FLAGS.progress)
+    except train.TrainCheckpointError as e:
+        raise common.UserError(str(e)) from None
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return state, time.time() - t
+
+
+def _train_eagle(loaded, records, train_rec, eval_rec):
+    import jax
+    from drafters import eagle, eagle_train, eagle_weights
+    from specjax import train
+    drafter = eagle.EagleDrafter.create(loaded.model)
+    train_data = eagle_train.window_dataset(train_rec, FLAGS.seq_len)
+    eval_data = eagle_train.window_dataset(eval_rec, FLAGS.seq_len)
+    n = len(train_rec)
+    if n == 0 or not eval_data["label_mask"].any() or not train_data["label_mask"].any():
+        raise common.UserError(f"{FLAGS.data_dir} has too few response tokens to train on")
+    batch_size = FLAGS.batch_size if FLAGS["batch_size"].present else 8
+    _say(f"eagle: one layer, {FLAGS.levels} levels; {n} training sequences "
+         f"({int(train_data['label_mask'].sum())} labelled positions), {len(eval_rec)} held out "
+         f"({int(eval_data['label_mask'].sum())})")
+    tx = train.make_optimizer(FLAGS.lr, FLAGS.warmup, FLAGS.steps, FLAGS.weight_decay)
+    state = train.TrainState.create(drafter.init_params(jax.random.key(FLAGS.seed)), tx)
+    step_fn = train.make_train_step(eagle_train.make_loss_fn(
+        drafter, FLAGS.levels, FLAGS.ce_weight, FLAGS.level_decay, FLAGS.ce_window), tx)
+
+    def get_batch(step):
+        idx = train.batch_indices(FLAGS.seed, step, n, batch_size)
+        return {k: v[idx] for k, v in train_data.items()}
+
+    history = []
+
+    def eval_fn(st):
+        acc = eagle_train.depth_accuracy(drafter, st.params, loaded.params, eval_data,
+                                         FLAGS.eval_levels)
+        return {f"eval_acc_{k}": float(a) for k, a in enumerate(acc)}
+
+    def log_fn(step, metrics):
+        history.append({"step": step, **metrics})
+        accs = " ".join(f"{metrics[f'eval_acc_{k}']:.3f}" for k in range(FLAGS.eval_levels))
+        _say(f"step {step}: loss {metrics['loss']:.3f} (reg {metrics['reg_0']:.3f}, ce "
+             f"{metrics['ce_0']:.3f})  held-out top-1 per depth: {accs}")
+
+    meta = {**drafter.config_dict(), "model": loaded.name, "seed": FLAGS.seed,
+            "batch_size": batch_size, "lr": FLAGS.lr, "warmup": FLAGS.warmup,
+            "steps": FLAGS.steps, "data_dir": ",".join(os.path.abspath(d) for d in _data_dirs()),
+            "seq_len": FLAGS.seq_len, "levels": FLAGS.levels, "ce_weight": FLAGS.ce_weight,
+            "level_decay": FLAGS.level_decay, "ce_window": FLAGS.ce_window}
+    state, wall = _run_training(loaded, drafter, state, step_fn, get_batch, eval_fn, log_fn,
+                                meta)
+    acc = eagle_train.depth_accuracy(drafter, state.params, loaded.params, eval_data,
+                                     FLAGS.eval_levels)
+    _say(f"done: {int(state.step)} steps in {wall:.0f} s; held-out top-1 per depth: "
+         + " ".join(f"{a:.3f}" for a in acc))
+    summary = {"drafter": "eagle", "steps": int(state.step), "train_wall_s": wall,
+               "held_out_top1": [float(a) for a in acc], "history": history,
+               "train_sequences": n, "held_out_sequences": len(eval_rec),
+               "held_out_positions": int(eval_data["label_mask"].sum()),
+               "data": records.manifest.get("source")}
+    if FLAGS.output:
+        eagle_weights.save_weights(FLAGS.output, drafter, state.params, target_name=loaded.name,
+                           extra={k: summary[k] for k in ("steps", "held_out_top1", "data")})
+        _say(f"wrote {FLAGS.output} ({os.path.getsize(FLAGS.output) / 1e6:.1f} MB)")
+    if FLAGS.metrics_json:
+        common.write_json_atomic(FLAGS.metrics_json, summary)
+    print(json.dumps({k: summary[k] for k in ("drafter", "steps", "held_out_top1")}))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -106,10 +212,13 @@ def main(argv):
         from specjax import train
 
         loaded = registry.load(FLAGS.model)
-        if not os.path.exists(os.path.join(FLAGS.data_dir, distill.MANIFEST)):
-            _make_data(loaded, FLAGS.data_dir)
-        records = distill.load_records(FLAGS.data_dir, loaded.model)
+        dirs = _data_dirs()
+        if len(dirs) == 1 and not os.path.exists(os.path.join(dirs[0], distill.MANIFEST)):
+            _make_data(loaded, dirs[0])
+        records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])
         train_rec, eval_rec = distill.split_records(records, FLAGS.eval_fraction, FLAGS.seed)
+        if FLAGS.drafter == "eagle":
+            return _train_eagle(loaded, records, train_rec, eval_rec)
         num_heads = FLAGS.num_heads or DEFAULT_HEADS[FLAGS.drafter]
         drafter = heads.drafter_class(FLAGS.drafter).create(
             loaded.model, num_heads=num_heads, num_layers=FLAGS.num_layers)
@@ -143,25 +252,9 @@ def main(argv):
 
         meta = {**drafter.config_dict(), "model": loaded.name, "seed": FLAGS.seed,
                 "batch_size": FLAGS.batch_size, "lr": FLAGS.lr, "warmup": FLAGS.warmup,
-                "steps": FLAGS.steps, "data_dir": os.path.abspath(FLAGS.data_dir)}
-        ckpt = train.Checkpointer(FLAGS.ckpt_dir, FLAGS.ckpt_every, meta) if FLAGS.ckpt_dir \
-            else None
-        t = time.time()
-        try:
-            if ckpt is not None:
-                state = ckpt.restore_or(state)
-                if int(state.step):
-                    _say(f"resumed from {FLAGS.ckpt_dir} at step {int(state.step)}")
-            state = train.train_loop(state, step_fn, get_batch, loaded.params, FLAGS.steps,
-                                     checkpointer=ckpt, eval_fn=eval_fn,
-                                     eval_every=FLAGS.eval_every or FLAGS.steps, log_fn=log_fn,
-                                     progress=FLAGS.progress)
-        except train.TrainCheckpointError as e:
-            raise common.UserError(str(e)) from None
-        finally:
-            if ckpt is not None:
-                ckpt.close()
-        wall = time.time() - t
+                "steps": FLAGS.steps, "data_dir": ",".join(os.path.abspath(d) for d in _data_dirs())}
+        state, wall = _run_training(loaded, drafter, state, step_fn, get_batch, eval_fn,
+                                    log_fn, meta)
         acc = heads.head_accuracy(drafter, state.params, loaded.params, eval_data)
         _say(f"done: {int(state.step)} steps in {wall:.0f} s; held-out top-1 per head: "
              + " ".join(f"{a:.3f}" for a in acc))

@@ -6,8 +6,16 @@
 
 ``like`` gives the structure, shapes and dtypes to restore into (a different dtype is a cast), and
 the shardings when its leaves carry them (``jax.ShapeDtypeStruct(..., sharding=...)`` or sharded
-arrays): restore places each array directly on its devices. A checkpoint that does not fit
-``like`` raises :class:`CheckpointMismatchError` naming the leaves that differ.
+arrays): restore places each array directly on its devices. ``shardings`` (a tree of
+``jax.sharding.Sharding`` like ``like``, or one sharding for every leaf) overrides them; with a
+:class:`specjax.sharding.ShardingPlan`::
+
+    params = restore(path, like=jax.eval_shape(model.init, key),
+                     shardings=plan.tree_shardings(model.logical_axes()))
+
+Each host then reads only the shards its devices hold; nothing lands on one device first. A
+checkpoint that does not fit ``like`` raises :class:`CheckpointMismatchError` naming the leaves
+that differ.
 """
 
 from __future__ import annotations
@@ -52,24 +60,45 @@ def _shapes(tree) -> dict:
     return {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in flat}
 
 
-def restore(path: str | os.PathLike, like: Optional[Any] = None) -> Any:
+def _with_shardings(target, shardings):
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda t: t.update(sharding=shardings), target)
+    try:
+        return jax.tree.map(lambda t, s: t.update(sharding=s), target, shardings,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    except ValueError as e:
+        raise CheckpointMismatchError(
+            f"shardings do not have the structure of the restore target ({e}): build them from "
+            "the same tree as `like` (e.g. plan.tree_shardings(model.logical_axes()))") from None
+
+
+def restore(path: str | os.PathLike, like: Optional[Any] = None,
+            shardings: Optional[Any] = None) -> Any:
     """Reads a checkpoint written by :func:`save`.
 
     Args:
       path: the checkpoint directory.
-      like: target tree (arrays or ``jax.ShapeDtypeStruct``s); None restores as saved.
+      like: target tree (arrays or ``jax.ShapeDtypeStruct``s); None restores as saved (with
+        ``shardings``: the saved shapes and dtypes).
+      shardings: where to place the arrays: a tree of ``jax.sharding.Sharding`` with the
+        structure of ``like``, or one ``Sharding`` for all leaves; None keeps ``like``'s.
 
     Raises:
       FileNotFoundError: no checkpoint at ``path``.
-      CheckpointMismatchError: the saved tree does not match ``like``.
+      CheckpointMismatchError: the saved tree does not match ``like`` (or ``shardings``).
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint at {path}: pass the directory given to save().")
     with ocp.StandardCheckpointer() as ckptr:
-        if like is None:
+        if like is None and shardings is None:
             return ckptr.restore(path)
+        if like is None:
+            like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                                ckptr.metadata(path).item_metadata.tree)
         target = jax.tree.map(_abstract, like)
+        if shardings is not None:
+            target = _with_shardings(target, shardings)
         saved = _shapes(ckptr.metadata(path).item_metadata.tree)
         wanted = _shapes(target)
         problems = [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]

@@ -2,7 +2,9 @@
 
 ``generate`` runs prefill and one ``lax.while_loop`` inside a single jit: no host round trip
 until every row has hit an EOS token or ``max_new_tokens``. ``stream`` drives the very same
-jitted step from Python and yields tokens as they are produced (CLI, notebooks).
+jitted step from Python and yields tokens as they are produced (CLI, notebooks). Every entry
+point takes an optional static ``plan`` (:class:`specjax.sharding.ShardingPlan`) to run on a
+device mesh; None is the single-device path.
 
 Axis glossary: B batch rows, P padded prompt length, N max new tokens, S cache slots, V vocab.
 
@@ -26,6 +28,7 @@ from specjax.cache import KVCache, check_capacity
 from specjax.model_api import LanguageModel
 from specjax.prompts import PromptBatch, make_prompt_batch
 from specjax.sampling import SamplingConfig, sample
+from specjax.sharding import ShardingPlan
 
 
 @struct.dataclass
@@ -112,8 +115,22 @@ def prefill(model: LanguageModel, params, batch: PromptBatch, cache: KVCache):
     return out, out.cache.replace(lengths=batch.lengths)
 
 
-def _start(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int):
+def constrain_state(state: DecodeState, plan: ShardingPlan | None) -> DecodeState:
+    """Pins the cache and the per-row arrays of the loop state to the plan's shardings (so
+    GSPMD keeps them in place across the while loop); a no-op without a plan."""
+    if plan is None:
+        return state
+    rows = plan.constrain_rows
+    return state.replace(cache=plan.constrain_cache(state.cache), pending=rows(state.pending),
+                         out_tokens=rows(state.out_tokens), out_len=rows(state.out_len),
+                         done=rows(state.done))
+
+
+def _start(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int,
+           plan: ShardingPlan | None = None):
     cache = model.init_cache(batch.tokens.shape[0], num_slots)
+    if plan is not None:
+        cache = plan.constrain_cache(cache)
     out, cache = prefill(model, params, batch, cache)
     key, sub = jax.random.split(key)
     first = sample(sub, out.logits[:, 0], config.sampling)
@@ -121,11 +138,13 @@ def _start(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slo
     out_tokens = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(first)
     done = is_eos(first, config.eos_ids) | (n <= 1)
     stats = DecodeStats(target_calls=jnp.int32(1), steps=jnp.int32(0))
-    return DecodeState(cache=cache, pending=first, out_tokens=out_tokens,
-                       out_len=jnp.ones((b,), jnp.int32), done=done, key=key, stats=stats)
+    state = DecodeState(cache=cache, pending=first, out_tokens=out_tokens,
+                        out_len=jnp.ones((b,), jnp.int32), done=done, key=key, stats=stats)
+    return constrain_state(state, plan)
 
 
-def _step(model, params, state: DecodeState, config: DecodeConfig) -> DecodeState:
+def _step(model, params, state: DecodeState, config: DecodeConfig,
+          plan: ShardingPlan | None = None) -> DecodeState:
     """Feeds ``pending``, appends one token to every unfinished row."""
     cache = state.cache
     b = state.pending.shape[0]
@@ -143,20 +162,39 @@ def _step(model, params, state: DecodeState, config: DecodeConfig) -> DecodeStat
     done = state.done | (live & is_eos(token, config.eos_ids)) | (out_len >= config.max_new_tokens)
     pending = jnp.where(live, token, state.pending)
     stats = DecodeStats(target_calls=state.stats.target_calls + 1, steps=state.stats.steps + 1)
-    return DecodeState(cache=cache, pending=pending, out_tokens=out_tokens, out_len=out_len,
-                       done=done, key=key, stats=stats)
+    state = DecodeState(cache=cache, pending=pending, out_tokens=out_tokens, out_len=out_len,
+                        done=done, key=key, stats=stats)
+    return constrain_state(state, plan)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "num_slots"))
-def _generate(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int):
-    state = _start(model, params, batch, key, config, num_slots)
+def replicate_output(out, plan: ShardingPlan | None):
+    """The (small) outputs replicated on every device, so every host can read them."""
+    if plan is None:
+        return out
+    return out.replace(tokens=plan.constrain_replicated(out.tokens),
+                       lengths=plan.constrain_replicated(out.lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "num_slots", "plan"))
+def _generate(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int,
+              plan: ShardingPlan | None = None):
+    state = _start(model, params, batch, key, config, num_slots, plan)
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
-                               lambda s: _step(model, params, s, config), state)
-    return GenerateOutput(tokens=state.out_tokens, lengths=state.out_len, stats=state.stats)
+                               lambda s: _step(model, params, s, config, plan), state)
+    out = GenerateOutput(tokens=state.out_tokens, lengths=state.out_len, stats=state.stats)
+    return replicate_output(out, plan)
+
+
+def prepare_batch(prompts, vocab_size: int, plan: ShardingPlan | None = None) -> PromptBatch:
+    """A ``PromptBatch`` from token-id lists (or as given), its rows split over the plan's
+    ``data`` axis when there is a plan (``ValueError`` when the data axis does not divide B)."""
+    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(
+        prompts, vocab_size=vocab_size)
+    return batch if plan is None else plan.shard_rows(batch)
 
 
 def generate(model: LanguageModel, params, prompts, config: DecodeConfig,
-             key: jax.Array | None = None) -> GenerateOutput:
+             key: jax.Array | None = None, plan: ShardingPlan | None = None) -> GenerateOutput:
     """Generates up to ``config.max_new_tokens`` tokens for each prompt, on the device.
 
     Args:
@@ -165,24 +203,27 @@ def generate(model: LanguageModel, params, prompts, config: DecodeConfig,
       prompts: a list of token-id sequences (different lengths allowed) or a ``PromptBatch``.
       config: static decoding settings.
       key: PRNG key for sampling (ignored when greedy).
+      plan: a :class:`~specjax.sharding.ShardingPlan` to run on a device mesh (params placed
+        with ``plan.shard_params`` first), or None for one device.
 
     Returns:
       :class:`GenerateOutput`; rows are in prompt order.
     """
-    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(
-        prompts, vocab_size=model.vocab_size)
+    batch = prepare_batch(prompts, model.vocab_size, plan)
     num_slots = config.slots_for(batch.tokens.shape[1])
     check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
     key = jax.random.key(0) if key is None else key
-    return _generate(model, params, batch, key, config, num_slots)
+    return _generate(model, params, batch, key, config, num_slots, plan)
 
 
-_start_jit = jax.jit(_start, static_argnames=("model", "config", "num_slots"))
-_step_jit = jax.jit(_step, static_argnames=("model", "config"), donate_argnames=("state",))
+_start_jit = jax.jit(_start, static_argnames=("model", "config", "num_slots", "plan"))
+_step_jit = jax.jit(_step, static_argnames=("model", "config", "plan"),
+                    donate_argnames=("state",))
 
 
 def stream(model: LanguageModel, params, prompts, config: DecodeConfig,
-           key: jax.Array | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+           key: jax.Array | None = None, plan: ShardingPlan | None = None
+           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Plain decoding driven from Python, one jitted step per token (the same step ``generate``
     loops over on the device).
 
@@ -190,32 +231,32 @@ def stream(model: LanguageModel, params, prompts, config: DecodeConfig,
       ``(tokens int32[B], emitted bool[B])`` after prefill and after every step: the token each
       row produced and whether that row emitted one (finished rows emit nothing).
     """
-    batch = prompts if isinstance(prompts, PromptBatch) else make_prompt_batch(
-        prompts, vocab_size=model.vocab_size)
+    batch = prepare_batch(prompts, model.vocab_size, plan)
     num_slots = config.slots_for(batch.tokens.shape[1])
     check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "stream")
     key = jax.random.key(0) if key is None else key
     # Input errors above raise at the call; the steps run lazily as the caller iterates.
-    return _stream_steps(model, params, batch, key, config, num_slots)
+    return _stream_steps(model, params, batch, key, config, num_slots, plan)
 
 
-def _stream_steps(model, params, batch, key, config, num_slots):
-    state = _start_jit(model, params, batch, key, config, num_slots)
+def _stream_steps(model, params, batch, key, config, num_slots, plan):
+    state = _start_jit(model, params, batch, key, config, num_slots, plan)
     yield np.asarray(state.pending), np.ones(state.pending.shape, bool)
     while not bool(jnp.all(state.done)):
         live = ~np.asarray(state.done)
-        state = _step_jit(model, params, state, config)
+        state = _step_jit(model, params, state, config, plan)
         yield np.asarray(state.pending), live
 
 
 def compile_generate(model: LanguageModel, params, batch: PromptBatch, config: DecodeConfig,
-                     key: jax.Array):
+                     key: jax.Array, plan: ShardingPlan | None = None):
     """Compiles ``generate`` ahead of time for this batch shape (for timing without compilation).
 
     Returns:
-      ``fn(params, batch, key) -> GenerateOutput``.
+      ``fn(params, batch, key) -> GenerateOutput`` (the batch is placed on the plan's mesh).
     """
+    batch = prepare_batch(batch, model.vocab_size, plan)
     num_slots = config.slots_for(batch.tokens.shape[1])
     check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
-    compiled = _generate.lower(model, params, batch, key, config, num_slots).compile()
-    return lambda p, b, k: compiled(p, b, k)
+    compiled = _generate.lower(model, params, batch, key, config, num_slots, plan).compile()
+    return lambda p, b, k: compiled(p, prepare_batch(b, model.vocab_size, plan), k)

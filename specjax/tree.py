@@ -298,3 +298,75 @@ def positions(lengths: jax.Array, depth: jax.Array) -> jax.Array:
     if depth.ndim == 1:
         depth = depth[None, :]
     return lengths[:, None] + depth
+
+
+# Dynamic-tree selection (EAGLE-2 style reranking) ------------------------------------------------
+
+
+def select_top_nodes(scores: jax.Array, parents: jax.Array, budget: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keeps the ``budget`` best nodes of a pool of drafted nodes, as a BFS-ordered tree.
+
+    The pool is every node a drafter considered, in generation order: pool node ``m`` has a
+    parent ``parents[b, m]`` that is either ``-1`` (a child of the root, the pending token) or
+    an earlier pool node (``< m``), and a score such as its cumulative draft log-probability.
+
+    Selection ranks nodes by score, best first, ties broken by the lower pool index. Scores are
+    first made non-increasing along every path (``score[m] = min(score[m], score[parent])``,
+    which changes nothing for cumulative log-probabilities), so a parent always ranks before
+    its child and the selected set is ancestor-closed. Nodes with score ``-inf`` are invalid
+    (never chosen over a valid node; marked ``valid=False`` if the budget reaches them).
+
+    Args:
+      scores: ``float32[B, M]``.
+      parents: ``int32[B, M]`` pool parents (``-1`` = root, else ``< m``).
+      budget: ``N <= M`` nodes to keep (root excluded), static.
+
+    Returns:
+      ``(nodes int32[B, N], tree_parents int32[B, N + 1], valid bool[B, N + 1])``: output node
+      ``n >= 1`` is pool node ``nodes[b, n - 1]``; nodes are in BFS order (depth, then pool
+      index); ``tree_parents[:, 0] == -1`` and invalid nodes get parent -1; ``valid[:, 0]`` is
+      True (the root).
+
+    Raises:
+      ValueError: ``budget`` outside ``[1, M]``.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    parents = jnp.asarray(parents, jnp.int32)
+    batch, pool = scores.shape
+    if not 1 <= budget <= pool:
+        raise ValueError(f"the node budget {budget} must be in [1, {pool}] (the pool size): "
+                         "draft more candidates or lower the budget")
+    rows = jnp.arange(batch)
+
+    def monotone(m, carry):
+        eff, depth = carry
+        par = parents[:, m]
+        has_parent = (par >= 0) & (par < m)
+        p = jnp.clip(par, 0, pool - 1)
+        eff = eff.at[:, m].set(jnp.where(has_parent, jnp.minimum(eff[:, m], eff[rows, p]),
+                                         eff[:, m]))
+        depth = depth.at[:, m].set(jnp.where(has_parent, depth[rows, p] + 1, 1))
+        return eff, depth
+
+    eff, depth = jax.lax.fori_loop(0, pool, monotone,
+                                   (scores, jnp.ones((batch, pool), jnp.int32)))
+    # Best first, lower index among ties: stable sort of the negated scores.
+    order = jnp.argsort(-eff, axis=1, stable=True)[:, :budget]  # [B, N]
+    chosen_valid = jnp.take_along_axis(eff, order, 1) > -jnp.inf
+    chosen_depth = jnp.take_along_axis(depth, order, 1)
+    # BFS order: valid nodes first, then by depth, then by pool index.
+    key = (jnp.where(chosen_valid, 0, 1) * (pool + 1) + chosen_depth) * (pool + 1) + order
+    bfs = jnp.argsort(key, axis=1)
+    nodes = jnp.take_along_axis(order, bfs, 1).astype(jnp.int32)
+    valid = jnp.take_along_axis(chosen_valid, bfs, 1)
+    # Pool index -> output node index (0 = root / not selected).
+    new_index = jnp.zeros((batch, pool), jnp.int32).at[rows[:, None], nodes].set(
+        jnp.arange(1, budget + 1, dtype=jnp.int32)[None, :])
+    pool_par = jnp.take_along_axis(parents, nodes, 1)
+    par = jnp.where(pool_par >= 0,
+                    jnp.take_along_axis(new_index, jnp.clip(pool_par, 0, pool - 1), 1), 0)
+    par = jnp.where(valid, par, -1)
+    tree_parents = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), par], axis=1)
+    valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
+    return nodes, tree_parents, valid

@@ -1,0 +1,291 @@
+"""Batched serving: throughput and latency versus batch size, plain vs speculative decoding.
+
+  python -m experiments.benchmark_batch                     # batch 1..32, 64 new tokens
+  python -m experiments.benchmark_batch --batch_sizes=1,8 --max_new_tokens=16 \\
+      --methods=ar,prompt_lookup,prompt_lookup+adaptive --output_json=/tmp/batch.json
+
+Protocol: Spec-Bench dev prompts (first turn, chat template) of at most ``--max_prompt_len``
+tokens, taken round-robin over the task groups, so every batch mixes tasks; batch ``B`` holds
+the first ``B`` of them. Greedy, float32, one static batch per (method, B): every row decodes
+up to ``--max_new_tokens`` tokens (or EOS) and the batch returns when its last row is done.
+Each (method, B) is compiled ahead of time, warmed up with one untimed run (``--warmup``),
+then timed once from the call to the ready result (prefill included).
+
+Methods: any name of ``experiments.methods.METHODS`` with its default draft length, and
+``NAME+adaptive``: the batch-size cap of ``specjax.adaptive.max_draft_len_for_batch``
+(``B * (k + 1) <= --token_budget`` tokens per verification; a cap of 0 runs plain decoding,
+which is what a server should do there) plus the per-row acceptance policy of
+``AdaptiveDraftLength``. Every method's tokens are compared with ``ar``'s at the same batch size
+(a difference is a losslessness bug: reported, and exit status 1).
+
+Metrics per (method, B):
+  * ``tokens_per_s``: generated tokens of all rows / wall seconds (throughput);
+  * ``decode_tokens_per_s``: the same without the prefill: (tokens - B) / (wall - prefill_s),
+    with ``prefill_s`` timed once per B as plain decoding of one token (so the same for every
+    method; a draft model's own prefill stays in the decode part);
+  * ``latency_s``: mean per-sequence latency = the batch's wall time (static batching returns
+    every row together); ``ms_per_step``: wall / longest row (time per emitted position);
+  * ``tau`` (tokens per target forward per row, prefill counted), ``draft_len_mean`` (draft
+    tokens offered per row and round: what the adaptive length chose), ``speedup`` (tokens/s
+    over ``ar``'s at the same B).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import benchmark as bench
+from experiments import common, methods
+from experiments.spec_bench import encode_prompt, read_prompts
+
+FLAGS = flags.FLAGS
+ADAPTIVE_SUFFIX = "+adaptive"
+DEFAULT_METHODS = ["ar", "prompt_lookup", "prompt_lookup+adaptive", "draft_model",
+                   "draft_model+adaptive"]
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("prompts", bench.DEFAULT_PROMPTS, "Spec-Bench question file (jsonl).")
+    flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16", "32"], "Batch sizes to run.")
+    flags.DEFINE_list("methods", DEFAULT_METHODS, "Methods (ar always runs first); NAME"
+                      f"{ADAPTIVE_SUFFIX} = NAME with the batch-size cap and per-row adaptive "
+                      "draft length.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Most new tokens per row.", lower_bound=2)
+    flags.DEFINE_integer("max_prompt_len", 128, "Skip prompts longer than this many tokens "
+                         "(keeps the prefill from dominating the batch).", lower_bound=1)
+    flags.DEFINE_integer("token_budget", 16, "+adaptive: verified tokens per forward B*(k+1) "
+                         "the batch-size cap allows (specjax/adaptive.py).", lower_bound=1)
+    flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF directory or .gguf file.")
+    flags.DEFINE_bool("warmup", True, "One untimed run per (method, batch size) before timing.")
+    flags.DEFINE_string("output_json", None, "Write all results here (atomically).")
+    flags.DEFINE_string("output_md", None, "Write the Markdown table here (atomically).")
+    flags.DEFINE_bool("fail_on_mismatch", True, "Exit 1 when a method's tokens differ from ar's.")
+
+
+def _validate() -> tuple[list[int], list[str]]:
+    try:
+        sizes = sorted({int(b) for b in FLAGS.batch_sizes})
+    except ValueError:
+        raise common.UserError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
+    if not sizes or sizes[0] < 1:
+        raise common.UserError(f"--batch_sizes must be positive, got {FLAGS.batch_sizes}")
+    names = []
+    for m in FLAGS.methods:
+        base = m[:-len(ADAPTIVE_SUFFIX)] if m.endswith(ADAPTIVE_SUFFIX) else m
+        if base not in methods.METHODS or m == "ar" + ADAPTIVE_SUFFIX:
+            raise common.UserError(f"unknown --methods entry {m!r}; use a method of "
+                                   f"{', '.join(methods.METHODS)}, optionally with "
+                                   f"{ADAPTIVE_SUFFIX} (not ar)")
+        names.append(m)
+    return sizes, ["ar"] + [m for m in dict.fromkeys(names) if m != "ar"]
+
+
+def select_prompts(loaded, count: int) -> list:
+    """``count`` prompts of at most ``--max_prompt_len`` tokens, round-robin over task groups."""
+    pool = read_prompts(FLAGS.prompts, per_category=10_000)
+    by_group = collections.OrderedDict()
+    for p in pool:
+        p.ids = encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
+        if len(p.ids) <= FLAGS.max_prompt_len:
+            by_group.setdefault(p.group, collections.deque()).append(p)
+    chosen = []
+    while len(chosen) < count and any(by_group.values()):
+        for q in by_group.values():
+            if q and len(chosen) < count:
+                chosen.append(q.popleft())
+    if len(chosen) < count:
+        raise common.UserError(f"only {len(chosen)} prompts of at most {FLAGS.max_prompt_len} "
+                               f"tokens in {FLAGS.prompts}; the largest batch needs {count}: "
+                               "raise --max_prompt_len or lower --batch_sizes")
+    return chosen
+
+
+def _run_for(method: str, batch_size: int) -> tuple[methods.Run, int]:
+    """The :class:`methods.Run` of a method at a batch size, and its draft-length cap (-1: no
+    cap; 0: the adaptive variant runs plain decoding)."""
+    from specjax import adaptive, decode
+    adaptive_variant = method.endswith(ADAPTIVE_SUFFIX)
+    base = method[:-len(ADAPTIVE_SUFFIX)] if adaptive_variant else method
+    config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens)
+    if not adaptive_variant:
+        return methods.Run(method=base, model_name=FLAGS.model, config=config), -1
+    default = methods.METHODS[base].get("draft_len", 0)
+    if not default:
+        raise common.UserError(f"{method}: {base} has no draft length to adapt; use a chain "
+                               "method such as prompt_lookup, draft_model or layer_skip")
+    cap = adaptive.max_draft_len_for_batch(batch_size, default, FLAGS.token_budget)
+    if cap == 0:
+        return methods.Run(method="ar", model_name=FLAGS.model, config=config), 0
+    # The inner drafter is built with the cap as its length (a draft model then drafts only k
+    # tokens), and the wrapper adapts each row's length below it.
+    return methods.Run(method=base, model_name=FLAGS.model, config=config, draft_len=cap,
+                       adaptive_draft="acceptance"), cap
+
+
+def time_one(run: methods.Run, loaded, prompts, warmup: bool) -> dict:
+    """Compiles, warms up and times one static batch; returns its record."""
+    import jax
+    from specjax import decode, speculative
+    from specjax.prompts import make_prompt_batch
+    config = run.config_for(loaded)
+    batch = make_prompt_batch([p.ids for p in prompts], vocab_size=loaded.model.vocab_size)
+    key = jax.random.key(0)
+    drafter, dparams = run.drafter(loaded)
+    t0 = time.perf_counter()
+    if drafter is None:
+        fn = decode.compile_generate(loaded.model, loaded.params, batch, config, key)
+        call = lambda: fn(loaded.params, batch, key)  # noqa: E731
+    else:
+        fn, batch = speculative.compile_speculative_generate(
+            loaded.model, loaded.params, drafter, dparams, batch, config, run.spec, key)
+        call = lambda: fn(loaded.params, dparams, batch, key)  # noqa: E731
+    compile_s = time.perf_counter() - t0
+    if warmup:
+        jax.block_until_ready(call())
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(call())
+    wall = time.perf_counter() - t0
+    lengths = np.asarray(out.lengths)
+    tokens = np.asarray(out.tokens)
+    rows = [tokens[i, :lengths[i]].tolist() for i in range(len(prompts))]
+    rec = {"wall_s": wall, "compile_s": compile_s, "new_tokens": int(lengths.sum()),
+           "longest": int(lengths.max()), "generated_ids": rows}
+    stats = out.stats
+    if drafter is None:
+        rec["row_calls"] = int(stats.target_calls) * len(prompts)
+    else:
+        rec |= {"row_calls": int(stats.row_calls), "rounds": int(stats.row_rounds),
+                "drafted": int(stats.drafted), "accepted": int(stats.accepted)}
+    return rec
+
+
+def prefill_seconds(loaded, prompts, warmup: bool) -> float:
+    """Wall time of the prefill alone: plain decoding of one token for this batch."""
+    from specjax import decode
+    run = methods.Run(method="ar", model_name=FLAGS.model,
+                      config=decode.DecodeConfig(max_new_tokens=1))
+    return time_one(run, loaded, prompts, warmup)["wall_s"]
+
+
+def metrics(rec: dict, batch_size: int, prefill_s: float) -> dict:
+    new, wall = rec["new_tokens"], rec["wall_s"]
+    decode_s = wall - prefill_s
+    out = {"batch_size": batch_size, "new_tokens": new, "wall_s": wall,
+           "compile_s": rec["compile_s"], "tokens_per_s": new / wall,
+           "decode_tokens_per_s": (new - batch_size) / decode_s if decode_s > 0 else None,
+           "latency_s": wall, "ms_per_step": 1000 * wall / max(1, rec["longest"]),
+           "tau": new / max(1, rec["row_calls"]), "prefill_s": prefill_s}
+    if "rounds" in rec:
+        out |= {"draft_len_mean": rec["drafted"] / max(1, rec["rounds"]),
+                "acceptance_rate": rec["accepted"] / max(1, rec["drafted"])}
+    return out
+
+
+def _f(x, digits=2, suffix=""):
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def markdown(result: dict) -> str:
+    cfg, env = result["config"], result["environment"]
+    out = [f"# specjax batched serving: {cfg['model']}", "",
+           f"Static batches of Spec-Bench dev prompts (<= {cfg['max_prompt_len']} tokens, task "
+           f"groups round-robin), greedy, float32, max_new_tokens={cfg['max_new_tokens']}, "
+           f"{env['cpu_cores']} CPU cores, load average {env['load_average'][0]:.1f} at the start"
+           f", {env['load_average_end'][0]:.1f} at the end. tok/s = generated tokens of the whole "
+           "batch / wall (prefill included); decode tok/s excludes the prefill; latency = the "
+           "batch's wall time (every row returns with it); speedup = tok/s over ar's at the same "
+           "batch size; k = draft tokens offered per row and round.", ""]
+    if result["mismatches"]:
+        out += [f"**LOSSLESSNESS FAILURES: {len(result['mismatches'])}:** "
+                + ", ".join(f"{m['method']} B={m['batch_size']} row {m['row']}"
+                            for m in result["mismatches"]), ""]
+    rows = []
+    for name, per_b in result["methods"].items():
+        for b, m in per_b.items():
+            rows.append([name + ("" if m.get("cap", -1) != 0 else " (cap 0: plain)"), b,
+                         _f(m["tokens_per_s"], 1), _f(m["decode_tokens_per_s"], 1),
+                         _f(m.get("speedup"), 2, "x"), _f(m["latency_s"], 1),
+                         _f(m["ms_per_step"], 0), _f(m["tau"]), _f(m.get("draft_len_mean")),
+                         m.get("matches_ar", "-")])
+    out += [bench.md_table(["method", "B", "tok/s", "decode tok/s", "speedup", "latency s",
+                            "ms/step", "tau", "k", "same as ar"], rows), "",
+            f"Command: `{result['command']}`", ""]
+    return "\n".join(out)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    t_start = time.perf_counter()
+    with common.user_errors():
+        env = bench._environment()
+        sizes, names = _validate()
+        for m in names:  # flag errors (unknown adaptive bases) before the model load
+            _run_for(m, sizes[0])
+        loaded = bench.load_model(FLAGS.model, True)
+        prompts = select_prompts(loaded, max(sizes))
+        print(f"benchmark_batch: {len(prompts)} prompts ({min(len(p.ids) for p in prompts)}.."
+              f"{max(len(p.ids) for p in prompts)} tokens), batch sizes {sizes}, methods "
+              f"{', '.join(names)}, {FLAGS.max_new_tokens} new tokens", file=sys.stderr)
+        results = {m: {} for m in names}
+        mismatches = []
+        for b in sizes:
+            batch_prompts = prompts[:b]
+            pre = prefill_seconds(loaded, batch_prompts, FLAGS.warmup)
+            ar_rec = ref = ar_tps = None
+            for m in names:
+                run, cap = _run_for(m, b)
+                if cap == 0:  # the adaptive variant is plain decoding here: ar's own run
+                    rec = ar_rec
+                else:
+                    rec = time_one(run, loaded, batch_prompts, FLAGS.warmup)
+                res = metrics(rec, b, pre)
+                if m == "ar":
+                    ar_rec, ref, ar_tps = rec, rec["generated_ids"], res["tokens_per_s"]
+                else:
+                    bad = [i for i, (x, y) in enumerate(zip(ref, rec["generated_ids"])) if x != y]
+                    res["matches_ar"] = f"{b - len(bad)}/{b}"
+                    res["speedup"] = res["tokens_per_s"] / ar_tps
+                    mismatches += [{"method": m, "batch_size": b, "row": i} for i in bad]
+                    for i in bad:
+                        print(f"LOSSLESSNESS BUG: {m} at batch {b} row {i} differs from ar",
+                              file=sys.stderr)
+                if cap >= 0:
+                    res["cap"] = cap
+                results[m][b] = res
+                print(f"  B={b:>2} {m:<24} {res['tokens_per_s']:7.1f} tok/s  "
+                      f"tau {res['tau']:.2f}  wall {res['wall_s']:6.1f}s  compile "
+                      f"{res['compile_s']:5.1f}s", file=sys.stderr)
+        result = {
+            "config": {"model": FLAGS.model, "prompts": FLAGS.prompts, "batch_sizes": sizes,
+                       "methods": names, "max_new_tokens": FLAGS.max_new_tokens,
+                       "max_prompt_len": FLAGS.max_prompt_len,
+                       "token_budget": FLAGS.token_budget, "warmup": FLAGS.warmup},
+            "command": " ".join(["python -m experiments.benchmark_batch"] + sys.argv[1:]),
+            "environment": env | {"load_average_end": [round(x, 2) for x in os.getloadavg()]},
+            "prompts": [{"question_id": p.question_id, "group": p.group,
+                         "prompt_len": len(p.ids)} for p in prompts],
+            "methods": results, "mismatches": mismatches,
+            "total_s": time.perf_counter() - t_start}
+        md = markdown(result)
+        print(md)
+        if FLAGS.output_json:
+            common.write_json_atomic(FLAGS.output_json, result)
+        if FLAGS.output_md:
+            bench.write_text_atomic(FLAGS.output_md, md)
+        if mismatches and FLAGS.fail_on_mismatch:
+            print(f"error: {len(mismatches)} row(s) differ from ar: a bug", file=sys.stderr)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
