@@ -301,15 +301,17 @@ class EagleDrafter:
     # Drafter contract --------------------------------------------------------------------------
 
     def init(self, params, ctx, prompt_tokens, prompt_lengths):
-        """Prefills the draft cache with the prompt's pairs. The target's prompt features are
-        recomputed here (one extra prompt forward, logits of one position only): the loop's
-        ``init`` receives only the last one."""
+        """Prefills the draft cache with the prompt's pairs ``(f_s, x_{s+1})``, the features
+        being the prefill's (``ctx.prompt_hidden``; recomputed by one extra prompt forward
+        when a caller gives none)."""
         b, p = prompt_tokens.shape
-        tcache = self.target.init_cache(b, p)
         pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        hidden = self.target.forward(ctx.target_params, prompt_tokens, pos, tcache,
-                                     masks.causal_mask(tcache.lengths, p, p),
-                                     logits_at=jnp.zeros((b, 1), jnp.int32)).hidden
+        hidden = ctx.prompt_hidden
+        if hidden is None:
+            tcache = self.target.init_cache(b, p)
+            hidden = self.target.forward(ctx.target_params, prompt_tokens, pos, tcache,
+                                         masks.causal_mask(tcache.lengths, p, p),
+                                         logits_at=jnp.zeros((b, 1), jnp.int32)).hidden
         nxt = ctx.history[:, 1:p + 1]  # x_{s+1}; the pending token sits at prompt_lengths
         c = self.target.config
         cache = KVCache.init(1, b, c.num_kv_heads, ctx.cache.num_slots + self.pool_size + 1,

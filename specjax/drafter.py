@@ -67,6 +67,9 @@ class DraftContext:
       pending_hidden: [B, E] the target's final hidden state at the node that produced
         ``pending`` (draft heads read it).
       done: bool[B] rows that have finished (their proposals are ignored).
+      prompt_hidden: [B, P, E] the target's final hidden states at every prompt position (the
+        prefill's), given to ``init`` only (None in ``propose`` / ``commit``): feature-based
+        drafters build their state from it without a second prompt forward.
     """
 
     target_params: Any
@@ -76,6 +79,7 @@ class DraftContext:
     pending: jax.Array
     pending_hidden: jax.Array
     done: jax.Array
+    prompt_hidden: Optional[jax.Array] = None
 
 
 @struct.dataclass

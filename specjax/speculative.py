@@ -159,7 +159,8 @@ def _start(target, tparams, drafter, dparams, batch: PromptBatch, key, config: D
                       out_len=jnp.ones((b,), jnp.int32),
                       done=is_eos(first, config.eos_ids) | (n <= 1), key=key, stats=stats)
     state = _constrain(state, plan)
-    dstate = drafter.init(dparams, _context(state, tparams), batch.tokens, batch.lengths)
+    ctx = _context(state, tparams).replace(prompt_hidden=out.hidden)
+    dstate = drafter.init(dparams, ctx, batch.tokens, batch.lengths)
     return state.replace(drafter_state=dstate)
 
 
