@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import tinymodels as kit
 from specjax import accept
 from specjax.sampling import GREEDY, SamplingConfig, processed_probs, sample
 from specjax.tree import DraftTree
-from test_tree import random_parents
 
 WALK = jax.jit(accept.rejection_walk, static_argnames="mode")
 TREE2 = (-1, 0, 0, 1, 1, 2)  # depth-2 tree: two root children, two + one grandchildren
@@ -349,7 +349,7 @@ def check_against_reference(result, tokens, parents, valid, logits):
 def test_greedy_matches_reference_on_random_dynamic_trees():
     rng = np.random.default_rng(0)
     batch, num_nodes, vocab = 24, 12, 5
-    parents = np.stack([random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
+    parents = np.stack([kit.random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
     logits = rng.normal(size=(batch, num_nodes, vocab)).astype(np.float32)
     tokens = np.stack([matching_tokens(rng, parents[b], logits[b], 0.7)
                        for b in range(batch)]).astype(np.int32)
@@ -381,7 +381,7 @@ def test_greedy_static_tree_and_duplicate_siblings():
 def test_sampling_rules_are_exact_greedy_at_temperature_zero(rule):
     rng = np.random.default_rng(2)
     batch, num_nodes, vocab = 32, 10, 6
-    parents = np.stack([random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
+    parents = np.stack([kit.random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
     logits = rng.normal(size=(batch, num_nodes, vocab)).astype(np.float32)
     tokens = np.stack([matching_tokens(rng, parents[b], logits[b], 0.7, distinct_siblings=True)
                        for b in range(batch)]).astype(np.int32)
@@ -406,7 +406,7 @@ def test_sampling_rules_are_exact_greedy_at_temperature_zero(rule):
 def test_padding_nodes_are_ignored():
     """A tree with interleaved padding nodes walks exactly like its compact version."""
     rng = np.random.default_rng(4)
-    compact = DraftTree(random_parents(rng, 8))
+    compact = DraftTree(kit.random_parents(rng, 8))
     vocab, batch = 5, 64
     keep = np.array([0, 1, 2, 4, 5, 6, 8, 9], int)  # compact node i sits at padded slot keep[i]
     padded_parents = np.full(10, -1, np.int32)
@@ -586,7 +586,7 @@ def test_typical_acceptance_matches_reference():
     rng = np.random.default_rng(6)
     batch, num_nodes, vocab = 16, 10, 4
     cfg = SamplingConfig(temperature=1.0)
-    parents = np.stack([random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
+    parents = np.stack([kit.random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
     logits = (2.0 * rng.normal(size=(batch, num_nodes, vocab))).astype(np.float32)
     tokens = np.stack([matching_tokens(rng, parents[b], logits[b], 0.6)
                        for b in range(batch)]).astype(np.int32)

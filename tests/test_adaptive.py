@@ -18,8 +18,7 @@ from specjax.drafter import CommitInfo, Proposal
 from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
 from specjax.speculative import SpecConfig, _round_jit, _start_jit, speculative_generate
-from test_speculative import (SEQ_VOCAB, _chi_square_pvalue, _exact_joint, _model,
-                              _sample_sequences)
+from sequence_kit import chi_square_pvalue, exact_joint, sample_sequences, seq_model
 from tinymodels import tiny_model
 
 PROMPTS = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12, 13, 9, 10, 11, 12, 13, 9],
@@ -184,13 +183,13 @@ def test_sequence_distribution_is_exact():
     # tokens is the target's. (Deterministic drafts on narrow widths: plain prompt lookup's
     # sequence-level test in test_speculative.py.)
     sampling = SamplingConfig(temperature=1.0)
-    model, params = _model(vocab=SEQ_VOCAB, layers=2, seed=3)
-    other, other_params = _model(vocab=SEQ_VOCAB, layers=1, seed=11)
+    model, params = seq_model()
+    other, other_params = seq_model(layers=1, seed=11)
     drafter = AdaptiveDraftLength(DraftModelDrafter(other, 3, sampling), max_draft_len=2)
-    seqs, joint = _exact_joint(model, params, sampling)
-    counts, total = _sample_sequences(model, params, drafter, other_params, sampling,
+    seqs, joint = exact_joint(model, params, sampling)
+    counts, total = sample_sequences(model, params, drafter, other_params, sampling,
                                       SpecConfig())
-    assert _chi_square_pvalue(seqs, joint, counts, total) > 1e-3
+    assert chi_square_pvalue(seqs, joint, counts, total) > 1e-3
 
 
 def test_batch_cap_and_bad_input():

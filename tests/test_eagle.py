@@ -20,7 +20,7 @@ from specjax.sampling import SamplingConfig
 from specjax.speculative import SpecConfig, _round_jit, _start_jit, speculative_generate
 from specjax.prompts import make_prompt_batch
 from specjax.tree import select_top_nodes
-from test_speculative import _chi_square_pvalue, _exact_joint, _model, _sample_sequences
+from sequence_kit import chi_square_pvalue, exact_joint, sample_sequences, seq_model
 
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 SMALL_DYNAMIC = dict(tree="dynamic", top_k=3, depth=3, budget=6)
@@ -159,15 +159,15 @@ def test_draft_cache_holds_true_features_after_every_round(target, reference, tr
 @pytest.mark.parametrize("tree", ["static", "dynamic"])
 def test_sequence_distribution_is_exact(tree):
     sampling = SamplingConfig(temperature=0.8, top_k=5)
-    model, params = _model(vocab=8, layers=2, seed=3)
+    model, params = seq_model()
     kwargs = dict(tree="dynamic", top_k=2, depth=2, budget=4) if tree == "dynamic" else dict(
         choices=[(0,), (1,), (0, 0), (1, 0)])
     drafter = EagleDrafter.create(model, **kwargs)
     dparams = random_params(drafter, seed=5)
-    seqs, joint = _exact_joint(model, params, sampling)
-    counts, total = _sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
+    seqs, joint = exact_joint(model, params, sampling)
+    counts, total = sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
                                       rows=2048, rounds=3)
-    assert _chi_square_pvalue(seqs, joint, counts, total) > 1e-3 / 2
+    assert chi_square_pvalue(seqs, joint, counts, total) > 1e-3 / 2
 
 
 # Dynamic tree selection ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from specjax.drafter import DraftContext
 from specjax.sampling import SamplingConfig
 from specjax.speculative import SpecConfig, speculative_generate
 from specjax.tree import DraftTree
-from test_speculative import _chi_square_pvalue, _exact_joint, _model, _sample_sequences
+from sequence_kit import chi_square_pvalue, exact_joint, sample_sequences, seq_model
 
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 CLASSES = {"blockwise": BlockwiseDrafter, "medusa": MedusaDrafter, "hydra": HydraDrafter}
@@ -152,13 +152,13 @@ def test_untrained_heads_start_from_the_lm_head(target):
 
 def test_hydra_sequence_distribution_is_exact():
     sampling = SamplingConfig(temperature=0.8, top_k=5)
-    model, params = _model(vocab=8, layers=2, seed=3)
+    model, params = seq_model()
     drafter = HydraDrafter.create(model, num_heads=2, choices=[(0,), (1,), (0, 0), (1, 0)])
     dparams = _random_params(drafter, scale=1.0)
-    seqs, joint = _exact_joint(model, params, sampling)
-    counts, total = _sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
+    seqs, joint = exact_joint(model, params, sampling)
+    counts, total = sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
                                       rows=2048, rounds=3)
-    assert _chi_square_pvalue(seqs, joint, counts, total) > 1e-3
+    assert chi_square_pvalue(seqs, joint, counts, total) > 1e-3
 
 
 # Bad input -----------------------------------------------------------------------------------

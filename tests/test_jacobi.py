@@ -3,19 +3,15 @@ every init policy and window (ragged batches and single rows), the rounds are ex
 Python Jacobi iteration, and SJD's sampled sequences have exactly the target's joint
 distribution (chi-square against the enumerated joint)."""
 
-import itertools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats as sps
 
 import tinymodels as kit
 from drafters import jacobi
-from specjax import masks
+from sequence_kit import SEQ_LEN, SEQ_VOCAB, chi_square_pvalue, counts_of, exact_joint
 from specjax.decode import DecodeConfig, generate
-from specjax.sampling import SamplingConfig, processed_probs
+from specjax.sampling import SamplingConfig
 from specjax.speculative import speculative_generate, speculative_stream
 
 VOCAB = 24
@@ -110,39 +106,13 @@ def test_configuration_errors(target):
 
 # SJD: the joint distribution of 3 sampled tokens on a vocabulary of 8 ------------------------
 
-SEQ_VOCAB, SEQ_LEN, SEQ_PROMPT, SEQ_ROWS, SEQ_SLOTS = 8, 3, [3, 1, 4, 1], 12288, 32
+SEQ_PROMPT, SEQ_ROWS, SEQ_SLOTS = [3, 1, 4, 1], 12288, 32
 
 
 @pytest.fixture(scope="module")
 def small_target():
     return kit.tiny_model("llama", vocab_size=SEQ_VOCAB, hidden_size=32, intermediate_size=64,
                           num_layers=2, num_kv_heads=1, seed=3)
-
-
-def _exact_joint(model, params, sampling, prompt=SEQ_PROMPT):
-    seqs = np.array(list(itertools.product(range(SEQ_VOCAB), repeat=SEQ_LEN)), np.int32)
-    full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1)
-    probs = np.asarray(processed_probs(kit.full_forward(model, params, full).logits, sampling))
-    p0 = len(prompt)
-    joint = np.ones(len(seqs))
-    for i in range(SEQ_LEN):
-        joint *= probs[np.arange(len(seqs)), p0 - 1 + i, seqs[:, i]]
-    return seqs, joint
-
-
-def chi_square_pvalue(seqs, joint, tokens):
-    index = {tuple(s): i for i, s in enumerate(seqs.tolist())}
-    observed = np.zeros(len(seqs))
-    for row in tokens.tolist():
-        observed[index[tuple(row)]] += 1
-    assert observed[joint == 0].sum() == 0, "sampled a sequence the target gives probability 0"
-    expected = joint * len(tokens)
-    keep = expected >= 5
-    obs = np.append(observed[keep], observed[~keep].sum())
-    exp = np.append(expected[keep], expected[~keep].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
 SJD_CASES = [("random", SamplingConfig(temperature=1.0)),
@@ -159,6 +129,6 @@ def test_sjd_sequence_distribution_is_exact(small_target, init, sampling):
     assert (np.asarray(out.lengths) == SEQ_LEN).all()
     # Refined guesses must actually be used and accepted, or the test has no power.
     assert int(out.stats.accepted) > SEQ_ROWS // 10
-    seqs, joint = _exact_joint(model, params, sampling)
+    seqs, joint = exact_joint(model, params, sampling, SEQ_PROMPT)
     # 2 cases here + 1 in test_lookahead.py: Bonferroni-corrected 1e-3 family-wise threshold.
-    assert chi_square_pvalue(seqs, joint, np.asarray(out.tokens)) > 1e-3 / 3
+    assert chi_square_pvalue(seqs, joint, counts_of(out.tokens), SEQ_ROWS) > 1e-3 / 3

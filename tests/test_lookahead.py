@@ -26,10 +26,10 @@ from specjax.drafter import DraftContext
 from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
 from specjax.speculative import SpecConfig, _round_jit, _start_jit, speculative_generate
-from test_jacobi import SEQ_LEN, SEQ_PROMPT, SEQ_ROWS, SEQ_SLOTS, _exact_joint, chi_square_pvalue
-from test_ngram_pool import RefPool
+from sequence_kit import SEQ_LEN, chi_square_pvalue, counts_of, exact_joint
 
 VOCAB = 24
+SEQ_ROWS, SEQ_SLOTS = 12288, 32  # sampled rows and cache slots of the distribution test
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 CONFIG = DecodeConfig(max_new_tokens=24, eos_ids=(13,))
 
@@ -117,7 +117,7 @@ def _random_case(rng, w, n, g, batch):
     pool = ngram_pool.insert(pool, jnp.asarray(arr), jnp.asarray(mask))
     refs = []
     for b, row in enumerate(grams):
-        ref = RefPool(VOCAB, max(g, 1) + 1)
+        ref = kit.RefPool(VOCAB, max(g, 1) + 1)
         for gram in row:
             ref.insert(list(map(int, gram)))
         refs.append(ref)
@@ -219,7 +219,7 @@ class SlowLookahead:
         self.w, self.n, self.g, self.history_ngrams = w, n, g, history_ngrams
         self.seq, self.prompt_len = list(prompt) + [first], len(prompt)
         self.levels, self.fill = [list(x) for x in levels], 1
-        self.pool = RefPool(VOCAB, cap)
+        self.pool = kit.RefPool(VOCAB, cap)
         if history_ngrams:
             for s in range(len(self.seq) - n + 1):
                 self.pool.insert(self.seq[s:s + n])
@@ -364,6 +364,6 @@ def test_sampled_sequence_distribution_is_exact():
                                key=jax.random.key(5))
     assert (np.asarray(out.lengths) == SEQ_LEN).all()
     assert int(out.stats.accepted) > SEQ_ROWS // 4
-    seqs, joint = _exact_joint(model, params, sampling, prompt)
+    seqs, joint = exact_joint(model, params, sampling, prompt)
     # Bonferroni over the 3 distribution tests (2 in test_jacobi.py).
-    assert chi_square_pvalue(seqs, joint, np.asarray(out.tokens)) > 1e-3 / 3
+    assert chi_square_pvalue(seqs, joint, counts_of(out.tokens), SEQ_ROWS) > 1e-3 / 3

@@ -6,28 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tinymodels as kit
 from drafters import ngram_pool
-
-
-class RefPool:
-    """One row's pool as Python lists: bucket -> [(first, rest)] oldest first."""
-
-    def __init__(self, num_keys, capacity):
-        self.num_keys, self.capacity = num_keys, capacity
-        self.buckets = {}
-
-    def insert(self, gram):
-        first, rest = gram[0], tuple(gram[1:])
-        bucket = self.buckets.setdefault(first % self.num_keys, [])
-        if (first, rest) in bucket:
-            bucket.remove((first, rest))
-        elif len(bucket) == self.capacity:
-            bucket.pop(0)
-        bucket.append((first, rest))
-
-    def lookup(self, first, count):
-        bucket = self.buckets.get(first % self.num_keys, [])
-        return [rest for f, rest in reversed(bucket) if f == first][:count]
 
 
 def _check_same(pool, refs, vocab, count):
@@ -64,7 +44,7 @@ def test_random_streams_match_reference(vocab, num_keys, capacity, n):
     rng = np.random.default_rng(vocab * 100 + capacity)
     batch, per_step, steps = 3, 4, 25
     pool = ngram_pool.empty(batch, num_keys, capacity, n)
-    refs = [RefPool(num_keys, capacity) for _ in range(batch)]
+    refs = [kit.RefPool(num_keys, capacity) for _ in range(batch)]
     for step in range(steps):
         # Small alphabet per step so duplicates (refresh) and evictions both happen often.
         grams = rng.integers(0, vocab, (batch, per_step, n))
@@ -86,7 +66,7 @@ def test_insert_sequence_and_empty_lookup():
     tokens = jnp.array([[1, 2, 3, 1, 2, 4, 1, 2, 3, 0], [5, 5, 5, 5, 6, 0, 0, 0, 0, 0]], jnp.int32)
     pool = ngram_pool.insert_sequence(pool, tokens, jnp.array([0, 1], jnp.int32),
                                       jnp.array([9, 5], jnp.int32))
-    refs = [RefPool(7, 2), RefPool(7, 2)]
+    refs = [kit.RefPool(7, 2), kit.RefPool(7, 2)]
     for gram in ([1, 2, 3], [2, 3, 1], [3, 1, 2], [1, 2, 4], [2, 4, 1], [4, 1, 2], [1, 2, 3]):
         refs[0].insert(gram)
     for gram in ([5, 5, 5], [5, 5, 6]):  # start=1: the n-gram at 0 is skipped

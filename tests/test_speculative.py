@@ -1,24 +1,22 @@
 """The speculative loop is lossless: greedy output equals plain decoding token for token, the
 sampled output has exactly the target's joint distribution, and the cache stays consistent."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats as sps
 
 from drafters.draft_model import DraftModelDrafter, from_target_layers
 from drafters.layer_skip import LayerSkipDrafter
 from drafters.prompt_lookup import PromptLookupDrafter
 from drafters.scripted import ScriptedDrafter
-from models.llama import LlamaConfig, LlamaModel
+from sequence_kit import (SEQ_VOCAB, chi_square_pvalue, exact_joint, sample_sequences,
+                          seq_model)
 from specjax import masks
 from specjax.cache import CacheCapacityError
 from specjax.decode import DecodeConfig, generate
 from specjax.prompts import make_prompt_batch
-from specjax.sampling import SamplingConfig, processed_probs
+from specjax.sampling import SamplingConfig
 from specjax.speculative import (SpecConfig, _round_jit, _start_jit, speculative_generate,
                                  speculative_stream)
 
@@ -27,10 +25,7 @@ PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 
 
 def _model(vocab=VOCAB, layers=3, seed=0, **kw):
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=layers,
-                      num_heads=4, num_kv_heads=2, **kw)
-    model = LlamaModel(cfg)
-    return model, model.init(jax.random.key(seed))
+    return seq_model(vocab=vocab, layers=layers, seed=seed, **kw)  # spread-out distributions
 
 
 @pytest.fixture(scope="module")
@@ -161,77 +156,33 @@ def test_bad_input(target):
 
 # Sequence level: the joint distribution of 3 sampled tokens on a vocabulary of 8 -------------
 
-SEQ_VOCAB, SEQ_LEN, SEQ_PROMPT = 8, 3, [3, 1, 4]
-
-
-def _exact_joint(model, params, sampling):
-    seqs = np.array(list(itertools.product(range(SEQ_VOCAB), repeat=SEQ_LEN)), np.int32)
-    full = np.concatenate([np.tile(SEQ_PROMPT, (len(seqs), 1)), seqs], axis=1)
-    n, t = full.shape
-    cache = model.init_cache(n, t)
-    out = model.forward(params, jnp.asarray(full), jnp.broadcast_to(jnp.arange(t), (n, t)),
-                        cache, masks.causal_mask(cache.lengths, t, t))
-    probs = np.asarray(processed_probs(out.logits, sampling))  # [n, t, V]
-    p0 = len(SEQ_PROMPT)
-    joint = np.ones(len(seqs))
-    for i in range(SEQ_LEN):
-        joint *= probs[np.arange(n), p0 - 1 + i, seqs[:, i]]
-    return seqs, joint
-
-
-def _sample_sequences(model, params, drafter, dparams, sampling, spec, rows=4096, rounds=3):
-    config = DecodeConfig(max_new_tokens=SEQ_LEN, sampling=sampling)
-    counts = {}
-    for r in range(rounds):
-        out = speculative_generate(model, params, drafter, dparams, [SEQ_PROMPT] * rows, config,
-                                   spec, key=jax.random.key(100 + r))
-        toks = np.asarray(out.tokens)
-        assert (np.asarray(out.lengths) == SEQ_LEN).all()
-        for row in map(tuple, toks):
-            counts[row] = counts.get(row, 0) + 1
-    return counts, rows * rounds
-
-
-def _chi_square_pvalue(seqs, joint, counts, total):
-    expected = joint * total
-    observed = np.array([counts.get(tuple(s), 0) for s in seqs], float)
-    assert observed.sum() == total
-    assert observed[joint == 0].sum() == 0, "sampled a sequence the target gives probability 0"
-    keep = expected >= 5
-    obs = np.append(observed[keep], observed[~keep].sum())
-    exp = np.append(expected[keep], expected[~keep].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
-
-
 SEQ_SAMPLINGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.8, top_k=5)]
 
 
 @pytest.mark.parametrize("sampling", SEQ_SAMPLINGS, ids=["t1", "t0.8_top5"])
 @pytest.mark.parametrize("name", ["draft_model", "layer_skip", "prompt_lookup_tree", "random"])
 def test_sequence_distribution_is_exact(name, sampling):
-    model, params = _model(vocab=SEQ_VOCAB, layers=2, seed=3)
-    other, other_params = _model(vocab=SEQ_VOCAB, layers=1, seed=11)
+    model, params = seq_model()
+    other, other_params = seq_model(layers=1, seed=11)
     drafter, dparams = {
         "draft_model": (DraftModelDrafter(other, 2, sampling), other_params),
         "layer_skip": (LayerSkipDrafter(model, (1,), 2, sampling), None),
         "prompt_lookup_tree": (PromptLookupDrafter(draft_len=2, num_branches=2, min_ngram=1), None),
         "random": (ScriptedDrafter("random", 2, SEQ_VOCAB), jnp.zeros((4096, 16), jnp.int32)),
     }[name]
-    seqs, joint = _exact_joint(model, params, sampling)
-    counts, total = _sample_sequences(model, params, drafter, dparams, sampling, SpecConfig())
+    seqs, joint = exact_joint(model, params, sampling)
+    counts, total = sample_sequences(model, params, drafter, dparams, sampling, SpecConfig())
     # 16 tests in this file's matrix: Bonferroni-corrected 1e-3 family-wise threshold.
-    assert _chi_square_pvalue(seqs, joint, counts, total) > 1e-3 / 16
+    assert chi_square_pvalue(seqs, joint, counts, total) > 1e-3 / 16
 
 
 def test_typical_acceptance_is_lossy_and_named_so():
     sampling = SamplingConfig(temperature=1.0)
-    model, params = _model(vocab=SEQ_VOCAB, layers=2, seed=3)
+    model, params = seq_model()
     drafter = ScriptedDrafter("random", 2, SEQ_VOCAB)
-    seqs, joint = _exact_joint(model, params, sampling)
+    seqs, joint = exact_joint(model, params, sampling)
     # A permissive threshold accepts almost any drafted token: far from the target distribution.
     spec = SpecConfig(acceptance="typical_lossy", typical_epsilon=0.01, typical_delta=0.01)
-    counts, total = _sample_sequences(model, params, drafter, jnp.zeros((4096, 16), jnp.int32),
+    counts, total = sample_sequences(model, params, drafter, jnp.zeros((4096, 16), jnp.int32),
                                       sampling, spec)
-    assert _chi_square_pvalue(seqs, joint, counts, total) < 1e-6
+    assert chi_square_pvalue(seqs, joint, counts, total) < 1e-6

@@ -5,19 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tinymodels as kit
 from specjax import tree as tree_lib
 from specjax.tree import DraftTree
-
-
-def random_parents(rng, num_nodes):
-    """A random valid BFS-ordered parent list (depth non-decreasing with the index)."""
-    parents, depth = [-1], [0]
-    for n in range(1, num_nodes):
-        allowed = [m for m in range(n) if depth[m] + 1 >= depth[n - 1]]
-        p = int(rng.choice(allowed))
-        parents.append(p)
-        depth.append(depth[p] + 1)
-    return parents
 
 
 def slow_visibility(parents, valid):
@@ -140,7 +130,7 @@ def test_budget_and_bad_chain():
 def test_dynamic_helpers_match_static_tables():
     rng = np.random.default_rng(0)
     num_nodes, batch = 11, 16
-    trees = [DraftTree(random_parents(rng, num_nodes)) for _ in range(batch)]
+    trees = [DraftTree(kit.random_parents(rng, num_nodes)) for _ in range(batch)]
     assert len({t.parents for t in trees}) > 8  # really different rows
     parents = np.stack([np.asarray(t.parents) for t in trees]).astype(np.int32)
     depth = jax.jit(tree_lib.depths_from_parents)(parents)
@@ -155,7 +145,7 @@ def test_dynamic_helpers_match_static_tables():
 def test_visibility_with_padding_matches_reference():
     rng = np.random.default_rng(1)
     num_nodes, batch = 10, 12
-    parents = np.stack([random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
+    parents = np.stack([kit.random_parents(rng, num_nodes) for _ in range(batch)]).astype(np.int32)
     valid = rng.random((batch, num_nodes)) < 0.7
     valid[:, 0] = True
     valid[0] = True

@@ -11,6 +11,10 @@ because it imports the concrete model ``models.llama``, which ``specjax`` itself
   causal attention, Hugging Face conventions), the oracle for the model's math.
 * :func:`greedy_reference` is naive greedy decoding: a full forward over the whole sequence at
   every step.
+* :func:`random_parents` draws random BFS-ordered trees; :class:`RefPool` is a plain-Python
+  n-gram pool (the reference of ``drafters/ngram_pool.py``).
+
+Sequence-level distribution tests use ``sequence_kit.py``.
 """
 
 from __future__ import annotations
@@ -216,3 +220,38 @@ def reference_forward(model: LlamaModel, params, tokens, start_position: int = 0
     hidden = rms(x, p["final_norm"])
     head = p["embedder"]["embedding"].T if c.tie_embeddings else p["lm_head"]
     return {"logits": hidden @ head, "hidden": hidden, "residuals": np.stack(residuals)}
+
+
+# References for drafter data structures ---------------------------------------------------
+
+
+def random_parents(rng, num_nodes):
+    """A random valid BFS-ordered parent list (depth non-decreasing with the index)."""
+    parents, depth = [-1], [0]
+    for n in range(1, num_nodes):
+        allowed = [m for m in range(n) if depth[m] + 1 >= depth[n - 1]]
+        p = int(rng.choice(allowed))
+        parents.append(p)
+        depth.append(depth[p] + 1)
+    return parents
+
+
+class RefPool:
+    """One row's pool as Python lists: bucket -> [(first, rest)] oldest first."""
+
+    def __init__(self, num_keys, capacity):
+        self.num_keys, self.capacity = num_keys, capacity
+        self.buckets = {}
+
+    def insert(self, gram):
+        first, rest = gram[0], tuple(gram[1:])
+        bucket = self.buckets.setdefault(first % self.num_keys, [])
+        if (first, rest) in bucket:
+            bucket.remove((first, rest))
+        elif len(bucket) == self.capacity:
+            bucket.pop(0)
+        bucket.append((first, rest))
+
+    def lookup(self, first, count):
+        bucket = self.buckets.get(first % self.num_keys, [])
+        return [rest for f, rest in reversed(bucket) if f == first][:count]
