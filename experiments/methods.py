@@ -91,6 +91,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_distance", 1, "--acceptance=distance_lossy: a draft passes when its "
                          "id is within this distance of the target's argmax (ordinal "
                          "vocabularies only).", lower_bound=0)
+    flags.DEFINE_enum("attention", "xla", ["xla", "pallas", "auto"],
+                      "Attention in decode steps and verification: xla, pallas (the Pallas "
+                      "tree-attention kernel; interpreted, slow, on CPU) or auto (the kernel on "
+                      "GPU / TPU, xla elsewhere).")
     flags.DEFINE_enum("adaptive_draft", "off", list(ADAPTIVE_DRAFT),
                       "Adaptive draft length (lossless, specjax/adaptive.py): off, or "
                       "acceptance = per-row length grown while drafts are accepted and cut back "
@@ -158,10 +162,11 @@ class Run:
     eagle_tree: str = "static"
     adaptive_draft: str = "off"
     plan: Optional[Any] = None  # specjax.sharding.ShardingPlan (params already placed), or None
+    attention_impl: str = "xla"
 
     def load(self):
         from models import registry
-        return registry.load(self.model_name)
+        return registry.load(self.model_name, attention_impl=self.attention_impl)
 
     def config_for(self, loaded) -> decode.DecodeConfig:
         eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
@@ -334,6 +339,7 @@ def build_run(FLAGS) -> Run:
                num_branches=FLAGS.num_branches if tree == "tree" else 1,
                window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
                jacobi_init=FLAGS.jacobi_init, adaptive_draft=FLAGS.adaptive_draft,
+               attention_impl=FLAGS.attention,
                eagle_tree=tree if FLAGS.method == "eagle" else "static")
 
 

@@ -198,10 +198,11 @@ def _device_params(path: str, dtype: str):
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), _load_gguf_cached(path)[1])
 
 
-def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers) -> LoadedModel:
+def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers,
+            attention_impl="xla") -> LoadedModel:
     dt = jnp.dtype(dtype)
     config = dataclasses.replace(config, dtype=dt.name, param_dtype=dt.name,
-                                 scan_layers=scan_layers)
+                                 scan_layers=scan_layers, attention_impl=attention_impl)
     if callable(params):
         params = params(dt.name)
     else:
@@ -209,24 +210,27 @@ def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers) -> Loade
     return LoadedModel(model=LlamaModel(config), params=params, tokenizer=tok, name=name)
 
 
-def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True
-         ) -> LoadedModel:
+def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
+         attention_impl: str = "xla") -> LoadedModel:
     """Loads a model by name (:func:`known_models`) or from a path.
 
     Args:
       name_or_path: a known name, a HF checkpoint directory, or a ``.gguf`` file.
       dtype: dtype of the params and activations (``"float32"``, ``"bfloat16"``, ...).
       scan_layers: run the layer stack as a ``lax.scan`` (default; False unrolls the layers).
+      attention_impl: ``"xla"`` (default), ``"pallas"`` (the tree-attention kernel in decode
+        steps and verification; interpreted on CPU) or ``"auto"`` (the kernel on GPU / TPU).
     """
     name_or_path = os.fspath(name_or_path)
     if name_or_path in TINY_CONFIGS:
         config = TINY_CONFIGS[name_or_path]
-        return _finish(config, tiny_params(config), None, name_or_path, dtype, scan_layers)
+        return _finish(config, tiny_params(config), None, name_or_path, dtype, scan_layers,
+                       attention_impl)
     if name_or_path == SMOLLM2:
         path = _smollm2_path()
         config, _, tok = _load_gguf_cached(path)
         return _finish(config, functools.partial(_device_params, path), tok, SMOLLM2, dtype,
-                       scan_layers)
+                       scan_layers, attention_impl)
     if os.path.isdir(name_or_path):
         config, params, tok = hf_loader.load_hf(name_or_path)
     elif name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
@@ -236,4 +240,4 @@ def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True
                          f"({', '.join(known_models())}), a HF checkpoint directory or a .gguf "
                          "file.")
     return _finish(config, params, tok, os.path.basename(name_or_path.rstrip("/")), dtype,
-                   scan_layers)
+                   scan_layers, attention_impl)

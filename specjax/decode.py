@@ -149,7 +149,7 @@ def _step(model, params, state: DecodeState, config: DecodeConfig,
     cache = state.cache
     b = state.pending.shape[0]
     positions = cache.lengths[:, None]
-    mask = masks.causal_mask(cache.lengths, 1, cache.num_slots)
+    mask = masks.TreeMask.create(cache.lengths, masks.causal_block(1), cache.num_slots)
     out = model.forward(params, state.pending[:, None], positions, cache, mask)
     key, sub = jax.random.split(state.key)
     token = sample(sub, out.logits[:, 0], config.sampling)

@@ -220,7 +220,8 @@ def _round(target, tparams, drafter, dparams, state: SpecState, config: DecodeCo
     # (measured: +40% per round at batch 8 on the CPU).
     lengths = cache.lengths
     positions = tree_lib.positions(lengths, depth)
-    mask = masks.block_mask(lengths, visible, cache.num_slots)
+    # Structured mask: a model may run its tree-attention kernel on it, or densify it.
+    mask = masks.TreeMask.create(lengths, visible, cache.num_slots)
     widths = ((num_nodes,) if proposal.valid is None
               else adaptive.verify_widths_of(drafter, num_nodes))
     if len(widths) == 1:
@@ -232,7 +233,7 @@ def _round(target, tparams, drafter, dparams, state: SpecState, config: DecodeCo
 
         def verify_on(w):
             def run(_):
-                o = target.forward(tparams, tokens[:, :w], positions[:, :w], cache, mask[:, :w])
+                o = target.forward(tparams, tokens[:, :w], positions[:, :w], cache, mask.first(w))
                 pad = lambda x: jnp.pad(x, [(0, 0), (0, num_nodes - w)]  # noqa: E731
                                         + [(0, 0)] * (x.ndim - 2))
                 read = jnp.minimum(slots, cache.num_slots - 1)

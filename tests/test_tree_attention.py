@@ -307,3 +307,29 @@ def test_model_rejects_a_mismatched_tree_mask():
                       cache, tree)
     with pytest.raises(ValueError, match="attention_impl"):
         tinymodels.tiny_config("gqa", attention_impl="triton")
+
+
+def test_decoding_loops_on_the_kernel_equal_plain_decoding():
+    """Plain and speculative decoding (prompt-lookup tree with narrow verify widths, and a
+    draft model) with attention_impl='pallas' (interpret) give exactly the tokens of plain
+    greedy decoding on the XLA path, ragged batch."""
+    from drafters.draft_model import DraftModelDrafter, from_target_layers
+    from drafters.prompt_lookup import PromptLookupDrafter
+    from specjax.decode import DecodeConfig, generate
+    from specjax.speculative import speculative_generate
+
+    model, params = tinymodels.tiny_model("gqa")
+    kernel_model = dataclasses.replace(
+        model, config=dataclasses.replace(model.config, attention_impl="pallas"))
+    prompts = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11]]
+    config = DecodeConfig(max_new_tokens=10)
+    want = np.asarray(generate(model, params, prompts, config).tokens)
+    np.testing.assert_array_equal(np.asarray(generate(kernel_model, params, prompts,
+                                                      config).tokens), want)
+    lookup = PromptLookupDrafter(draft_len=3, num_branches=2)
+    got = speculative_generate(kernel_model, params, lookup, None, prompts, config)
+    np.testing.assert_array_equal(np.asarray(got.tokens), want)
+    small, small_params = from_target_layers(kernel_model, params, 1)
+    got = speculative_generate(kernel_model, params, DraftModelDrafter(small, 2), small_params,
+                               prompts, config)
+    np.testing.assert_array_equal(np.asarray(got.tokens), want)
