@@ -53,13 +53,15 @@ class BlockwiseDrafter(HeadDrafter):
     @classmethod
     def create(cls, target, num_heads: int = 4, num_layers: int = 1,
                draft_len: Optional[int] = None, max_nodes: Optional[int] = None,
-               choices=None) -> "BlockwiseDrafter":
-        """Drafts the chain of heads ``0 .. draft_len - 1`` (default: all heads)."""
+               choices=None, draft_vocab: int = 0) -> "BlockwiseDrafter":
+        """Drafts the chain of heads ``0 .. draft_len - 1`` (default: all heads);
+        ``draft_vocab``: see :class:`~drafters.heads.HeadDrafter`."""
         if choices is not None:
             raise ValueError("blockwise decoding drafts a chain: pass draft_len, not choices")
         draft_len = num_heads if draft_len is None else draft_len
         return cls(target=target, num_heads=num_heads,
-                   tree=DraftTree.chain(draft_len, max_nodes=max_nodes), num_layers=num_layers)
+                   tree=DraftTree.chain(draft_len, max_nodes=max_nodes), num_layers=num_layers,
+                   draft_vocab=draft_vocab)
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,6 +85,6 @@ class BlockwiseDrafter(HeadDrafter):
         del key
         k = self.tree.max_depth
         feats = self.module.apply({"params": params}, ctx.pending_hidden.astype(jnp.float32))
-        logits = self.project(ctx.target_params, feats[:, :k])  # [B, K, V]
+        logits = self.draft_logits(ctx.target_params, feats[:, :k])  # [B, K, V]
         drafted = jnp.argmax(logits, axis=-1)
         return self._proposal(ctx.pending, drafted), state, ctx.cache

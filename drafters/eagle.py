@@ -271,13 +271,9 @@ class EagleDrafter:
         n = self.draft_vocab
         if not n or n == self.vocab_size:
             return self.logits(target_params, features)
-        tparams = dict(jax.lax.stop_gradient(target_params))
-        tparams["embedder"] = {"embedding": tparams["embedder"]["embedding"][:n]}
-        if "lm_head" in tparams:  # untied
-            tparams["lm_head"] = tparams["lm_head"][:, :n]
-        small = type(self.target)(dataclasses.replace(self.target.config, vocab_size=n))
+        tparams = jax.lax.stop_gradient(target_params)
         dt = jnp.dtype(self.target.config.dtype)
-        return small.lm_head(tparams, features.astype(dt)).astype(jnp.float32)
+        return self.target.lm_head(tparams, features.astype(dt), num_ids=n).astype(jnp.float32)
 
     def step(self, params, target_params, cache: KVCache, features, tokens, positions, slots,
              mask):

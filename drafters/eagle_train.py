@@ -31,6 +31,7 @@ import numpy as np
 
 from models.llama import attention
 from drafters.eagle import EagleDrafter
+from specjax.tree_tuning import label_ranks
 
 
 def window_dataset(records, seq_len: int) -> dict:
@@ -157,13 +158,18 @@ def make_loss_fn(drafter: EagleDrafter, num_levels: int = 3, ce_weight: float = 
     return loss_fn
 
 
-@functools.partial(jax.jit, static_argnames=("drafter", "num_levels"))
-def _hits(drafter, params, target_params, batch, num_levels):
+def _batch_levels(drafter, params, target_params, batch, num_levels):
+    """Level features of a :func:`window_dataset` batch, and its labels ``int32[B, W]``."""
     w = batch["valid"].shape[1]
     outs = level_features(drafter, params, target_params, batch["hidden"][:, :w],
                           batch["tokens"][:, 1:w + 1], batch["positions"], batch["valid"],
                           num_levels)
-    labels = batch["tokens"][:, 2:]
+    return outs, batch["tokens"][:, 2:]
+
+
+@functools.partial(jax.jit, static_argnames=("drafter", "num_levels"))
+def _hits(drafter, params, target_params, batch, num_levels):
+    outs, labels = _batch_levels(drafter, params, target_params, batch, num_levels)
     hits, counts = [], []
     for out, (_, lab_mask) in zip(outs, level_masks(batch, num_levels)):
         top = jnp.argmax(drafter.logits(target_params, out), -1)
@@ -189,3 +195,41 @@ def depth_accuracy(drafter: EagleDrafter, params, target_params, data: dict,
         hits += np.asarray(h)
         counts += np.asarray(c)
     return hits / np.maximum(counts, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("drafter", "num_levels"))
+def _level_ranks(drafter, params, target_params, batch, num_levels):
+    outs, labels = _batch_levels(drafter, params, target_params, batch, num_levels)
+    ranks = []
+    for out, (_, lab_mask) in zip(outs, level_masks(batch, num_levels)):
+        logits = drafter.draft_logits(target_params, out)  # [B, W, N]
+        ranks.append(jnp.where(lab_mask, label_ranks(logits, labels), -1))
+    return jnp.stack(ranks, axis=-1)  # [B, W, M]
+
+
+def depth_ranks(drafter: EagleDrafter, params, target_params, data: dict, num_levels: int = 5,
+                chunk: int = 4) -> np.ndarray:
+    """Teacher-forced ranks of the target's tokens under the drafter, per ROOT and depth:
+    ``int32[R, num_levels]``, the input of :mod:`specjax.tree_tuning`.
+
+    Row ``r`` is one root (a slot of ``data`` from :func:`window_dataset` whose depth-1 label
+    is a response token); entry ``d - 1`` is the rank (``top_k`` order; ``draft_vocab`` when
+    the token is outside the draft vocabulary) of the true token at depth ``d`` among the
+    drafts of the layer fed its own predicted features for the ``d - 1`` steps after the root
+    and the TRUE tokens (what the layer computes on a tree path that matches the target), or
+    -1 when that token is past the response.
+    """
+    n = data["valid"].shape[0]
+    rows = []
+    for s in range(0, n, chunk):
+        idx = np.arange(s, s + chunk) % n  # fixed shape: wrap, then drop the repeats
+        batch = {k: v[idx] for k, v in data.items()}
+        lv = np.asarray(_level_ranks(drafter, params, target_params, batch, num_levels))
+        lv = lv[:min(chunk, n - s)]  # [b, W, M]: level m at slot r + m belongs to root r
+        w = lv.shape[1]
+        per_root = np.full(lv.shape, -1, np.int64)
+        for m in range(num_levels):
+            per_root[:, :w - m, m] = lv[:, m:, m]
+        rows.append(per_root[per_root[..., 0] >= 0])
+    return np.concatenate(rows).astype(np.int32) if rows else \
+        np.zeros((0, num_levels), np.int32)

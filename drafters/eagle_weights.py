@@ -1,18 +1,20 @@
-"""EAGLE layer weights: safetensors files in the head drafters' format (``drafters/heads.py``:
-the layer's params only, bf16 by default, JSON metadata validated against the target on load),
+"""EAGLE layer weights: safetensors files in the head drafters' format
+(``drafters/head_weights.py``: the layer's params only, bf16 by default, JSON metadata validated against the target on load),
 the shipped SmolLM2 layer, and random params for tests.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from drafters import heads
+from drafters import head_weights
 from drafters.eagle import EagleDrafter
+from specjax import tree_tuning
 
 
 # Weights files ---------------------------------------------------------------------------------
@@ -21,7 +23,7 @@ from drafters.eagle import EagleDrafter
 def save_weights(path, drafter: EagleDrafter, params, *, target_name: str = "",
                  dtype: str = "bfloat16", extra: Optional[dict] = None) -> str:
     """Writes the layer params only (no embedding / LM head), atomically."""
-    return heads.save_weights(path, drafter, params, target_name=target_name, dtype=dtype,
+    return head_weights.save_weights(path, drafter, params, target_name=target_name, dtype=dtype,
                               extra=extra)
 
 
@@ -29,43 +31,64 @@ def load_weights(path, drafter: EagleDrafter, dtype: Optional[str] = None) -> di
     """Layer params for ``drafter`` from ``path``.
 
     Raises:
-      heads.HeadWeightsError: missing / damaged file, another drafter type, or a file made for
-        a target of another size or vocabulary.
+      head_weights.HeadWeightsError: missing / damaged file, another drafter type, or a file
+        made for a target of another size or vocabulary.
     """
-    config, flat = heads.read_weights(path)
+    config, flat = head_weights.read_weights(path)
     want = drafter.config_dict()
     if config.get("drafter") != want["drafter"]:
-        raise heads.HeadWeightsError(f"{path} holds {config.get('drafter')!r} weights, not "
+        raise head_weights.HeadWeightsError(f"{path} holds {config.get('drafter')!r} weights, not "
                                      "'eagle'")
     for key in want:
         if key != "drafter" and config.get(key) != want[key]:
             what = {"vocab_size": "vocabulary", "hidden_size": "hidden size"}.get(key, key)
-            raise heads.HeadWeightsError(
+            raise head_weights.HeadWeightsError(
                 f"{path} was trained for a target with {what} {config.get(key)}, this target "
                 f"has {want[key]}: the EAGLE layer belongs to another model (target "
                 f"{config.get('target') or 'unknown'!r})")
-    shapes = heads._flatten(jax.tree.map(  # noqa: SLF001 (same file format)
+    shapes = head_weights._flatten(jax.tree.map(  # noqa: SLF001 (same file format)
         lambda s: tuple(s.shape), drafter.param_shapes(),
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
     got = {k: tuple(v.shape) for k, v in flat.items()}
     if got != shapes:
         diff = sorted(k for k in set(got) | set(shapes) if got.get(k) != shapes.get(k))
-        raise heads.HeadWeightsError(f"{path} does not fit the EAGLE layer: " + "; ".join(
+        raise head_weights.HeadWeightsError(f"{path} does not fit the EAGLE layer: " + "; ".join(
             f"{k}: file {got.get(k)}, drafter {shapes.get(k)}" for k in diff[:10]))
     dtype = dtype or drafter.target.config.param_dtype
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), heads._unflatten(flat))  # noqa: SLF001
+    params = head_weights._unflatten(flat)  # noqa: SLF001
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
 def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str] = None,
-                 **create_kwargs):
+                 tree: str = "static", **create_kwargs):
     """``(drafter, params)``: the trained EAGLE layer for ``target`` (a ``LoadedModel`` or a
-    ``LlamaModel``), from ``drafters/weights/<model_name>/eagle.safetensors`` or ``path``;
-    ``create_kwargs`` go to :meth:`EagleDrafter.create` (``tree``, ``budget``, ...)."""
+    ``LlamaModel``), from ``drafters/weights/<model_name>/eagle.safetensors`` or ``path``.
+
+    ``tree``: ``"static"`` (the static tree tuned for these weights, ``eagle.tree.json``, when
+    there is one, else :data:`~drafters.eagle.DEFAULT_CHOICES`), ``"tunedN"`` (the tuned
+    N-node static tree), ``"generic"`` (``DEFAULT_CHOICES``, whole vocabulary) or
+    ``"dynamic"`` (EAGLE-2). Unless given in ``create_kwargs``, ``draft_vocab`` is the tuned
+    file's (for the dynamic tree too: it is a property of the layer's drafts, not the tree).
+    Other ``create_kwargs`` go to :meth:`EagleDrafter.create` (``budget``, ``choices``...).
+    """
     if hasattr(target, "model") and hasattr(target, "params"):  # a LoadedModel
         model_name = model_name or target.name
         target = target.model
-    path = path or heads.shipped_path("eagle", model_name or "smollm2-135m")
-    drafter = EagleDrafter.create(target, **create_kwargs)
+    path = path or head_weights.shipped_path("eagle", model_name or "smollm2-135m")
+    kwargs = dict(create_kwargs)
+    if tree == "dynamic":
+        tree_file = head_weights.tree_file_of(path)
+        if "draft_vocab" not in kwargs and os.path.exists(tree_file):
+            kwargs["draft_vocab"] = tree_tuning.load_tree_file(tree_file).draft_vocab
+        drafter = EagleDrafter.create(target, "dynamic", **kwargs)
+    else:
+        if kwargs.get("choices") is None:
+            choices, vocab = head_weights.tuned_tree(None if tree == "static" else tree, path)
+            kwargs["choices"] = choices
+            kwargs.setdefault("draft_vocab", vocab)
+        elif tree != "static":
+            raise ValueError(f"tree={tree!r} with explicit choices: use tree='static'")
+        drafter = EagleDrafter.create(target, "static", **kwargs)
     return drafter, load_weights(path, drafter)
 
 

@@ -12,35 +12,24 @@ Conventions (all three drafters):
   target's embedding and LM head are FROZEN inputs (``stop_gradient``), neither trained nor
   stored with the heads.
 
-Weights files (``save_weights`` / ``load_weights`` / ``load_shipped``) are safetensors with the
-heads' params only (bf16 by default) and JSON metadata (drafter type, head config, target
-hidden size and vocabulary), validated against the target on load.
+Weights files and the shipped weights: :mod:`drafters.head_weights`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from specjax.drafter import Proposal
-from specjax.files import write_atomic
 from specjax.tree import DraftTree
+from specjax.tree_tuning import label_ranks
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-WEIGHTS_FORMAT = "specjax-draft-heads-v1"
 DEFAULT_LOSS_DECAY = 0.8  # Medusa's per-head loss weight decay: weight_k = decay ** k
-
-
-class HeadWeightsError(ValueError):
-    """A head weights file that is missing, damaged, or made for another target / drafter."""
 
 
 # Modules -----------------------------------------------------------------------------------------
@@ -71,12 +60,17 @@ class HeadDrafter:
       num_heads: K heads; head ``k`` drafts depth ``k + 1``.
       tree: the static candidate tree; its depth must not exceed ``num_heads``.
       num_layers: residual blocks per head.
+      draft_vocab: 0 drafts over the whole vocabulary; ``N > 0`` only over token ids ``< N``
+        (the LM head sliced to them: a round reads ``N / V`` of it per head). Lossless either
+        way (the target verifies every draft); a BPE vocabulary's low ids are its frequent
+        tokens, so little acceptance is lost. Training always uses the whole vocabulary.
     """
 
     target: Any
     num_heads: int = 3
     tree: DraftTree = DraftTree.chain(3)
     num_layers: int = 1
+    draft_vocab: int = 0
 
     name = "heads"
     deterministic = True  # greedy / top-k heads draft point masses
@@ -93,6 +87,13 @@ class HeadDrafter:
                              "more heads")
         if self.tree.num_nodes < 2:
             raise ValueError("the tree drafts nothing: give it at least one non-root node")
+        if not 0 <= self.draft_vocab <= self.target.vocab_size:
+            raise ValueError(f"draft_vocab must be in [0, {self.target.vocab_size}] (0 = all), "
+                             f"got {self.draft_vocab}")
+        if self.draft_vocab and self.tree.num_nodes > 1 and \
+                int(np.max(self.tree.choice_rank[1:])) >= self.draft_vocab:
+            raise ValueError(f"the tree uses ranks up to {int(np.max(self.tree.choice_rank))}, "
+                             f"more than draft_vocab={self.draft_vocab} candidates")
 
     # Sizes / params ----------------------------------------------------------------------------
 
@@ -136,6 +137,15 @@ class HeadDrafter:
         """Logits ``float32[..., V]`` of head features through the target's frozen LM head."""
         tparams = jax.lax.stop_gradient(target_params)
         return self.target.lm_head(tparams, features.astype(self._dtype())).astype(jnp.float32)
+
+    def draft_logits(self, target_params, features: jax.Array) -> jax.Array:
+        """What drafts are chosen from: ``float32[..., V]``, or ``[..., draft_vocab]`` (token
+        ids ``< draft_vocab``; ids are unchanged)."""
+        if not self.draft_vocab or self.draft_vocab == self.vocab_size:
+            return self.project(target_params, features)
+        tparams = jax.lax.stop_gradient(target_params)
+        return self.target.lm_head(tparams, features.astype(self._dtype()),
+                                   num_ids=self.draft_vocab).astype(jnp.float32)
 
     def embed(self, target_params, tokens: jax.Array) -> jax.Array:
         """The target's frozen input embeddings of ``tokens``."""
@@ -245,7 +255,41 @@ def head_accuracy(drafter: HeadDrafter, params, target_params, data: dict,
     return correct / np.maximum(count, 1)
 
 
+def true_ranks(drafter: HeadDrafter, params, target_params, data: dict,
+               chunk: int = 256) -> np.ndarray:
+    """Teacher-forced rank of every label among its head's candidates: ``int32[M, K]``.
+
+    ``ranks[i, k]`` is the position of label ``k`` in ``jax.lax.top_k`` of head ``k``'s
+    drafting logits (ties to the lower token id, as ``top_k`` orders them; with a
+    ``draft_vocab``, a label outside it gets rank ``draft_vocab``: never drafted), or -1 where
+    the label is masked; the input to :mod:`specjax.tree_tuning`. ``data`` as in
+    :func:`make_loss_fn`.
+    """
+    fn = _rank_fn(drafter)
+    n = data["hidden"].shape[0]
+    out = []
+    for s in range(0, n, chunk):
+        idx = np.arange(s, s + chunk) % n  # fixed shape: wrap, then drop the repeats
+        r = fn(params, target_params, data["hidden"][idx], data["tokens"][idx],
+               data["mask"][idx])
+        out.append(np.asarray(r)[:min(chunk, n - s)])
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0, drafter.num_heads),
+                                                                      np.int32)
+
+
 _ACC_FNS: dict = {}
+_RANK_FNS: dict = {}
+
+
+def _rank_fn(drafter):
+    if drafter not in _RANK_FNS:
+        @jax.jit
+        def fn(params, target_params, hidden, tokens, mask):
+            logits = drafter.train_logits(params, target_params, hidden, tokens)  # [N, K, V]
+            logits = logits[..., :drafter.draft_vocab or logits.shape[-1]]
+            return jnp.where(mask, label_ranks(logits, tokens[:, 1:]), -1)
+        _RANK_FNS[drafter] = fn
+    return _RANK_FNS[drafter]
 
 
 def _accuracy_fn(drafter):
@@ -257,155 +301,3 @@ def _accuracy_fn(drafter):
             return hit.sum(0), mask.sum(0)
         _ACC_FNS[drafter] = fn
     return _ACC_FNS[drafter]
-
-
-# Weights files -----------------------------------------------------------------------------------
-
-
-def _flatten(tree: dict) -> dict:
-    """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _unflatten(flat: dict) -> dict:
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def save_weights(path: str | os.PathLike, drafter: HeadDrafter, params, *,
-                 target_name: str = "", dtype: str = "bfloat16",
-                 extra: Optional[dict] = None) -> str:
-    """Writes the head params (only) to a safetensors file, atomically.
-
-    Returns:
-      the absolute path.
-    """
-    from safetensors.flax import save_file
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    flat = {k: jnp.asarray(v, dtype) for k, v in _flatten(jax.device_get(params)).items()}
-    meta = {"format": WEIGHTS_FORMAT, "config": json.dumps(drafter.config_dict()),
-            "target": target_name, "extra": json.dumps(extra or {})}
-    return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
-
-
-def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(config dict, flat params)`` of a weights file; :class:`HeadWeightsError` if it is
-    missing or damaged."""
-    from safetensors import safe_open
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise HeadWeightsError(f"no head weights file at {path}: train one with "
-                               "experiments/train_drafter.py")
-    try:
-        with safe_open(path, framework="flax") as f:
-            meta = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != WEIGHTS_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {WEIGHTS_FORMAT!r}")
-        config = json.loads(meta["config"])
-        config["target"] = meta.get("target", "")
-        config["extra"] = json.loads(meta.get("extra", "{}"))
-    except HeadWeightsError:
-        raise
-    except Exception as e:  # safetensors raises several types for truncated / garbage files
-        raise HeadWeightsError(f"head weights file {path} is damaged or not a specjax heads "
-                               f"file ({type(e).__name__}: {e}); re-train or re-download it"
-                               ) from None
-    return config, flat
-
-
-def load_weights(path: str | os.PathLike, drafter: HeadDrafter, dtype: Optional[str] = None
-                 ) -> dict:
-    """Head params for ``drafter`` from ``path``, checked against its architecture.
-
-    Raises:
-      HeadWeightsError: missing / damaged file, another drafter type, another target size or
-        vocabulary, or parameter shapes that differ.
-    """
-    config, flat = read_weights(path)
-    want = drafter.config_dict()
-    if config.get("drafter") != want["drafter"]:
-        raise HeadWeightsError(f"{path} holds {config.get('drafter')!r} heads, not "
-                               f"{want['drafter']!r}")
-    for key, what in (("hidden_size", "hidden size"), ("vocab_size", "vocabulary")):
-        if config.get(key) != want[key]:
-            raise HeadWeightsError(
-                f"{path} was trained for a target with {what} {config.get(key)}, this target "
-                f"has {want[key]}: these heads belong to another model (target "
-                f"{config.get('target') or 'unknown'!r})")
-    for key in ("num_heads", "num_layers"):
-        if config.get(key) != want[key]:
-            raise HeadWeightsError(f"{path} has {key}={config.get(key)}, the drafter "
-                                   f"{want[key]}: build the drafter with the file's {key}")
-    params = _unflatten(flat)
-    shapes = _flatten(jax.tree.map(lambda s: tuple(s.shape), drafter.param_shapes(),
-                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
-    got = {k: tuple(v.shape) for k, v in flat.items()}
-    if got != shapes:
-        diff = sorted(k for k in set(got) | set(shapes) if got.get(k) != shapes.get(k))
-        raise HeadWeightsError(f"{path} does not fit the drafter's parameters: "
-                               + "; ".join(f"{k}: file {got.get(k)}, drafter {shapes.get(k)}"
-                                           for k in diff[:10]))
-    dtype = dtype or drafter.target.config.param_dtype
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-
-
-def shipped_path(name: str, model_name: str) -> str:
-    return os.path.join(WEIGHTS_DIR, model_name, f"{name}.safetensors")
-
-
-DRAFTER_NAMES = ("blockwise", "medusa", "hydra")
-
-
-def drafter_class(name: str):
-    if name == "blockwise":
-        from drafters.blockwise import BlockwiseDrafter
-        return BlockwiseDrafter
-    if name == "medusa":
-        from drafters.medusa import MedusaDrafter
-        return MedusaDrafter
-    if name == "hydra":
-        from drafters.hydra import HydraDrafter
-        return HydraDrafter
-    raise ValueError(f"unknown head drafter {name!r}; choose one of {', '.join(DRAFTER_NAMES)}")
-
-
-def load_shipped(name: str, target, model_name: Optional[str] = None, *,
-                 path: Optional[str] = None, choices=None, max_nodes: Optional[int] = None,
-                 **drafter_kwargs):
-    """The trained ``name`` heads (``blockwise`` / ``medusa`` / ``hydra``) for ``target``.
-
-    Args:
-      name: the drafter type.
-      target: a ``LoadedModel`` (from ``models.registry.load``) or a ``LlamaModel``.
-      model_name: the registry name the weights were trained for (default: ``target.name``
-        for a ``LoadedModel``, else ``smollm2-135m``); picks
-        ``drafters/weights/<model_name>/<name>.safetensors``.
-      path: an explicit weights file instead.
-      choices, max_nodes, drafter_kwargs: passed to the drafter's ``create`` (tree choices for
-        medusa / hydra, ``draft_len`` for blockwise, the tree's node budget).
-
-    Returns:
-      ``(drafter, params)``; params in the target's param dtype.
-
-    Raises:
-      HeadWeightsError: no file, a damaged file, or weights for another target size /
-        vocabulary / drafter type.
-      ValueError: a tree over ``max_nodes`` or deeper than the heads.
-    """
-    cls = drafter_class(name)
-    if hasattr(target, "model") and hasattr(target, "params"):  # a LoadedModel
-        model_name = model_name or target.name
-        target = target.model
-    model_name = model_name or "smollm2-135m"
-    path = path or shipped_path(name, model_name)
-    config, _ = read_weights(path)
-    kwargs = dict(drafter_kwargs)
-    if choices is not None:
-        kwargs["choices"] = choices
-    if not isinstance(config.get("num_heads"), int) or not isinstance(config.get("num_layers"),
-                                                                      int):
-        raise HeadWeightsError(f"{path} lacks num_heads / num_layers in its metadata")
-    drafter = cls.create(target, num_heads=config["num_heads"],
-                         num_layers=config["num_layers"], max_nodes=max_nodes, **kwargs)
-    return drafter, load_weights(path, drafter)

@@ -115,7 +115,7 @@ class HydraDrafter(MedusaDrafter):
             hp = jnp.broadcast_to(h[:, None], (b, paths.shape[0], h.shape[-1]))
             feats = self.module.apply({"params": params}, d, hp, emb,
                                       method=HydraHeads.head)  # [B, P, E]
-            logits = self.project(ctx.target_params, feats)  # [B, P, V]
+            logits = self.draft_logits(ctx.target_params, feats)  # [B, P, V]
             _, top = jax.lax.top_k(logits, int(rank.max()) + 1)  # [B, P, R]
             tokens = tokens.at[:, children].set(top[:, slot, rank])
         return self._proposal(ctx.pending, tokens[:, 1:]), state, ctx.cache

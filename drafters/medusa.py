@@ -11,8 +11,8 @@ decoding stays lossless.
 
 Usage::
 
-    drafter, params = heads.load_shipped("medusa", loaded)        # trained, SmolLM2
-    drafter = MedusaDrafter.create(loaded.model)                  # untrained
+    drafter, params = head_weights.load_shipped("medusa", loaded)  # trained, tuned tree
+    drafter = MedusaDrafter.create(loaded.model)                   # untrained, generic tree
     params = drafter.init_params(jax.random.key(0))
     speculative_generate(loaded.model, loaded.params, drafter, params, prompts, config)
 """
@@ -64,13 +64,16 @@ class MedusaDrafter(HeadDrafter):
     @classmethod
     def create(cls, target, num_heads: int = 3, num_layers: int = 1,
                choices: Optional[Sequence[Sequence[int]]] = None,
-               max_nodes: Optional[int] = DEFAULT_MAX_NODES) -> "MedusaDrafter":
+               max_nodes: Optional[int] = DEFAULT_MAX_NODES, draft_vocab: int = 0
+               ) -> "MedusaDrafter":
         """A drafter with the tree from ``choices`` (default :data:`DEFAULT_CHOICES`, cut to
-        ``num_heads`` levels); ``ValueError`` if the tree exceeds ``max_nodes`` nodes."""
+        ``num_heads`` levels); ``ValueError`` if the tree exceeds ``max_nodes`` nodes.
+        ``draft_vocab``: see :class:`~drafters.heads.HeadDrafter`."""
         if choices is None:
             choices = [c for c in DEFAULT_CHOICES if len(c) <= num_heads]
         tree = heads.make_tree(choices, DEFAULT_CHOICES, max_nodes)
-        return cls(target=target, num_heads=num_heads, tree=tree, num_layers=num_layers)
+        return cls(target=target, num_heads=num_heads, tree=tree, num_layers=num_layers,
+                   draft_vocab=draft_vocab)
 
     @property
     def module(self) -> MedusaHeads:
@@ -89,7 +92,7 @@ class MedusaDrafter(HeadDrafter):
         depth = self.tree.max_depth
         h = ctx.pending_hidden.astype(jnp.float32)
         feats = self.module.apply({"params": params}, h)[:, :depth]  # [B, D, E]
-        logits = self.project(ctx.target_params, feats)  # [B, D, V]
+        logits = self.draft_logits(ctx.target_params, feats)  # [B, D, V]
         _, top = jax.lax.top_k(logits, heads.max_rank(self.tree))  # [B, D, R]
         head, rank = heads.tree_tables(self.tree)
         drafted = top[:, head, rank]  # [B, T - 1]

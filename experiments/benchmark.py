@@ -114,11 +114,12 @@ def load_model(name: str, scan_layers: bool):
 class MethodRunner:
     """One method on one loaded model: compiled once per prompt bucket, then timed per prompt."""
 
-    def __init__(self, run: methods.Run, loaded):
+    def __init__(self, run: methods.Run, loaded, drafter=None):
+        """``drafter``: ``(drafter, params)`` to use instead of ``run.drafter(loaded)``."""
         import jax
         self.run, self.loaded = run, loaded
         self.config = run.config_for(loaded)
-        self.drafter, self.dparams = run.drafter(loaded)
+        self.drafter, self.dparams = drafter if drafter is not None else run.drafter(loaded)
         self.key = jax.random.key(run.seed)
         self._compiled: dict[int, object] = {}
         self.compile_s = 0.0
@@ -360,6 +361,7 @@ def _make_run(name: str, FLAGS) -> methods.Run:
                        window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
                        jacobi_init=FLAGS.jacobi_init,
                        eagle_tree=tree if method == "eagle" else "static",
+                       head_tree=tree if method in ("medusa", "hydra") else "tuned",
                        adaptive_draft=FLAGS.adaptive_draft)
 
 

@@ -8,6 +8,7 @@ after an ahead-of-time compile) or streams from a Python-driven step loop. Every
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -41,8 +42,10 @@ ADAPTIVE_DRAFT = ("off", "acceptance")
 # must not narrow their verification forward.
 READS_ALL_VERIFY_OUTPUTS = ("jacobi", "sjd", "lookahead")
 HEAD_METHODS = ("blockwise", "medusa", "hydra", "eagle")  # trained, with shipped weights
-TREE_CHOICES = {"prompt_lookup": ("chain", "tree"), "eagle": ("static", "dynamic")}
-DEFAULT_TREE = {"prompt_lookup": "chain", "eagle": "static"}
+TREE_CHOICES = {"prompt_lookup": ("chain", "tree"),
+                "eagle": ("static", "dynamic", "tunedN", "generic"),
+                "medusa": ("tuned", "tunedN", "generic"), "hydra": ("tuned", "tunedN", "generic")}
+DEFAULT_TREE = {"prompt_lookup": "chain", "eagle": "static", "medusa": "tuned", "hydra": "tuned"}
 
 
 def has_weights(method: str, model_name: str) -> bool:
@@ -51,8 +54,8 @@ def has_weights(method: str, model_name: str) -> bool:
     if method not in HEAD_METHODS:
         return True
     import os
-    from drafters import heads
-    return os.path.exists(heads.shipped_path(method, model_name))  # draft_model on a target without a smaller sibling: its first layers
+    from drafters import head_weights
+    return os.path.exists(head_weights.shipped_path(method, model_name))
 
 
 def define_flags() -> None:
@@ -71,7 +74,10 @@ def define_flags() -> None:
                         "a tuned set, see drafters/layer_skip.py).")
     flags.DEFINE_string("tree", "chain", "prompt_lookup: 'chain' (one continuation) or 'tree' "
                         "(--num_branches continuations verified together); eagle: 'static' "
-                        "(EAGLE-1 tree, the default for eagle) or 'dynamic' (EAGLE-2).")
+                        "(EAGLE-1 tree tuned for the shipped layer, the default), 'tunedN' "
+                        "(its best N-node tree), 'generic' (untuned) or 'dynamic' (EAGLE-2); "
+                        "medusa, hydra: 'tuned' (the tree tuned for the shipped heads, the "
+                        "default), 'tunedN' (its best N-node tree, e.g. tuned16) or 'generic'.")
     flags.DEFINE_integer("num_branches", 3, "prompt_lookup with --tree=tree: branches.",
                          lower_bound=1)
     flags.DEFINE_integer("window", 0, "jacobi/sjd: guessed tokens; lookahead: W columns "
@@ -160,6 +166,7 @@ class Run:
     guess_set: int = -1
     jacobi_init: str = "repeat"
     eagle_tree: str = "static"
+    head_tree: str = "tuned"  # medusa / hydra: tuned, tunedN or generic
     adaptive_draft: str = "off"
     plan: Optional[Any] = None  # specjax.sharding.ShardingPlan (params already placed), or None
     attention_impl: str = "xla"
@@ -215,10 +222,11 @@ class Run:
             return layer_skip.LayerSkipDrafter.skipping(loaded.model, self.skip_layers,
                                                         draft_len=k, sampling=sampling), None
         if self.method in ("blockwise", "medusa", "hydra"):
-            from drafters import heads  # shipped weights trained for the embedded model
+            from drafters import head_weights  # shipped weights trained for the embedded model
             kwargs = {"draft_len": k} if self.method == "blockwise" and k else {}
-            drafter, params = heads.load_shipped(self.method, loaded, **kwargs)
-            return drafter, params
+            if self.method != "blockwise":
+                kwargs["tree"] = self.head_tree
+            return head_weights.load_shipped(self.method, loaded, **kwargs)
         if self.method == "eagle":
             from drafters import eagle_weights  # shipped layer trained for the embedded model
             return eagle_weights.load_shipped(loaded, tree=self.eagle_tree)
@@ -310,8 +318,9 @@ def tree_for(method: str, tree: str, given: bool) -> str:
     choices = TREE_CHOICES.get(method, TREE_CHOICES["prompt_lookup"])
     if not given:
         tree = DEFAULT_TREE.get(method, tree)
-    if tree not in choices:
-        what = "eagle" if method == "eagle" else "prompt_lookup (and the default for others)"
+    ok = tree in choices or ("tunedN" in choices and re.fullmatch(r"tuned[1-9]\d*", tree))
+    if not ok:
+        what = method if method in TREE_CHOICES else "prompt_lookup (and the default for others)"
         raise UserError(f"--tree must be one of {', '.join(choices)} for {what}, got {tree!r}")
     return tree
 
@@ -340,7 +349,8 @@ def build_run(FLAGS) -> Run:
                window=FLAGS.window, ngram=FLAGS.ngram, guess_set=FLAGS.guess_set,
                jacobi_init=FLAGS.jacobi_init, adaptive_draft=FLAGS.adaptive_draft,
                attention_impl=FLAGS.attention,
-               eagle_tree=tree if FLAGS.method == "eagle" else "static")
+               eagle_tree=tree if FLAGS.method == "eagle" else "static",
+               head_tree=tree if FLAGS.method in ("medusa", "hydra") else "tuned")
 
 
 class TextStreamer:

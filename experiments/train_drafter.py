@@ -207,7 +207,7 @@ def main(argv):
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
-        from drafters import distill, heads
+        from drafters import distill, head_weights, heads
         from models import registry
         from specjax import train
 
@@ -220,7 +220,7 @@ def main(argv):
         if FLAGS.drafter == "eagle":
             return _train_eagle(loaded, records, train_rec, eval_rec)
         num_heads = FLAGS.num_heads or DEFAULT_HEADS[FLAGS.drafter]
-        drafter = heads.drafter_class(FLAGS.drafter).create(
+        drafter = head_weights.drafter_class(FLAGS.drafter).create(
             loaded.model, num_heads=num_heads, num_layers=FLAGS.num_layers)
         train_data = distill.position_dataset(train_rec, num_heads)
         eval_data = distill.position_dataset(eval_rec, num_heads)
@@ -263,7 +263,7 @@ def main(argv):
                    "train_positions": int(n), "held_out_positions":
                    int(eval_data["hidden"].shape[0]), "data": records.manifest.get("source")}
         if FLAGS.output:
-            heads.save_weights(FLAGS.output, drafter, state.params, target_name=loaded.name,
+            head_weights.save_weights(FLAGS.output, drafter, state.params, target_name=loaded.name,
                                extra={k: summary[k] for k in ("steps", "held_out_top1",
                                                               "data")})
             _say(f"wrote {FLAGS.output} ({os.path.getsize(FLAGS.output) / 1e6:.1f} MB)")

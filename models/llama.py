@@ -296,12 +296,14 @@ class Llama(nn.Module):
     def embed(self, tokens):
         return self.embedder(tokens)
 
-    def head(self, hidden):
+    def head(self, hidden, num_ids=None):
+        """Logits ``[..., V]``; with ``num_ids`` only those of token ids ``< num_ids``."""
         c = self.config
         if c.tie_embeddings:
-            w = self.embedder.embedding.astype(hidden.dtype)
+            w = self.embedder.embedding[:num_ids].astype(hidden.dtype)
             return jnp.einsum("...e,ve->...v", hidden, w, preferred_element_type=jnp.float32)
-        return jnp.einsum("...e,ev->...v", hidden, self.lm_head_kernel.astype(hidden.dtype),
+        return jnp.einsum("...e,ev->...v",
+                          hidden, self.lm_head_kernel[:, :num_ids].astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions, cache, mask, layers=None, hidden_layers=(),
@@ -367,5 +369,10 @@ class LlamaModel:
     def embed(self, params, tokens):
         return self.module.apply({"params": params}, tokens, method=Llama.embed)
 
-    def lm_head(self, params, hidden):
-        return self.module.apply({"params": params}, hidden, method=Llama.head)
+    def lm_head(self, params, hidden, num_ids: Optional[int] = None):
+        """Final-norm hidden states to logits ``[..., V]``, or ``[..., num_ids]`` for the first
+        ``num_ids`` token ids only (a sliced head: what a drafter limited to frequent ids
+        reads)."""
+        if num_ids is not None and not 0 < num_ids <= self.vocab_size:
+            raise ValueError(f"num_ids must be in 1..{self.vocab_size}, got {num_ids}")
+        return self.module.apply({"params": params}, hidden, num_ids, method=Llama.head)

@@ -62,6 +62,8 @@ class LanguageModel(Protocol):
         """Token embeddings ``[..., E]`` (draft heads reuse the target's table)."""
         ...
 
-    def lm_head(self, params, hidden: jax.Array) -> jax.Array:
-        """Final-norm hidden states ``[..., E]`` to float32 logits ``[..., V]``."""
+    def lm_head(self, params, hidden: jax.Array, num_ids: Optional[int] = None) -> jax.Array:
+        """Final-norm hidden states ``[..., E]`` to float32 logits ``[..., V]``; with
+        ``num_ids``, ``[..., num_ids]`` for token ids ``< num_ids`` only (drafters that draft
+        from frequent ids read a slice of the head)."""
         ...

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinymodels as kit
-from drafters import distill, eagle_train, heads
+from drafters import distill, eagle_train, head_weights
 from drafters.eagle import EagleDrafter
 from drafters.eagle_weights import load_shipped, load_weights, random_params, save_weights
 from specjax import masks, train
@@ -326,18 +326,18 @@ def test_weights_round_trip_and_errors(target, tmp_path):
     d2, p2 = load_shipped(model, path=path, tree="dynamic")
     assert d2.mode == "dynamic" and jax.tree.structure(p2) == jax.tree.structure(dparams)
     wider = kit.tiny_model("gqa", hidden_size=32, num_heads=4, head_dim=8)[0]
-    with pytest.raises(heads.HeadWeightsError, match="hidden size"):
+    with pytest.raises(head_weights.HeadWeightsError, match="hidden size"):
         load_shipped(wider, path=path)
-    with pytest.raises(heads.HeadWeightsError, match="vocabulary"):
+    with pytest.raises(head_weights.HeadWeightsError, match="vocabulary"):
         load_shipped(kit.tiny_model("gqa", vocab_size=64)[0], path=path)
     save_weights(path, drafter, dparams)
     with open(path, "rb") as f:
         blob = f.read()
     with open(path, "wb") as f:
         f.write(blob[:len(blob) // 2])
-    with pytest.raises(heads.HeadWeightsError, match="damaged"):
+    with pytest.raises(head_weights.HeadWeightsError, match="damaged"):
         load_shipped(model, path=path)
-    with pytest.raises(heads.HeadWeightsError, match="no head weights"):
+    with pytest.raises(head_weights.HeadWeightsError, match="no head weights"):
         load_shipped(model, path=str(tmp_path / "missing.safetensors"))
     other = EagleDrafter.create(kit.tiny_model("gqa", vocab_size=64)[0])
     with pytest.raises(ValueError, match="vocabulary"):
@@ -346,7 +346,7 @@ def test_weights_round_trip_and_errors(target, tmp_path):
 
 
 def test_shipped_smollm2_weights_fit():
-    path = heads.shipped_path("eagle", "smollm2-135m")
+    path = head_weights.shipped_path("eagle", "smollm2-135m")
     assert os.path.exists(path), f"shipped weights {path} are missing from the repository"
     assert os.path.getsize(path) < 20e6
     from models import registry
@@ -365,3 +365,11 @@ def test_tree_flag_is_validated_per_method():
         methods.tree_for("eagle", "chain", given=True)
     with pytest.raises(common.UserError, match="chain, tree"):
         methods.tree_for("prompt_lookup", "dynamic", given=True)
+    assert methods.tree_for("eagle", "tuned8", given=True) == "tuned8"
+    assert methods.tree_for("medusa", "chain", given=False) == "tuned"
+    for method in ("medusa", "hydra"):
+        assert methods.tree_for(method, "tuned12", given=True) == "tuned12"
+        assert methods.tree_for(method, "generic", given=True) == "generic"
+        for bad in ("tuned0", "tunedx", "static", "chain"):
+            with pytest.raises(common.UserError, match="tuned, tunedN, generic"):
+                methods.tree_for(method, bad, given=True)

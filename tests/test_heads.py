@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tinymodels as kit
-from drafters import heads
+from drafters import head_weights, heads
 from drafters.blockwise import BlockwiseDrafter
 from drafters.hydra import HydraDrafter
 from drafters.medusa import MedusaDrafter
@@ -40,13 +40,7 @@ def _rows(out):
     return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
 
 
-def _random_params(drafter, seed=1, scale=0.3):
-    """Init params plus noise, so the heads' drafts differ from the target's LM head."""
-    params = drafter.init_params(jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape)
-                                     for a, k in zip(leaves, keys)])
+_random_params = kit.noisy_params
 
 
 def _oracle_params(drafter, model, params, rows):
@@ -89,6 +83,27 @@ def test_greedy_equals_plain_decoding(target, reference, name, kind):
     for i in (1,):  # batch 1
         single = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], config)
         assert _rows(single) == [ref_rows[i]]
+
+
+@pytest.mark.parametrize("name", ["blockwise", "medusa", "hydra"])
+def test_draft_vocab_drafts_only_low_ids_and_stays_lossless(target, reference, name):
+    model, params = target
+    config, ref_rows = reference
+    drafter = CLASSES[name].create(model, draft_vocab=40)
+    dparams = _random_params(drafter)
+    proposal, _, _ = drafter.propose(dparams, (), _context(model, params), jax.random.key(0))
+    assert (np.asarray(proposal.tokens)[:, 1:] < 40).all()
+    full = CLASSES[name].create(model)
+    full_tokens = np.asarray(full.propose(dparams, (), _context(model, params),
+                                          jax.random.key(0))[0].tokens)
+    assert not (full_tokens[:, 1:] < 40).all()  # the limit is what keeps the drafts low
+    out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)
+    assert _rows(out) == ref_rows
+    with pytest.raises(ValueError, match="draft_vocab"):
+        CLASSES[name].create(model, draft_vocab=model.vocab_size + 1)
+    if name != "blockwise":
+        with pytest.raises(ValueError, match="draft_vocab"):
+            CLASSES[name].create(model, draft_vocab=2)  # the default tree uses rank 2
 
 
 def _context(model, params, batch=2, seed=0):
@@ -193,49 +208,49 @@ def test_weights_round_trip_and_errors(target, tmp_path):
     drafter = HydraDrafter.create(model)
     params = _random_params(drafter)
     path = str(tmp_path / "hydra.safetensors")
-    heads.save_weights(path, drafter, params, target_name="tiny", dtype="float32")
-    back = heads.load_weights(path, drafter)
+    head_weights.save_weights(path, drafter, params, target_name="tiny", dtype="float32")
+    back = head_weights.load_weights(path, drafter)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, back))
-    loaded_drafter, loaded = heads.load_shipped("hydra", model, path=path)
+    loaded_drafter, loaded = head_weights.load_shipped("hydra", model, path=path)
     assert loaded_drafter == drafter
     # bf16 file: a cast of the same values
-    heads.save_weights(path, drafter, params)
-    back = heads.load_weights(path, drafter)
+    head_weights.save_weights(path, drafter, params)
+    back = head_weights.load_weights(path, drafter)
     leaf = jax.tree.leaves(back)[0]
     assert leaf.dtype == jnp.float32
     # another model size / vocabulary
     wider = kit.tiny_model("gqa", hidden_size=32, num_heads=4, head_dim=8)[0]
-    with pytest.raises(heads.HeadWeightsError, match="hidden size"):
-        heads.load_shipped("hydra", wider, path=path)
+    with pytest.raises(head_weights.HeadWeightsError, match="hidden size"):
+        head_weights.load_shipped("hydra", wider, path=path)
     other_vocab = kit.tiny_model("gqa", vocab_size=64)[0]
-    with pytest.raises(heads.HeadWeightsError, match="vocabulary"):
-        heads.load_shipped("hydra", other_vocab, path=path)
-    with pytest.raises(heads.HeadWeightsError, match="hydra"):
-        heads.load_weights(path, MedusaDrafter.create(model))
-    with pytest.raises(heads.HeadWeightsError, match="num_heads"):
-        heads.load_weights(path, HydraDrafter.create(model, num_heads=2,
+    with pytest.raises(head_weights.HeadWeightsError, match="vocabulary"):
+        head_weights.load_shipped("hydra", other_vocab, path=path)
+    with pytest.raises(head_weights.HeadWeightsError, match="hydra"):
+        head_weights.load_weights(path, MedusaDrafter.create(model))
+    with pytest.raises(head_weights.HeadWeightsError, match="num_heads"):
+        head_weights.load_weights(path, HydraDrafter.create(model, num_heads=2,
                                                      choices=[(0,), (0, 0)]))
     # corrupt / truncated / missing
     with open(path, "rb") as f:
         blob = f.read()
     with open(path, "wb") as f:
         f.write(blob[:len(blob) // 2])
-    with pytest.raises(heads.HeadWeightsError, match="damaged"):
-        heads.load_shipped("hydra", model, path=path)
-    with pytest.raises(heads.HeadWeightsError, match="no head weights"):
-        heads.load_shipped("hydra", model, path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(head_weights.HeadWeightsError, match="damaged"):
+        head_weights.load_shipped("hydra", model, path=path)
+    with pytest.raises(head_weights.HeadWeightsError, match="no head weights"):
+        head_weights.load_shipped("hydra", model, path=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="unknown head drafter"):
-        heads.load_shipped("eagle", model, path=path)
+        head_weights.load_shipped("eagle", model, path=path)
 
 
 @pytest.mark.parametrize("name", ["blockwise", "medusa", "hydra"])
 def test_shipped_smollm2_weights_fit(name):
-    path = heads.shipped_path(name, "smollm2-135m")
+    path = head_weights.shipped_path(name, "smollm2-135m")
     assert os.path.exists(path), f"shipped weights {path} are missing from the repository"
     assert os.path.getsize(path) < 20e6
     from models.llama import LlamaModel
     from models import registry
     config = registry._load_gguf_cached(registry._smollm2_path())[0]  # noqa: SLF001
-    drafter, params = heads.load_shipped(name, LlamaModel(config))
+    drafter, params = head_weights.load_shipped(name, LlamaModel(config))
     assert drafter.vocab_size == config.vocab_size
     assert jax.tree.leaves(params)[0].dtype == jnp.float32

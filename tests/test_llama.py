@@ -4,6 +4,7 @@ teacher-forced forward."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -174,6 +175,19 @@ def test_logits_at_selects_from_full_logits():
     assert out.logits.shape == (B, 3, model.vocab_size)
     _close(out.logits, np.take_along_axis(np.asarray(full.logits), idx[:, :, None], axis=1))
     _close(out.hidden, full.hidden)  # hidden is still every position
+
+
+@pytest.mark.parametrize("kind", ["gqa", "qwen2"])  # untied / tied LM head
+def test_lm_head_num_ids_is_a_slice_of_the_full_head(kind):
+    model, params = kit.tiny_model(kind)
+    hidden = jax.random.normal(jax.random.key(0), (2, 3, model.hidden_size))
+    full = np.asarray(model.lm_head(params, hidden))
+    part = np.asarray(model.lm_head(params, hidden, num_ids=40))
+    assert part.shape == (2, 3, 40)
+    _close(part, full[..., :40])
+    for bad in (0, model.vocab_size + 1):
+        with pytest.raises(ValueError, match="num_ids"):
+            model.lm_head(params, hidden, num_ids=bad)
 
 
 def test_rope_inv_freq_and_llama3_scaling():

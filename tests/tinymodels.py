@@ -225,6 +225,16 @@ def reference_forward(model: LlamaModel, params, tokens, start_position: int = 0
 # References for drafter data structures ---------------------------------------------------
 
 
+def noisy_params(drafter, seed: int = 1, scale: float = 0.3):
+    """A drafter's init params plus Gaussian noise (heads whose drafts differ from the target's
+    own LM head; any drafter with ``init_params(key)``)."""
+    params = drafter.init_params(jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape)
+                                     for a, k in zip(leaves, keys)])
+
+
 def random_parents(rng, num_nodes):
     """A random valid BFS-ordered parent list (depth non-decreasing with the index)."""
     parents, depth = [-1], [0]

@@ -1,0 +1,220 @@
+"""Tunes the static tree of trained Medusa / Hydra heads or the EAGLE layer; writes
+``<weights>.tree.json``.
+
+  python -m experiments.tune_tree --drafter=medusa \\
+      --data_dir=/tmp/sj/distill,/tmp/sj/distill_extra,/tmp/sj/distill_extra2
+  python -m experiments.tune_tree --drafter=hydra --data_dir=... --sizes=4,8,12,16 \\
+      --output=/tmp/hydra.tree.json
+  python -m experiments.tune_tree --drafter=eagle --data_dir=... --draft_vocab=8192
+
+Two steps:
+
+1. **Which nodes** (``specjax.tree_tuning``): on the HELD-OUT sequences of the training split
+   (the same ``--eval_fraction`` / ``--seed`` as ``train_drafter``, so the heads never saw
+   them), the rank of the target's true token under every head (EAGLE: at every depth, the
+   layer fed its own predicted features) is measured with the true tokens on the path. The order of choices by hit count gives, for every node count N, the
+   tree of N drafted nodes with the most expected accepted tokens on that data (an exact
+   count, not an independence model).
+2. **How many nodes**: a bigger tree accepts more but a round costs more (verification of N+1
+   tokens; Hydra drafts level by level). For each N of ``--sizes`` the binary decodes the
+   prompts of ``--measure_prompts`` held-out sequences (greedy, batch 1, as the benchmark
+   does), each prompt under plain decoding and every N back to back (a shared CPU's speed
+   drifts), and the N with the best speedup over plain decoding becomes ``default_nodes`` (or
+   ``--default_nodes``). Every output must equal plain decoding's (exit status 1 otherwise).
+
+``--draft_vocab=N`` drafts from token ids < N only (lossless; the heads then read N / V of the
+LM head): the ranks, the order and the timing all use it, and the file records it.
+
+The file holds the whole order (up to ``--max_nodes``), so ``--tree=tunedN`` in ``generate``
+and ``benchmark`` picks any size later, plus the measured table under ``info``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("drafter", "medusa", ["medusa", "hydra", "eagle"],
+                  "Drafter whose static tree to tune.")
+flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
+flags.DEFINE_string("weights", None, "Head weights (.safetensors); default: the shipped file.")
+flags.DEFINE_string("data_dir", None, "Self-distillation data (comma-separated directories), "
+                    "as given to train_drafter.")
+flags.DEFINE_float("eval_fraction", 0.1, "Held-out share of the sequences (as in training).")
+flags.DEFINE_integer("seed", 0, "Split seed (as in training).")
+flags.DEFINE_integer("max_nodes", 32, "Longest order stored (drafted nodes).", lower_bound=1)
+flags.DEFINE_integer("max_depth", 0, "Deepest tree (0 = the drafter's: heads K, eagle 5).",
+                     lower_bound=0)
+flags.DEFINE_integer("seq_len", 192, "eagle: pairs per held-out window (as in training).",
+                     lower_bound=2)
+flags.DEFINE_integer("max_rank", 10, "Candidates per head considered (top-k width).",
+                     lower_bound=1)
+flags.DEFINE_list("sizes", ["2", "4", "6", "8", "10", "12", "16", "20"],
+                  "Node counts timed against plain decoding.")
+flags.DEFINE_integer("measure_prompts", 6, "Held-out prompts decoded per timed size "
+                     "(0 = no timing; then --default_nodes is required).", lower_bound=0)
+flags.DEFINE_integer("max_new_tokens", 128, "New tokens per timed prompt.", lower_bound=1)
+flags.DEFINE_integer("default_nodes", 0, "The file's default size (0 = the best measured).",
+                     lower_bound=0)
+flags.DEFINE_integer("draft_vocab", 0, "Draft only token ids < N (0 = all): the heads read "
+                     "N / V of the LM head per round; stored with the tree.", lower_bound=0)
+flags.DEFINE_string("output", None, "Tree file; default: <weights>.tree.json.")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sizes(max_nodes: int) -> list[int]:
+    try:
+        sizes = sorted({int(s) for s in FLAGS.sizes})
+    except ValueError as e:
+        raise common.UserError(f"--sizes must be integers, got {FLAGS.sizes}") from e
+    if not sizes or sizes[0] < 1:
+        raise common.UserError("--sizes must be positive node counts")
+    if sizes[-1] > max_nodes:
+        raise common.UserError(f"--sizes go up to {sizes[-1]} nodes, over --max_nodes "
+                               f"{max_nodes}")
+    return sizes
+
+
+def _measure(loaded, drafter_for, prompts, sizes):
+    """``{size: (tokens, seconds, target_calls)}``, size 0 = plain decoding. Every method is
+    compiled first; then each prompt runs under every method back to back, so a change in the
+    machine's speed (a shared CPU) hits all methods alike. Every output must equal plain
+    decoding's."""
+    from experiments import benchmark as bench
+    from experiments import methods
+    from specjax import decode
+    run = methods.Run(method="ar", model_name=FLAGS.model,
+                      config=decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens))
+    runners = {size: bench.MethodRunner(run, loaded, drafter=None if size == 0 else
+                                        drafter_for(size)) for size in [0] + sizes}
+    recs = {size: [] for size in runners}
+    for i, ids in enumerate(prompts):
+        for size, runner in runners.items():
+            rec = runner(ids)
+            if size and rec["generated_ids"] != recs[0][i]["generated_ids"]:
+                raise SystemExit(f"error: the {size}-node tree changed the output of held-out "
+                                 f"prompt {i}: a losslessness bug, please report it")
+            recs[size].append(rec)
+    results = {size: (sum(r["new_tokens"] for r in rs), sum(r["wall_s"] for r in rs),
+                      sum(r["target_calls"] for r in rs)) for size, rs in recs.items()}
+    ar_rate = results[0][0] / results[0][1]
+    for size, (tok, wall, calls) in results.items():
+        _say(f"  {'ar' if size == 0 else f'{size} nodes':>9}: {tok / wall:6.1f} tok/s, "
+             f"tau {tok / calls:.2f}, {tok / wall / ar_rate:.2f}x")
+    return results
+
+
+DEFAULT_EAGLE_DEPTH = 5
+
+
+def _load(loaded, weights, **kwargs):
+    """``(drafter, params)`` with ``--draft_vocab``: the generic tree or explicit choices."""
+    if FLAGS.drafter == "eagle":
+        from drafters import eagle_weights
+        return eagle_weights.load_shipped(loaded, path=weights, draft_vocab=FLAGS.draft_vocab,
+                                          **kwargs)
+    from drafters import head_weights
+    return head_weights.load_shipped(FLAGS.drafter, loaded, path=weights,
+                                     draft_vocab=FLAGS.draft_vocab, **kwargs)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    with common.user_errors():
+        if not FLAGS.data_dir:
+            raise common.UserError("--data_dir is required (the drafter's training data)")
+        if not 0.0 < FLAGS.eval_fraction < 1.0:
+            raise common.UserError("--eval_fraction must be in (0, 1)")
+        sizes = _sizes(FLAGS.max_nodes)
+        if FLAGS.measure_prompts == 0 and not FLAGS.default_nodes:
+            raise common.UserError("--measure_prompts=0 needs --default_nodes")
+        if FLAGS.default_nodes > FLAGS.max_nodes:
+            raise common.UserError("--default_nodes is over --max_nodes")
+        from drafters import distill, head_weights, heads
+        from models import registry
+        from specjax import tree_tuning
+
+        loaded = registry.load(FLAGS.model)
+        weights = FLAGS.weights or head_weights.shipped_path(FLAGS.drafter, loaded.name)
+        output = FLAGS.output or head_weights.tree_file_of(weights)
+        drafter, params = _load(loaded, weights, tree="generic")
+        dirs = [d for d in FLAGS.data_dir.split(",") if d]
+        records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])
+        _, held_out = distill.split_records(records, FLAGS.eval_fraction, FLAGS.seed)
+        t = time.time()
+        if FLAGS.drafter == "eagle":
+            from drafters import eagle_train
+            depth = FLAGS.max_depth or DEFAULT_EAGLE_DEPTH
+            data = eagle_train.window_dataset(held_out, FLAGS.seq_len)
+            ranks = eagle_train.depth_ranks(drafter, params, loaded.params, data, depth)
+        else:
+            depth = FLAGS.max_depth or drafter.num_heads
+            if depth > drafter.num_heads:
+                raise common.UserError(f"--max_depth {depth} is over the {drafter.num_heads} "
+                                       "heads")
+            data = distill.position_dataset(held_out, drafter.num_heads)
+            ranks = heads.true_ranks(drafter, params, loaded.params, data)
+        if ranks.shape[0] == 0:
+            raise common.UserError(f"{FLAGS.data_dir} has no held-out response positions")
+        order = tree_tuning.tuned_order(ranks, FLAGS.max_nodes, FLAGS.max_rank, depth)
+        expected = tree_tuning.cumulative_expected(order, ranks)
+        generic = [list(c) for c in drafter.tree.choice_of_node[1:]]  # with --draft_vocab
+        generic_e = tree_tuning.expected_accepted(generic, ranks) \
+            if drafter.tree.max_depth <= ranks.shape[1] else float("nan")
+        _say(f"{FLAGS.drafter} (draft_vocab {FLAGS.draft_vocab or 'all'}): {ranks.shape[0]} "
+             f"held-out positions ({len(held_out)} sequences),"
+             f" ranks in {time.time() - t:.0f} s; expected accepted drafted tokens per round: "
+             f"generic {len(generic)}-node tree {generic_e:.3f}; tuned "
+             + ", ".join(f"{n}: {expected[n - 1]:.3f}" for n in sizes if n <= len(order)))
+        if len(order) < sizes[-1]:
+            raise common.UserError(f"only {len(order)} choices were ever hit on the held-out "
+                                   f"data; use --sizes up to {len(order)}")
+        measured = {}
+        if FLAGS.measure_prompts:
+            prompts = [held_out.tokens[r, :held_out.prompt_lengths[r]].tolist()
+                       for r in range(min(FLAGS.measure_prompts, len(held_out)))]
+            _say(f"timing {len(sizes)} sizes on {len(prompts)} held-out prompts x "
+                 f"{FLAGS.max_new_tokens} tokens")
+            measured = _measure(loaded, lambda n: _load(loaded, weights, choices=order[:n]),
+                                prompts, sizes)
+        if FLAGS.default_nodes:
+            default_nodes = FLAGS.default_nodes
+        else:
+            ar_rate = measured[0][0] / measured[0][1]
+            default_nodes = max(sizes, key=lambda n: measured[n][0] / measured[n][1])
+            _say(f"best: {default_nodes} nodes, "
+                 f"{measured[default_nodes][0] / measured[default_nodes][1] / ar_rate:.2f}x")
+        info = {
+            "drafter": FLAGS.drafter, "weights": os.path.basename(weights),
+            "data_dir": FLAGS.data_dir, "eval_fraction": FLAGS.eval_fraction,
+            "seed": FLAGS.seed, "held_out_positions": int(ranks.shape[0]),
+            "max_rank": FLAGS.max_rank,
+            "expected_accepted": [round(float(e), 4) for e in expected],
+            "generic_expected_accepted": round(float(generic_e), 4),
+            "measured": {str(n): {"tokens": tok, "wall_s": round(wall, 3), "target_calls": c}
+                         for n, (tok, wall, c) in measured.items()},
+            "measure_prompts": FLAGS.measure_prompts, "max_new_tokens": FLAGS.max_new_tokens,
+            "date": datetime.date.today().isoformat(),
+        }
+        tree_tuning.save_tree_file(output, tree_tuning.TunedTree(
+            tuple(order), default_nodes, FLAGS.draft_vocab, info))
+        _say(f"wrote {output}: {len(order)} choices, default {default_nodes} nodes: "
+             f"{[list(c) for c in order[:default_nodes]]}")
+
+
+if __name__ == "__main__":
+    app.run(main)
