@@ -1,20 +1,17 @@
 """EAGLE layer weights: safetensors files in the head drafters' format
-(``drafters/head_weights.py``: the layer's params only, bf16 by default, JSON metadata validated against the target on load),
-the shipped SmolLM2 layer, and random params for tests.
+(``drafters/head_weights.py``: the layer's params only, bf16 by default, JSON metadata validated
+against the target on load), the shipped SmolLM2 layer, and random params for tests.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from drafters import head_weights
 from drafters.eagle import EagleDrafter
-from specjax import tree_tuning
 
 
 # Weights files ---------------------------------------------------------------------------------
@@ -23,8 +20,8 @@ from specjax import tree_tuning
 def save_weights(path, drafter: EagleDrafter, params, *, target_name: str = "",
                  dtype: str = "bfloat16", extra: Optional[dict] = None) -> str:
     """Writes the layer params only (no embedding / LM head), atomically."""
-    return head_weights.save_weights(path, drafter, params, target_name=target_name, dtype=dtype,
-                              extra=extra)
+    return head_weights.save_weights(path, drafter, params, target_name=target_name,
+                                     dtype=dtype, extra=extra)
 
 
 def load_weights(path, drafter: EagleDrafter, dtype: Optional[str] = None) -> dict:
@@ -37,8 +34,8 @@ def load_weights(path, drafter: EagleDrafter, dtype: Optional[str] = None) -> di
     config, flat = head_weights.read_weights(path)
     want = drafter.config_dict()
     if config.get("drafter") != want["drafter"]:
-        raise head_weights.HeadWeightsError(f"{path} holds {config.get('drafter')!r} weights, not "
-                                     "'eagle'")
+        raise head_weights.HeadWeightsError(
+            f"{path} holds {config.get('drafter')!r} weights, not 'eagle'")
     for key in want:
         if key != "drafter" and config.get(key) != want[key]:
             what = {"vocab_size": "vocabulary", "hidden_size": "hidden size"}.get(key, key)
@@ -46,17 +43,7 @@ def load_weights(path, drafter: EagleDrafter, dtype: Optional[str] = None) -> di
                 f"{path} was trained for a target with {what} {config.get(key)}, this target "
                 f"has {want[key]}: the EAGLE layer belongs to another model (target "
                 f"{config.get('target') or 'unknown'!r})")
-    shapes = head_weights._flatten(jax.tree.map(  # noqa: SLF001 (same file format)
-        lambda s: tuple(s.shape), drafter.param_shapes(),
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
-    got = {k: tuple(v.shape) for k, v in flat.items()}
-    if got != shapes:
-        diff = sorted(k for k in set(got) | set(shapes) if got.get(k) != shapes.get(k))
-        raise head_weights.HeadWeightsError(f"{path} does not fit the EAGLE layer: " + "; ".join(
-            f"{k}: file {got.get(k)}, drafter {shapes.get(k)}" for k in diff[:10]))
-    dtype = dtype or drafter.target.config.param_dtype
-    params = head_weights._unflatten(flat)  # noqa: SLF001
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    return head_weights.params_from_flat(path, flat, drafter, "the EAGLE layer", dtype)
 
 
 def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str] = None,
@@ -76,10 +63,8 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
         target = target.model
     path = path or head_weights.shipped_path("eagle", model_name or "smollm2-135m")
     kwargs = dict(create_kwargs)
-    if tree == "dynamic":
-        tree_file = head_weights.tree_file_of(path)
-        if "draft_vocab" not in kwargs and os.path.exists(tree_file):
-            kwargs["draft_vocab"] = tree_tuning.load_tree_file(tree_file).draft_vocab
+    if tree == "dynamic":  # the tuned file's draft_vocab, when there is a file
+        kwargs.setdefault("draft_vocab", head_weights.tuned_tree(None, path)[1])
         drafter = EagleDrafter.create(target, "dynamic", **kwargs)
     else:
         if kwargs.get("choices") is None:

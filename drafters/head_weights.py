@@ -103,17 +103,23 @@ def load_weights(path: str | os.PathLike, drafter: HeadDrafter, dtype: Optional[
         if config.get(key) != want[key]:
             raise HeadWeightsError(f"{path} has {key}={config.get(key)}, the drafter "
                                    f"{want[key]}: build the drafter with the file's {key}")
-    params = _unflatten(flat)
+    return params_from_flat(path, flat, drafter, "the drafter's parameters", dtype)
+
+
+def params_from_flat(path, flat: dict, drafter, what: str, dtype: Optional[str] = None) -> dict:
+    """The params pytree of a weights file's ``flat`` tensors, cast to ``dtype`` (default: the
+    target's param dtype); :class:`HeadWeightsError` naming ``what`` when a shape differs from
+    ``drafter.param_shapes()`` (shared by every drafter stored in this format)."""
     shapes = _flatten(jax.tree.map(lambda s: tuple(s.shape), drafter.param_shapes(),
                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
     got = {k: tuple(v.shape) for k, v in flat.items()}
     if got != shapes:
         diff = sorted(k for k in set(got) | set(shapes) if got.get(k) != shapes.get(k))
-        raise HeadWeightsError(f"{path} does not fit the drafter's parameters: "
+        raise HeadWeightsError(f"{path} does not fit {what}: "
                                + "; ".join(f"{k}: file {got.get(k)}, drafter {shapes.get(k)}"
                                            for k in diff[:10]))
     dtype = dtype or drafter.target.config.param_dtype
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), _unflatten(flat))
 
 
 def shipped_path(name: str, model_name: str) -> str:

@@ -12,9 +12,10 @@ Two steps:
 1. **Which nodes** (``specjax.tree_tuning``): on the HELD-OUT sequences of the training split
    (the same ``--eval_fraction`` / ``--seed`` as ``train_drafter``, so the heads never saw
    them), the rank of the target's true token under every head (EAGLE: at every depth, the
-   layer fed its own predicted features) is measured with the true tokens on the path. The order of choices by hit count gives, for every node count N, the
-   tree of N drafted nodes with the most expected accepted tokens on that data (an exact
-   count, not an independence model).
+   layer fed its own predicted features) is measured with the true tokens on the path. The
+   order of choices by hit count gives, for every node count N, the tree of N drafted nodes
+   with the most expected accepted tokens on that data (an exact count, not an independence
+   model).
 2. **How many nodes**: a bigger tree accepts more but a round costs more (verification of N+1
    tokens; Hydra drafts level by level). For each N of ``--sizes`` the binary decodes the
    prompts of ``--measure_prompts`` held-out sequences (greedy, batch 1, as the benchmark

@@ -91,3 +91,14 @@ def chi_square_pvalue(seqs: np.ndarray, joint: np.ndarray, counts: dict, total: 
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     return sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def token_chi_square_pvalue(samples, probs) -> float:
+    """Pearson chi-square p-value of sampled token ids ``samples`` against ``probs[V]``; fails
+    outright when a token of probability 0 was sampled."""
+    counts = np.bincount(samples, minlength=probs.size)
+    assert counts.size == probs.size
+    assert counts[probs == 0].sum() == 0, "token outside the target's support"
+    support = probs > 0
+    expected = probs[support] / probs[support].sum() * counts.sum()
+    return sps.chisquare(counts[support], expected).pvalue

@@ -40,9 +40,6 @@ def _rows(out):
     return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
 
 
-_random_params = kit.noisy_params
-
-
 def _oracle_params(drafter, model, params, rows):
     """A few hundred steps on the reference continuations: heads that often draft right."""
     from drafters import distill
@@ -72,7 +69,7 @@ def test_greedy_equals_plain_decoding(target, reference, name, kind):
     config, ref_rows = reference
     drafter = CLASSES[name].create(model)
     if kind == "random":
-        dparams = _random_params(drafter)
+        dparams = kit.noisy_params(drafter)
     else:
         dparams = _oracle_params(drafter, model, params, ref_rows)
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)  # ragged
@@ -90,7 +87,7 @@ def test_draft_vocab_drafts_only_low_ids_and_stays_lossless(target, reference, n
     model, params = target
     config, ref_rows = reference
     drafter = CLASSES[name].create(model, draft_vocab=40)
-    dparams = _random_params(drafter)
+    dparams = kit.noisy_params(drafter)
     proposal, _, _ = drafter.propose(dparams, (), _context(model, params), jax.random.key(0))
     assert (np.asarray(proposal.tokens)[:, 1:] < 40).all()
     full = CLASSES[name].create(model)
@@ -118,7 +115,7 @@ def test_medusa_tree_tokens_follow_choices(target):
     model, params = target
     choices = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
     drafter = MedusaDrafter.create(model, num_heads=3, choices=choices)
-    dparams = _random_params(drafter)
+    dparams = kit.noisy_params(drafter)
     ctx = _context(model, params)
     proposal, _, _ = drafter.propose(dparams, (), ctx, jax.random.key(0))
     feats = drafter.module.apply({"params": dparams}, ctx.pending_hidden)
@@ -134,7 +131,7 @@ def test_hydra_nodes_depend_on_their_path(target):
     model, params = target
     choices = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
     drafter = HydraDrafter.create(model, num_heads=3, choices=choices)
-    dparams = _random_params(drafter)
+    dparams = kit.noisy_params(drafter)
     ctx = _context(model, params)
     proposal, _, _ = drafter.propose(dparams, (), ctx, jax.random.key(0))
     tokens = np.asarray(proposal.tokens)
@@ -169,7 +166,7 @@ def test_hydra_sequence_distribution_is_exact():
     sampling = SamplingConfig(temperature=0.8, top_k=5)
     model, params = seq_model()
     drafter = HydraDrafter.create(model, num_heads=2, choices=[(0,), (1,), (0, 0), (1, 0)])
-    dparams = _random_params(drafter, scale=1.0)
+    dparams = kit.noisy_params(drafter, scale=1.0)
     seqs, joint = exact_joint(model, params, sampling)
     counts, total = sample_sequences(model, params, drafter, dparams, sampling, SpecConfig(),
                                       rows=2048, rounds=3)
@@ -206,7 +203,7 @@ def test_incompatible_target_is_refused(target):
 def test_weights_round_trip_and_errors(target, tmp_path):
     model, _ = target
     drafter = HydraDrafter.create(model)
-    params = _random_params(drafter)
+    params = kit.noisy_params(drafter)
     path = str(tmp_path / "hydra.safetensors")
     head_weights.save_weights(path, drafter, params, target_name="tiny", dtype="float32")
     back = head_weights.load_weights(path, drafter)

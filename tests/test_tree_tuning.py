@@ -150,15 +150,12 @@ def target():
     return kit.tiny_model("gqa")
 
 
-_noisy = kit.noisy_params
-
-
 @pytest.mark.parametrize("cls", [MedusaDrafter, HydraDrafter])
 @pytest.mark.parametrize("draft_vocab", [0, 40])
 def test_true_ranks_locate_labels_in_top_k(target, cls, draft_vocab):
     model, params = target
     drafter = cls.create(model, draft_vocab=draft_vocab)
-    dparams = _noisy(drafter)
+    dparams = kit.noisy_params(drafter)
     rng = np.random.default_rng(0)
     m, k = 300, drafter.num_heads  # 300: two chunks, the second wrapped
     data = {"hidden": rng.normal(size=(m, model.hidden_size)).astype(np.float32),
@@ -233,7 +230,7 @@ def test_load_shipped_picks_the_tuned_tree(target, tmp_path):
     model, _ = target
     drafter = MedusaDrafter.create(model)
     weights = str(tmp_path / "medusa.safetensors")
-    head_weights.save_weights(weights, drafter, _noisy(drafter))
+    head_weights.save_weights(weights, drafter, kit.noisy_params(drafter))
     # no tree file: the generic tree; asking for a tuned one is a clear error
     assert head_weights.load_shipped("medusa", model, path=weights)[0].tree == drafter.tree
     with pytest.raises(tree_tuning.TunedTreeError, match="tune_tree"):
@@ -315,7 +312,7 @@ def test_tune_tree_binary_on_a_tiny_model(tmp_path):
                     model_name="tiny-gqa")
     drafter = MedusaDrafter.create(lm.model)
     weights = str(tmp_path / "medusa.safetensors")
-    head_weights.save_weights(weights, drafter, _noisy(drafter), target_name="tiny-gqa")
+    head_weights.save_weights(weights, drafter, kit.noisy_params(drafter), target_name="tiny-gqa")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
 
