@@ -14,7 +14,9 @@ order 1).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import pathlib
 import zlib
 
 import jax.numpy as jnp
@@ -184,8 +186,8 @@ def test_every_split_block_is_written():
     qr = jnp.pad(q.reshape(2, 3, 1, 2, 32).transpose(0, 2, 1, 3, 4).reshape(2, 1, 6, 32),
                  ((0, 0), (0, 0), (0, p.rows - 6), (0, 0)))
     vis = jnp.zeros((2, p.rows, p.nodes), jnp.int32)
-    o, m, l = ta._call_generic(lengths, qr, k_bad, v_bad, kn, kn, vis, p, ta.BlockSizes(),
-                               0.1, interpret=True, backend="interpret")
+    o, m, l = ta.call_generic(lengths, qr, k_bad, v_bad, kn, kn, vis, p, ta.BlockSizes(),
+                              0.1, interpret=True, backend="interpret")
     for x in (o, m, l):
         assert np.isfinite(np.asarray(x)).all()
     # row 0 (length 5) has committed slots in split 0 only
@@ -224,6 +226,50 @@ def test_auto_is_the_reference_on_cpu():
     q, k, v, _, _, lengths, visible = _inputs(case, 3)
     np.testing.assert_array_equal(ta.tree_attention(q, k, v, lengths, visible),
                                   ta.tree_attention_reference(q, k, v, lengths, visible))
+
+
+# ----------------------------------------------------------------------------- module layout
+
+def _kernel_imports():
+    """``{module: the kernel modules it imports}`` for every module under ``specjax/kernels``,
+    read from the source (imports inside functions count; relative imports are resolved)."""
+    root = pathlib.Path(ta.__file__).parent.parent  # specjax/kernels
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.rsplit(".", node.level - 1)[0]
+                    base = f"{anchor}.{base}" if base else anchor
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_kernel_imports_run_one_way():
+    """API package -> backends -> body: the body imports no kernel module, each backend only
+    the body, and no kernel module imports the API package back (so no cycle)."""
+    api = "specjax.kernels.tree_attention"
+    body, backends = f"{api}.body", {f"{api}.generic", f"{api}.tpu"}
+    graph = _kernel_imports()
+    assert set(graph) == {"specjax.kernels", api, body, *backends}, "place new modules here"
+    assert graph[body] == set()
+    for backend in backends:
+        assert graph[backend] == {body}, backend
+    assert graph[api] == {body, *backends}
+    assert graph["specjax.kernels"] == set()  # hence nothing imports the API back
 
 
 # ----------------------------------------------------------------------------- TreeMask + model

@@ -1,12 +1,14 @@
-"""The Mosaic TPU ``pallas_call`` of the tree-attention kernel (body in ``tree_attention.py``).
+"""The Mosaic TPU ``pallas_call`` of the tree-attention kernel (body in ``body.py``).
 
-Differences from the generic (interpret / Triton) call:
+Imports only the kernel body; the public API (the package ``__init__``) imports this module on
+first use of the ``"tpu"`` layout. Differences from the generic (interpret / Triton) call in
+``generic.py``:
 
 * ``lengths`` is a scalar-prefetch operand: it lives in SMEM and the index maps read it.
 * The K/V index maps clamp the split index to the last split that holds a committed slot, so
   grid steps past ``lengths[b]`` map to the block already in VMEM and Pallas issues no new DMA;
   the kernel body computes nothing there (its block loop count is 0).
-* Splits are sized by :func:`tree_attention.plan` to ~2k slots so that one split of K and V,
+* Splits are sized by :func:`body.plan` to ~2k slots so that one split of K and V,
   double-buffered, fits the default scoped VMEM.
 
 Untested on TPU hardware (no TPU in this project); it runs in interpret mode on CPU in the tests.
@@ -14,23 +16,20 @@ Untested on TPU hardware (no TPU in this project); it runs in interpret mode on 
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from specjax.kernels import tree_attention as ta
+from specjax.kernels.tree_attention.body import BlockSizes, Plan, bind, kernel_body, split_results
 
 
 def _tpu_kernel(lengths_ref, *refs, **kw):
-    ta.kernel_body(lengths_ref[pl.program_id(0)], *refs, **kw)
+    kernel_body(lengths_ref[pl.program_id(0)], *refs, **kw)
 
 
-def call(lengths, q, k, v, kn, vn, vis, p: "ta.Plan", sizes: "ta.BlockSizes", scale: float,
-         interpret=False):
-    """Same operands and results as ``tree_attention._call_generic``."""
+def call_tpu(lengths, q, k, v, kn, vn, vis, p: Plan, sizes: BlockSizes, scale: float,
+             interpret=False):
+    """Same operands and results as :func:`generic.call_generic` (``sizes`` is unused)."""
     del sizes
     b, kh, _, d = q.shape
 
@@ -58,14 +57,9 @@ def call(lengths, q, k, v, kn, vn, vis, p: "ta.Plan", sizes: "ta.BlockSizes", sc
                          lambda i, h, r, j, n: (i, h, j, r, 0)),
         ],
     )
-    kernel = functools.partial(_tpu_kernel, scale=scale, block_k=p.block_k,
-                               split_size=p.split_size, split_axis=3,
-                               upcast=bool(interpret) and jax.default_backend() == "cpu")
-    out_shape = [jax.ShapeDtypeStruct((b, kh, p.num_splits, p.rows, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, p.num_splits, p.rows, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, p.num_splits, p.rows, 1), jnp.float32)]
     return pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
+        bind(_tpu_kernel, p, scale, interpret), grid_spec=grid_spec,
+        out_shape=split_results(b, kh, d, p), interpret=interpret,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel",) * 4),
         name="tree_attention_tpu",
