@@ -25,4 +25,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build dist

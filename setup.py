@@ -1,11 +1,11 @@
 """specjax: lossless speculative and parallel decoding for language models in JAX."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 RUNTIME = [
     "jax>=0.6,<0.11",          # CPU wheels by default; see the gpu/tpu extras
     "flax>=0.10,<0.13",
-    "optax>=0.2.4,<0.3",
+    "optax>=0.2.5,<0.3",        # optax.tree.norm
     "orbax-checkpoint>=0.11,<0.13",
     "chex>=0.1.88,<0.2",
     "absl-py>=2.1,<3",
@@ -24,14 +24,32 @@ TEST = [
     "torch==2.13.0",          # the CPU build; `pip install torch==2.13.0` takes the local wheel
     "transformers>=4.52,<6",
     "accelerate>=1.0,<2",     # transformers needs it to load GGUF files
+    "matplotlib>=3.8,<4",     # benchmark plots (Agg backend)
+    # CI executes a notebook.
+    "nbclient>=0.10,<1",
+    "nbformat>=5.10,<6",
+    "ipykernel>=6.29,<8",
 ]
+
+# Every subpackage of these, found at build time (tests/ is not packaged).
+PACKAGES = find_packages(include=[f"{top}{sub}" for top in ("specjax", "models", "drafters",
+                                                           "experiments") for sub in ("", ".*")])
+
+# Data files, found by glob at build time: the drafter weights and tuned trees shipped for each
+# model, and the experiments' prompt files.
+PACKAGE_DATA = {
+    "drafters": ["weights/**/*.safetensors", "weights/**/*.tree.json"],
+    "experiments": ["prompts/*.txt"],
+}
 
 setup(
     name="specjax",
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=["specjax", "models", "drafters"],
+    packages=PACKAGES,
+    package_data=PACKAGE_DATA,
+    include_package_data=False,  # exactly PACKAGE_DATA, whatever sits in the tree
     install_requires=RUNTIME,
     extras_require={
         "test": TEST,

@@ -19,6 +19,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from drafters import heads, registry
 from drafters.heads import HeadDrafter
 from specjax.tree import DraftTree
 
@@ -79,7 +80,7 @@ class BlockwiseDrafter(HeadDrafter):
     def train_logits(self, params, target_params, hidden, tokens):
         del tokens
         feats = self.module.apply({"params": params}, hidden.astype(jnp.float32))
-        return self.project(target_params, feats)
+        return self.logits(target_params, feats)
 
     def propose(self, params, state, ctx, key):
         del key
@@ -88,3 +89,20 @@ class BlockwiseDrafter(HeadDrafter):
         logits = self.draft_logits(ctx.target_params, feats[:, :k])  # [B, K, V]
         drafted = jnp.argmax(logits, axis=-1)
         return self._proposal(ctx.pending, drafted), state, ctx.cache
+
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseOptions(registry.Options):
+    draft_len: int = registry.option(4, "Draft tokens per round (at most the 4 shipped heads).",
+                                     minimum=1)
+    draft_vocab: Optional[int] = registry.option(
+        None, "Draft from token ids < N only (0 = all, the default).", minimum=0)
+
+
+registry.register(registry.Method(
+    "blockwise", BlockwiseOptions, heads.shipped_builder("blockwise"),
+    "blockwise parallel decoding: K independent heads draft a chain", weights="blockwise",
+    order=60))

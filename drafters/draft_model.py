@@ -18,20 +18,20 @@ no smaller sibling with its tokenizer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from specjax import masks
 from specjax.cache import set_lengths
-from specjax.drafter import Proposal
-from specjax.sampling import SamplingConfig, processed_probs, sample_probs
-from specjax.tree import DraftTree
+from drafters import registry
+from specjax.drafter import Proposal, SampledChainDrafter
+from specjax.sampling import SamplingConfig, draw
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModelDrafter:
+class DraftModelDrafter(SampledChainDrafter):
     """Static configuration.
 
     Attributes:
@@ -44,19 +44,9 @@ class DraftModelDrafter:
     draft_len: int = 4
     sampling: SamplingConfig = SamplingConfig()
 
-    siblings = "iid"
-
     def __post_init__(self):
         if self.draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
-
-    @property
-    def deterministic(self) -> bool:
-        return self.sampling.greedy
-
-    @property
-    def tree(self) -> DraftTree:
-        return DraftTree.chain(self.draft_len)
 
     def check_compatible(self, target) -> None:
         if self.model.vocab_size != target.vocab_size:
@@ -75,12 +65,6 @@ class DraftModelDrafter:
                                  logits_at=jnp.zeros((b, 1), jnp.int32))
         return set_lengths(out.cache, prompt_lengths)
 
-    def _draw(self, key, logits):
-        if self.sampling.greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-        q = processed_probs(logits, self.sampling)
-        return sample_probs(key, q), q
-
     def propose(self, params, state, ctx, key):
         cache = state
         b = ctx.pending.shape[0]
@@ -94,14 +78,14 @@ class DraftModelDrafter:
                                  logits_at=jnp.ones((b, 1), jnp.int32))
         cache = set_lengths(out.cache, cache.lengths + 2)
         keys = jax.random.split(key, self.draft_len)
-        token, q = self._draw(keys[0], out.logits[:, 0])
+        token, q = draw(keys[0], out.logits[:, 0], self.sampling)
 
         def step(carry, step_key):
             cache, token = carry
             out = self.model.forward(params, token[:, None], cache.lengths[:, None], cache,
                                      masks.causal_mask(cache.lengths, 1, cache.num_slots))
             cache = set_lengths(out.cache, cache.lengths + 1)
-            nxt, q = self._draw(step_key, out.logits[:, 0])
+            nxt, q = draw(step_key, out.logits[:, 0], self.sampling)
             return (cache, nxt), (nxt, q)
 
         (cache, _), (rest, rest_q) = jax.lax.scan(step, (cache, token), keys[1:])
@@ -113,8 +97,8 @@ class DraftModelDrafter:
             draft_probs = jnp.concatenate([jnp.zeros_like(qs[:, :1]), qs], axis=1)
         return Proposal(tokens=all_tokens, draft_probs=draft_probs), cache, ctx.cache
 
-    def commit(self, params, state, ctx, info):
-        return state  # the next propose rolls back to the new committed length
+    # commit: the base class's (nothing to do: the next propose rolls back to the new committed
+    # length).
 
 
 def from_target_layers(target, target_params, num_layers: int):
@@ -131,3 +115,34 @@ def from_target_layers(target, target_params, num_layers: int):
     draft_params = dict(target_params)
     draft_params["layers"] = jax.tree.map(lambda w: w[:num_layers], target_params["layers"])
     return type(target)(draft_config), draft_params
+
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModelOptions(registry.Options):
+    draft_len: int = registry.option(2, "Draft tokens per round.", minimum=1)
+    draft_model: Optional[str] = registry.option(
+        None, "Registry name or checkpoint path of the draft model; default: the target's "
+        "first --draft_layers layers.")
+    draft_layers: int = registry.option(4, "Without --draft_model: how many of the target's "
+                                        "first layers form the draft model.", minimum=1)
+
+    def param_sharding(self) -> str:
+        return "by_logical_axes" if self.draft_model else "placed_with_target"
+
+
+def build(ctx: registry.BuildContext, options: DraftModelOptions):
+    if options.draft_model:
+        from models import registry as models
+        small = models.load(options.draft_model, dtype=ctx.model.config.dtype)
+        return DraftModelDrafter(small.model, options.draft_len, ctx.sampling), small.params
+    model, params = from_target_layers(ctx.model, ctx.params, options.draft_layers)
+    return DraftModelDrafter(model, options.draft_len, ctx.sampling), params
+
+
+registry.register(registry.Method(
+    "draft_model", DraftModelOptions, build,
+    "a small model with the target's tokenizer drafts a chain (default: the target's first "
+    "layers)", order=20))

@@ -29,6 +29,12 @@ their ``top_k`` children; all drafted nodes are then reranked by cumulative log-
 and the best ``budget`` kept (:func:`specjax.tree.select_top_nodes`). Drafts are top-k tokens,
 i.e. point masses (``deterministic = True``): greedy and sampled verification stay lossless.
 
+Shared pieces: the layer is the target's own decoder-layer math (:mod:`models.decoder_block`,
+with the draft cache as its attention); the frozen embedding, LM head, ``draft_vocab`` slice and
+compatibility check are :class:`drafters.target_readout.TargetReadout` (shared with the head
+drafters); static trees are drafted level by level after
+:attr:`specjax.tree.DraftTree.expansion_levels` (shared with Hydra).
+
 Axis glossary: B batch, T tree nodes, M pool of drafted nodes, P prompt length, S draft-cache
 slots, H query heads, K kv heads, D head dim, E embedding width, F MLP width, V vocabulary.
 """
@@ -44,11 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from drafters import heads
-from models.llama import apply_rope, attention, rms_norm, rope_inv_freq
+from drafters import heads, registry
+from drafters.target_readout import TargetReadout
+from models import decoder_block as block
 from specjax import masks
 from specjax.cache import KVCache
-from specjax.drafter import Proposal
+from specjax.drafter import DrafterBase, Proposal
 from specjax.tree import DraftTree, select_top_nodes
 
 TREES = ("static", "dynamic")
@@ -65,60 +72,35 @@ DEFAULT_MAX_NODES = 64
 class EagleLayer(nn.Module):
     """``fc([emb; feature])`` then one Llama decoder layer and an output RMSNorm.
 
-    Shapes: features / embeddings ``[B, T, E]``; positions ``int32[B, T]``. The attention is
-    split out (:meth:`qkv`, :meth:`finish`) so callers choose what the queries attend to (the
-    draft cache during decoding, several feature levels in training).
+    The decoder layer is :func:`models.decoder_block.decoder_block` (the target's own layer
+    math; its params are named as the target's, unstacked, without qkv biases). Shapes:
+    features / embeddings ``[B, T, E]``; positions ``int32[B, T]``. :meth:`run` takes the
+    attention as an argument, so callers choose what the queries attend to (the draft cache
+    during decoding, several feature levels in training).
     """
 
     config: Any  # the target's LlamaConfig (sizes, rope, eps)
 
     def setup(self):
-        c = self.config
-        e, f, h, k, d = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
-                         c.head_dim)
+        e = self.config.hidden_size
         dense = nn.initializers.normal(0.02)
         self.fc = self.param("fc", dense, (2 * e, e), jnp.float32)
-        self.attn_norm = self.param("attn_norm", nn.initializers.ones, (e,), jnp.float32)
-        self.wq = self.param("wq", dense, (e, h, d), jnp.float32)
-        self.wk = self.param("wk", dense, (e, k, d), jnp.float32)
-        self.wv = self.param("wv", dense, (e, k, d), jnp.float32)
-        self.wo = self.param("wo", dense, (h, d, e), jnp.float32)
-        self.mlp_norm = self.param("mlp_norm", nn.initializers.ones, (e,), jnp.float32)
-        self.w_gate = self.param("w_gate", dense, (e, f), jnp.float32)
-        self.w_up = self.param("w_up", dense, (e, f), jnp.float32)
-        self.w_down = self.param("w_down", dense, (f, e), jnp.float32)
+        self.layer = {name: self.param(name, init, shape, jnp.float32)
+                      for name, (shape, _, init) in block.param_specs(self.config).items()}
         self.out_norm = self.param("out_norm", nn.initializers.ones, (e,), jnp.float32)
 
-    def _dt(self):
-        return jnp.dtype(self.config.dtype)
-
-    def qkv(self, features, emb, positions):
-        """``(x [B,T,E], q [B,T,H,D], k [B,T,K,D], v [B,T,K,D])``; rope applied."""
-        dt, eps = self._dt(), self.config.rms_norm_eps
+    def run(self, features, emb, positions, attend: block.Attend):
+        """``(predicted features [B, T, E], extra)``, where ``attend(q [B,T,H,D], k [B,T,K,D],
+        v [B,T,K,D]) -> (attn [B,T,H,D], extra)`` (rope applied to ``q`` and ``k``)."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
         x = jnp.concatenate([emb.astype(dt), features.astype(dt)], axis=-1) @ self.fc.astype(dt)
-        h = rms_norm(x, self.attn_norm.astype(dt), eps)
-        q = jnp.einsum("bte,ehd->bthd", h, self.wq.astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", h, self.wk.astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", h, self.wv.astype(dt))
-        inv_freq = rope_inv_freq(self.config)
-        return x, apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
-
-    def finish(self, x, attn):
-        """Predicted features ``[B, T, E]`` from the layer input and attention ``[B,T,H,D]``."""
-        dt, eps = self._dt(), self.config.rms_norm_eps
-        x = x + jnp.einsum("bthd,hde->bte", attn, self.wo.astype(dt))
-        h = rms_norm(x, self.mlp_norm.astype(dt), eps)
-        gate = h @ self.w_gate.astype(dt)
-        x = x + (nn.silu(gate) * (h @ self.w_up.astype(dt))) @ self.w_down.astype(dt)
-        return rms_norm(x, self.out_norm.astype(dt), eps)
+        x, extra = block.decoder_block(self.layer, x, positions, c, attend)
+        return block.rms_norm(x, self.out_norm.astype(dt), c.rms_norm_eps), extra
 
     def __call__(self, features, emb, positions):
         """Causal self-attention over the ``T`` pairs (parameter init, simple uses)."""
-        x, q, k, v = self.qkv(features, emb, positions)
-        t = features.shape[1]
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (features.shape[0], t, t))
-        return self.finish(x, attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                        mask))
+        return self.run(features, emb, positions, block.causal_attend)[0]
 
 
 @struct.dataclass
@@ -140,7 +122,7 @@ def _scatter(kv: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class EagleDrafter:
+class EagleDrafter(TargetReadout, DrafterBase):
     """Static configuration (hashable; a jit static argument). Build with :meth:`create`.
 
     Attributes:
@@ -165,6 +147,7 @@ class EagleDrafter:
     draft_vocab: int = 0
 
     name = "eagle"
+    readout_subject = "the EAGLE layer is"  # for TargetReadout.check_compatible
     deterministic = True  # top-k drafts are point masses
     siblings = "without_replacement"  # siblings are distinct top-k tokens
 
@@ -207,19 +190,9 @@ class EagleDrafter:
             raise ValueError(f"unknown EAGLE tree {self.mode!r}; choose one of {TREES}")
         if self.tree.num_nodes < 2:
             raise ValueError("the tree drafts nothing: give it at least one non-root node")
-        if not 0 <= self.draft_vocab <= self.target.vocab_size:
-            raise ValueError(f"draft_vocab must be in [0, {self.target.vocab_size}] (0 = all), "
-                             f"got {self.draft_vocab}")
+        self.check_draft_vocab()
 
     # Sizes / params ----------------------------------------------------------------------------
-
-    @property
-    def hidden_size(self) -> int:
-        return self.target.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.target.vocab_size
 
     @property
     def module(self) -> EagleLayer:
@@ -247,33 +220,7 @@ class EagleDrafter:
     def param_shapes(self) -> dict:
         return jax.eval_shape(self.init_params, jax.random.key(0))
 
-    def check_compatible(self, target) -> None:
-        if target.vocab_size != self.vocab_size or target.hidden_size != self.hidden_size:
-            raise ValueError(
-                f"the EAGLE layer is built for hidden size {self.hidden_size} / vocabulary "
-                f"{self.vocab_size}, the target has {target.hidden_size} / {target.vocab_size}: "
-                "build the drafter with this target")
-
-    # Shared math -------------------------------------------------------------------------------
-
-    def embed(self, target_params, tokens):
-        return self.target.embed(jax.lax.stop_gradient(target_params), tokens)
-
-    def logits(self, target_params, features):
-        """``float32[..., V]`` through the target's frozen LM head."""
-        tparams = jax.lax.stop_gradient(target_params)
-        dt = jnp.dtype(self.target.config.dtype)
-        return self.target.lm_head(tparams, features.astype(dt)).astype(jnp.float32)
-
-    def draft_logits(self, target_params, features):
-        """Logits the tree is drafted from: ``[..., V]``, or ``[..., draft_vocab]`` over the
-        first ``draft_vocab`` ids (the LM head sliced to them; ids are unchanged)."""
-        n = self.draft_vocab
-        if not n or n == self.vocab_size:
-            return self.logits(target_params, features)
-        tparams = jax.lax.stop_gradient(target_params)
-        dt = jnp.dtype(self.target.config.dtype)
-        return self.target.lm_head(tparams, features.astype(dt), num_ids=n).astype(jnp.float32)
+    # One layer step (embed, logits, draft_logits, check_compatible: TargetReadout's) --------------
 
     def step(self, params, target_params, cache: KVCache, features, tokens, positions, slots,
              mask):
@@ -286,12 +233,14 @@ class EagleDrafter:
         Returns:
           ``(predicted features [B, T, E], cache)``; ``cache.lengths`` unchanged.
         """
+
+        def write_and_attend(q, k, v):
+            kc, vc = _scatter(cache.k, k, slots), _scatter(cache.v, v, slots)
+            return block.attention(q, kc[0], vc[0], mask), (kc, vc)
+
         emb = self.embed(target_params, tokens)
-        mod = self.module
-        x, q, k, v = mod.apply({"params": params}, features, emb, positions, method=mod.qkv)
-        kc, vc = _scatter(cache.k, k, slots), _scatter(cache.v, v, slots)
-        attn = attention(q, kc[0], vc[0], mask)
-        out = mod.apply({"params": params}, x, attn, method=mod.finish)
+        out, (kc, vc) = self.module.apply({"params": params}, features, emb, positions,
+                                          write_and_attend, method=EagleLayer.run)
         return out, cache.replace(k=kc, v=vc)
 
     # Drafter contract --------------------------------------------------------------------------
@@ -347,21 +296,6 @@ class EagleDrafter:
             return self._propose_static(params, state, ctx), state, ctx.cache
         return self._propose_dynamic(params, state, ctx), state, ctx.cache
 
-    def _levels(self):
-        """Static plan per depth ``d >= 1``: nodes at ``d`` with children, and their children
-        (index order) with the position of their parent among those nodes and their rank."""
-        tree = self.tree
-        depth = np.asarray(tree.depth)
-        plan = []
-        for d in range(tree.max_depth):
-            expand = [n for n in range(tree.num_nodes) if depth[n] == d and tree.children[n]]
-            kids = [c for n in expand for c in tree.children[n]]
-            slot = [expand.index(tree.parents[c]) for c in kids]
-            rank = [int(tree.choice_rank[c]) for c in kids]
-            plan.append((np.array(expand, np.int32), np.array(kids, np.int32),
-                         np.array(slot, np.int32), np.array(rank, np.int32)))
-        return plan
-
     def _propose_static(self, params, state, ctx):
         tree = self.tree
         b, t = ctx.pending.shape[0], tree.num_nodes
@@ -370,7 +304,7 @@ class EagleDrafter:
         feats = jnp.zeros((b, t, self.hidden_size), state.next_feature.dtype)
         feats = feats.at[:, 0].set(state.next_feature)
         cache = state.cache
-        for d, (expand, kids, slot, rank) in enumerate(self._levels()):
+        for d, (expand, _, kids, slot, rank) in enumerate(tree.expansion_levels):
             if d > 0:  # run the layer on the expanded nodes: their inputs are parent features
                 par = np.asarray(tree.parents)[expand]
                 vis = jnp.asarray(tree.visible[expand][:, 1:])  # [Q, T-1] over scratch slots
@@ -424,3 +358,31 @@ class EagleDrafter:
         nodes, parents, valid = select_top_nodes(pool_score, pool_par, self.budget)
         tokens = jnp.concatenate([ctx.pending[:, None], pool_tok[rows, nodes]], axis=1)
         return Proposal(tokens=tokens, parents=parents, valid=valid)
+
+
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleOptions(registry.Options):
+    tree: str = registry.option(
+        "static", "static: the EAGLE-1 tree tuned for the shipped layer; tunedN: its best "
+        "N-node tree; generic: the built-in tree; dynamic: EAGLE-2 (top-k expansion per depth, "
+        "reranked to a node budget).", choices=("static", "dynamic", "tunedN", "generic"),
+        patterns=heads.TUNED_N)
+    draft_vocab: Optional[int] = registry.option(
+        None, "Draft from token ids < N only (0 = all; default: the tuned tree file's).",
+        minimum=0)
+
+
+def build(ctx: registry.BuildContext, options: EagleOptions):
+    from drafters import eagle_weights
+    kwargs = {} if options.draft_vocab is None else {"draft_vocab": options.draft_vocab}
+    return eagle_weights.load_shipped(ctx.lm, tree=options.tree, **kwargs)
+
+
+registry.register(registry.Method(
+    "eagle", EagleOptions, build,
+    "EAGLE: one decoder layer drafts in the target's feature space (static or dynamic trees)",
+    weights="eagle", order=90))

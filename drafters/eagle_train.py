@@ -12,7 +12,8 @@ the input feature at slot ``s`` is level ``m - 1``'s output at ``s - 1``, and a 
 ``s`` attends to the key at slot ``s - i`` of level ``max(m - i, 0)`` (the true features before
 the chain started, its own predicted ones after). Level ``m``'s argmax at slot ``s`` is the
 draft at depth ``m + 1`` given correct earlier tokens, so per-level top-1 accuracy is the
-per-depth acceptance of a greedy chain (:func:`depth_accuracy`).
+per-depth acceptance of a greedy chain (:func:`depth_accuracy`). Each level is one
+:meth:`EagleLayer.run <drafters.eagle.EagleLayer.run>` whose attention spans those levels.
 
 Loss (:func:`make_loss_fn`): per level, EAGLE's feature regression (smooth L1) plus
 ``ce_weight`` times the token cross-entropy through the target's frozen LM head, level ``m``
@@ -29,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.llama import attention
-from drafters.eagle import EagleDrafter
+from drafters.eagle import EagleDrafter, EagleLayer
+from models.decoder_block import attention
 from specjax.tree_tuning import label_ranks
 
 
@@ -89,14 +90,17 @@ def level_features(drafter: EagleDrafter, params, target_params, feats, tokens, 
     keys, values, outs = [], [], []
     level_in = feats
     for m in range(num_levels):
-        x, q, k, v = mod.apply({"params": params}, level_in, emb, positions, method=mod.qkv)
-        keys.append(k.transpose(0, 2, 1, 3))
-        values.append(v.transpose(0, 2, 1, 3))
-        # Key (level j, slot s') is seen by a level-m query at s iff j == max(m - (s - s'), 0).
-        blocks = [causal & (jnp.maximum(m - offset, 0) == j)[None] for j in range(m + 1)]
-        attn = attention(q, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
-                         jnp.concatenate(blocks, axis=2))
-        out = mod.apply({"params": params}, x, attn, method=mod.finish)
+
+        def attend_levels(q, k, v, m=m):  # over the keys of levels 0..m
+            keys.append(k.transpose(0, 2, 1, 3))
+            values.append(v.transpose(0, 2, 1, 3))
+            # Key (level j, slot s') is seen by a level-m query at s iff j == max(m-(s-s'), 0).
+            blocks = [causal & (jnp.maximum(m - offset, 0) == j)[None] for j in range(m + 1)]
+            return attention(q, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
+                             jnp.concatenate(blocks, axis=2)), None
+
+        out, _ = mod.apply({"params": params}, level_in, emb, positions, attend_levels,
+                           method=EagleLayer.run)
         outs.append(out)
         level_in = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
     return outs

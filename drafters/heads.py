@@ -10,7 +10,11 @@ Conventions (all three drafters):
   ``tokens[t + 2 + k]``.
 * Head modules are Flax Linen modules applied purely; their params are their own pytree. The
   target's embedding and LM head are FROZEN inputs (``stop_gradient``), neither trained nor
-  stored with the heads.
+  stored with the heads: :class:`HeadDrafter` reads them through
+  :class:`drafters.target_readout.TargetReadout` (``embed``, ``logits``, ``draft_logits``,
+  ``check_compatible``), the read-out it shares with the EAGLE drafter.
+* Hydra drafts its tree level by level after :attr:`specjax.tree.DraftTree.expansion_levels`,
+  the plan it shares with EAGLE's static trees.
 
 Weights files and the shipped weights: :mod:`drafters.head_weights`.
 """
@@ -25,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafter import Proposal
+from drafters import registry
+from drafters.target_readout import TargetReadout
+from specjax.drafter import DrafterBase, Proposal
 from specjax.tree import DraftTree
 from specjax.tree_tuning import label_ranks
 
@@ -51,7 +57,7 @@ class ResBlock(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadDrafter:
+class HeadDrafter(TargetReadout, DrafterBase):
     """Static configuration shared by the head drafters (hashable: a jit static argument).
 
     Attributes:
@@ -87,9 +93,7 @@ class HeadDrafter:
                              "more heads")
         if self.tree.num_nodes < 2:
             raise ValueError("the tree drafts nothing: give it at least one non-root node")
-        if not 0 <= self.draft_vocab <= self.target.vocab_size:
-            raise ValueError(f"draft_vocab must be in [0, {self.target.vocab_size}] (0 = all), "
-                             f"got {self.draft_vocab}")
+        self.check_draft_vocab()
         if self.draft_vocab and self.tree.num_nodes > 1 and \
                 int(np.max(self.tree.choice_rank[1:])) >= self.draft_vocab:
             raise ValueError(f"the tree uses ranks up to {int(np.max(self.tree.choice_rank))}, "
@@ -98,12 +102,8 @@ class HeadDrafter:
     # Sizes / params ----------------------------------------------------------------------------
 
     @property
-    def hidden_size(self) -> int:
-        return self.target.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.target.vocab_size
+    def readout_subject(self) -> str:  # for TargetReadout.check_compatible
+        return f"{self.name} heads are"
 
     @property
     def module(self) -> nn.Module:
@@ -124,35 +124,7 @@ class HeadDrafter:
     def param_shapes(self) -> dict:
         return jax.eval_shape(self.init_params, jax.random.key(0))
 
-    def check_compatible(self, target) -> None:
-        if target.vocab_size != self.vocab_size or target.hidden_size != self.hidden_size:
-            raise ValueError(
-                f"{self.name} heads are built for hidden size {self.hidden_size} / vocabulary "
-                f"{self.vocab_size}, the target has {target.hidden_size} / {target.vocab_size}: "
-                "build the drafter with this target")
-
     # Shared math -------------------------------------------------------------------------------
-
-    def project(self, target_params, features: jax.Array) -> jax.Array:
-        """Logits ``float32[..., V]`` of head features through the target's frozen LM head."""
-        tparams = jax.lax.stop_gradient(target_params)
-        return self.target.lm_head(tparams, features.astype(self._dtype())).astype(jnp.float32)
-
-    def draft_logits(self, target_params, features: jax.Array) -> jax.Array:
-        """What drafts are chosen from: ``float32[..., V]``, or ``[..., draft_vocab]`` (token
-        ids ``< draft_vocab``; ids are unchanged)."""
-        if not self.draft_vocab or self.draft_vocab == self.vocab_size:
-            return self.project(target_params, features)
-        tparams = jax.lax.stop_gradient(target_params)
-        return self.target.lm_head(tparams, features.astype(self._dtype()),
-                                   num_ids=self.draft_vocab).astype(jnp.float32)
-
-    def embed(self, target_params, tokens: jax.Array) -> jax.Array:
-        """The target's frozen input embeddings of ``tokens``."""
-        return self.target.embed(jax.lax.stop_gradient(target_params), tokens)
-
-    def _dtype(self):
-        return jnp.dtype(self.target.config.dtype)
 
     def train_logits(self, params, target_params, hidden: jax.Array, tokens: jax.Array
                      ) -> jax.Array:
@@ -301,3 +273,34 @@ def _accuracy_fn(drafter):
             return hit.sum(0), mask.sum(0)
         _ACC_FNS[drafter] = fn
     return _ACC_FNS[drafter]
+
+
+# Shipped heads as registered methods (blockwise.py, medusa.py, hydra.py register them) --------
+
+TUNED_N = {"tunedN": r"tuned[1-9][0-9]*"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeHeadOptions(registry.Options):
+    """Options of the tree head methods (Medusa, Hydra) on their shipped weights."""
+
+    tree: str = registry.option(
+        "tuned", "tuned: the tree tuned for the shipped weights (experiments/tune_tree.py); "
+        "tunedN: its best N-node tree (e.g. tuned16); generic: the drafter's built-in tree.",
+        choices=("tuned", "tunedN", "generic"), patterns=TUNED_N)
+    draft_vocab: Optional[int] = registry.option(
+        None, "Draft from token ids < N only (0 = all; default: the tuned tree file's).",
+        minimum=0)
+
+
+def shipped_builder(name: str):
+    """The build function of head drafter ``name`` on the weights shipped for the model
+    (``drafters/weights/<model>/<name>.safetensors``, :mod:`drafters.head_weights`)."""
+
+    def build(ctx: registry.BuildContext, options):
+        from drafters import head_weights
+        kwargs = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+        return head_weights.load_shipped(name, ctx.lm, **kwargs)
+
+    build.__qualname__ = f"build_{name}"
+    return build

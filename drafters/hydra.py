@@ -11,7 +11,8 @@ head predicts what the target's LM head predicts from ``h``.
 
 In a static tree every node's children are filled by one head call on the node's own path, so
 the tree is drafted level by level (``max_depth`` head calls, each over all nodes of one depth
-that have children, static shapes). Children take the top-k ranks of their parent's head output
+that have children, static shapes), after :attr:`specjax.tree.DraftTree.expansion_levels` (the
+plan EAGLE's static trees use too). Children take the top-k ranks of their parent's head output
 (per ``choice_of_node``), so siblings are distinct tokens. Drafts are point masses
 (``deterministic = True``): verification stays lossless under greedy and sampling.
 """
@@ -23,8 +24,8 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from drafters import heads, registry
 from drafters.heads import ResBlock
 from drafters.medusa import MedusaDrafter
 
@@ -84,24 +85,7 @@ class HydraDrafter(MedusaDrafter):
     def train_logits(self, params, target_params, hidden, tokens):
         emb = self.embed(target_params, tokens[:, :self.num_heads]).astype(jnp.float32)
         feats = self.module.apply({"params": params}, hidden.astype(jnp.float32), emb)
-        return self.project(target_params, feats)
-
-    def _levels(self):
-        """Static plan: for each depth ``d``, the nodes at ``d`` with children, their ancestor
-        paths ``int32[P, d + 1]``, and for the children at ``d + 1`` (in index order) the
-        position of their parent among those nodes and their rank."""
-        tree = self.tree
-        depth = np.asarray(tree.depth)
-        ancestors = [np.flatnonzero(tree.visible[n]) for n in range(tree.num_nodes)]
-        levels = []
-        for d in range(tree.max_depth):
-            expand = [n for n in range(tree.num_nodes) if depth[n] == d and tree.children[n]]
-            paths = np.array([ancestors[n] for n in expand], np.int32)  # [P, d + 1]
-            children = [c for n in expand for c in tree.children[n]]
-            slot = np.array([expand.index(tree.parents[c]) for c in children], np.int32)
-            rank = np.array([tree.choice_rank[c] for c in children], np.int32)
-            levels.append((paths, np.array(children, np.int32), slot, rank))
-        return levels
+        return self.logits(target_params, feats)
 
     def propose(self, params, state, ctx, key):
         del key
@@ -109,7 +93,7 @@ class HydraDrafter(MedusaDrafter):
         t = self.tree.num_nodes
         h = ctx.pending_hidden.astype(jnp.float32)
         tokens = jnp.zeros((b, t), jnp.int32).at[:, 0].set(ctx.pending)
-        for d, (paths, children, slot, rank) in enumerate(self._levels()):
+        for d, (_, paths, children, slot, rank) in enumerate(self.tree.expansion_levels):
             path_tokens = tokens[:, paths]  # [B, P, d + 1]
             emb = self.embed(ctx.target_params, path_tokens).astype(jnp.float32)
             hp = jnp.broadcast_to(h[:, None], (b, paths.shape[0], h.shape[-1]))
@@ -119,3 +103,9 @@ class HydraDrafter(MedusaDrafter):
             _, top = jax.lax.top_k(logits, int(rank.max()) + 1)  # [B, P, R]
             tokens = tokens.at[:, children].set(top[:, slot, rank])
         return self._proposal(ctx.pending, tokens[:, 1:]), state, ctx.cache
+
+
+registry.register(registry.Method(
+    "hydra", heads.TreeHeadOptions, heads.shipped_builder("hydra"),
+    "Hydra heads: each head also reads the tokens drafted before it, a static tree",
+    weights="hydra", order=80))

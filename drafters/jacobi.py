@@ -58,9 +58,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from drafters.prompt_lookup import PromptLookupDrafter
-from specjax.drafter import Proposal
+from drafters import registry
+from specjax.drafter import Proposal, SampledChainDrafter
 from specjax.sampling import SamplingConfig, processed_probs, sample_probs
-from specjax.tree import DraftTree
 
 INITS = ("repeat", "random", "prompt_lookup")
 DEFAULT_WINDOW = 2  # SmolLM2-135M: see make()
@@ -72,7 +72,7 @@ def node_logits(target, ctx, info, nodes: jax.Array) -> jax.Array:
     Uses ``info.verify_logits`` when the loop provides it; otherwise recomputes them from the
     final hidden states with the target's LM head (M x E x V extra work per round).
     """
-    logits = getattr(info, "verify_logits", None)
+    logits = info.verify_logits
     if logits is not None:
         return jnp.take_along_axis(logits, nodes[:, :, None], axis=1).astype(jnp.float32)
     hidden = jnp.take_along_axis(info.verify_hidden, nodes[:, :, None], axis=1)
@@ -87,7 +87,7 @@ class JacobiState:
 
 
 @dataclasses.dataclass(frozen=True)
-class JacobiDrafter:
+class JacobiDrafter(SampledChainDrafter):
     """Static configuration.
 
     Attributes:
@@ -104,7 +104,8 @@ class JacobiDrafter:
     sampling: SamplingConfig = SamplingConfig()
     lookup_max_ngram: int = 3
 
-    siblings = "iid"  # a chain: either rule is standard speculative sampling
+    # commit refines the window from the predictions at every node, the rejected ones too.
+    reads_unoffered_outputs = True
 
     def __post_init__(self):
         if self.window < 1:
@@ -115,12 +116,8 @@ class JacobiDrafter:
             raise ValueError(f"lookup_max_ngram must be >= 1, got {self.lookup_max_ngram}")
 
     @property
-    def deterministic(self) -> bool:
-        return self.sampling.greedy
-
-    @property
-    def tree(self) -> DraftTree:
-        return DraftTree.chain(self.window)
+    def chain_length(self) -> int:
+        return self.window
 
     @property
     def vocab_size(self) -> int:
@@ -210,3 +207,31 @@ def make(target, *, window: int = DEFAULT_WINDOW, init: str = "repeat",
       sampling: the decoding's sampling settings (must be the DecodeConfig's).
     """
     return JacobiDrafter(target=target, window=window, init_policy=init, sampling=sampling), None
+
+
+# The methods: jacobi (greedy) and sjd (the same drafter, named for sampling) ---------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobiOptions(registry.Options):
+    window: int = registry.option(DEFAULT_WINDOW, "Guessed tokens refined per round.",
+                                  minimum=1)
+    jacobi_init: str = registry.option("repeat", "Fresh guesses: repeat, random or "
+                                       "prompt_lookup.", choices=INITS)
+
+    def param_sharding(self) -> str:
+        return "none"
+
+
+def build(ctx: registry.BuildContext, options: JacobiOptions):
+    return make(ctx.model, window=options.window, init=options.jacobi_init,
+                sampling=ctx.sampling)
+
+
+registry.register(registry.Method(
+    "jacobi", JacobiOptions, build,
+    "Jacobi iteration: a window of guesses refined by every verification forward", order=40))
+registry.register(registry.Method(
+    "sjd", JacobiOptions, build,
+    "speculative Jacobi decoding: Jacobi's window verified by speculative sampling (the same "
+    "as jacobi when greedy)", order=41, in_default_benchmark=False))

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from specjax import masks
-from specjax.drafter import Proposal
-from specjax.sampling import SamplingConfig, processed_probs, sample_probs
-from specjax.tree import DraftTree
+from drafters import registry
+from specjax.drafter import Proposal, SampledChainDrafter
+from specjax.sampling import SamplingConfig, draw
 
 
 def default_keep_layers(num_layers: int) -> tuple[int, ...]:
@@ -33,7 +33,7 @@ def default_keep_layers(num_layers: int) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSkipDrafter:
+class LayerSkipDrafter(SampledChainDrafter):
     """Static configuration.
 
     Attributes:
@@ -47,8 +47,6 @@ class LayerSkipDrafter:
     keep_layers: Optional[tuple[int, ...]] = None
     draft_len: int = 4
     sampling: SamplingConfig = SamplingConfig()
-
-    siblings = "iid"
 
     def __post_init__(self):
         n = self.target.num_layers
@@ -74,20 +72,9 @@ class LayerSkipDrafter:
         keep = tuple(i for i in range(target.num_layers) if i not in skip)
         return cls(target=target, keep_layers=keep, **kwargs)
 
-    @property
-    def deterministic(self) -> bool:
-        return self.sampling.greedy
-
-    @property
-    def tree(self) -> DraftTree:
-        return DraftTree.chain(self.draft_len)
-
     def check_compatible(self, target) -> None:
         if target != self.target:
             raise ValueError("a layer-skip drafter must be built from the target it drafts for")
-
-    def init(self, params, ctx, prompt_tokens, prompt_lengths):
-        return ()
 
     def propose(self, params, state, ctx, key):
         del params  # drafting uses the target's own parameters
@@ -102,12 +89,7 @@ class LayerSkipDrafter:
                                       cache.replace(lengths=at),
                                       masks.causal_mask(at, 1, cache.num_slots),
                                       layers=self.keep_layers)
-            logits = out.logits[:, 0]
-            if self.sampling.greedy:
-                nxt, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-            else:
-                q = processed_probs(logits, self.sampling)
-                nxt = sample_probs(step_key, q)
+            nxt, q = draw(step_key, out.logits[:, 0], self.sampling)
             return (out.cache.replace(lengths=committed), nxt), (nxt, q)
 
         offsets = jnp.arange(self.draft_len, dtype=jnp.int32)
@@ -120,5 +102,28 @@ class LayerSkipDrafter:
             draft_probs = jnp.concatenate([jnp.zeros_like(qs[:, :1]), qs], axis=1)
         return Proposal(tokens=tokens, draft_probs=draft_probs), state, cache
 
-    def commit(self, params, state, ctx, info):
-        return state
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkipOptions(registry.Options):
+    draft_len: int = registry.option(2, "Draft tokens per round.", minimum=1)
+    skip_layers: Optional[tuple[int, ...]] = registry.option(
+        None, "Comma-separated layers skipped while drafting (default: a tuned set, see "
+        "drafters/layer_skip.py).", parse=registry.parse_ints)
+
+    def param_sharding(self) -> str:
+        return "none"
+
+
+def build(ctx: registry.BuildContext, options: LayerSkipOptions):
+    if options.skip_layers is None:
+        return LayerSkipDrafter(ctx.model, None, options.draft_len, ctx.sampling), None
+    return LayerSkipDrafter.skipping(ctx.model, options.skip_layers,
+                                     draft_len=options.draft_len, sampling=ctx.sampling), None
+
+
+registry.register(registry.Method(
+    "layer_skip", LayerSkipOptions, build,
+    "the target drafts for itself with a subset of its layers (self-speculative)", order=30))

@@ -47,7 +47,8 @@ from flax import struct
 
 from drafters import ngram_pool
 from drafters.jacobi import node_logits
-from specjax.drafter import Proposal
+from drafters import registry
+from specjax.drafter import DrafterBase, Proposal
 from specjax.sampling import SamplingConfig
 from specjax.tree import DraftTree
 
@@ -78,7 +79,7 @@ def budget_tree(window: int, ngram: int, guess_set: int) -> DraftTree:
 
 
 @dataclasses.dataclass(frozen=True)
-class LookaheadDrafter:
+class LookaheadDrafter(DrafterBase):
     """Static configuration.
 
     Attributes:
@@ -103,8 +104,9 @@ class LookaheadDrafter:
     sampling: SamplingConfig = SamplingConfig()
     seed: int = 0
 
-    deterministic = True
-    siblings = "without_replacement"
+    # commit reads the predictions at the lookahead window's nodes, which are never offered
+    # as candidates: verification must run every node.
+    reads_unoffered_outputs = True
 
     def __post_init__(self):
         if self.window < 1:
@@ -296,3 +298,29 @@ def make(target, *, window: int = DEFAULT_WINDOW, ngram: int = DEFAULT_NGRAM,
     return LookaheadDrafter(target=target, window=window, ngram=ngram, guess_set=guess_set,
                             sampling=sampling, history_ngrams=history_ngrams,
                             pool_capacity=pool_capacity), None
+
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LookaheadOptions(registry.Options):
+    window: int = registry.option(DEFAULT_WINDOW, "W, columns of the lookahead window.",
+                                  minimum=1)
+    ngram: int = registry.option(DEFAULT_NGRAM, "N, the n-gram size.", minimum=2)
+    guess_set: int = registry.option(DEFAULT_GUESS_SET, "G, candidate n-grams verified per "
+                                     "round.", minimum=0)
+
+    def param_sharding(self) -> str:
+        return "none"
+
+
+def build(ctx: registry.BuildContext, options: LookaheadOptions):
+    return make(ctx.model, window=options.window, ngram=options.ngram,
+                guess_set=options.guess_set, sampling=ctx.sampling)
+
+
+registry.register(registry.Method(
+    "lookahead", LookaheadOptions, build,
+    "lookahead decoding: a 2-D Jacobi window feeds an n-gram pool verified in the same "
+    "forward", order=50))

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drafters import heads
+from drafters import heads, registry
 from drafters.heads import HeadDrafter, ResBlock
 
 # 10 drafted nodes (11 with the root), depth 3: top-3 of head 0, the best continuations below
@@ -85,7 +85,7 @@ class MedusaDrafter(HeadDrafter):
     def train_logits(self, params, target_params, hidden, tokens):
         del tokens  # Medusa heads see only h
         feats = self.module.apply({"params": params}, hidden.astype(jnp.float32))
-        return self.project(target_params, feats)
+        return self.logits(target_params, feats)
 
     def propose(self, params, state, ctx, key):
         del key
@@ -97,3 +97,9 @@ class MedusaDrafter(HeadDrafter):
         head, rank = heads.tree_tables(self.tree)
         drafted = top[:, head, rank]  # [B, T - 1]
         return self._proposal(ctx.pending, drafted), state, ctx.cache
+
+
+registry.register(registry.Method(
+    "medusa", heads.TreeHeadOptions, heads.shipped_builder("medusa"),
+    "Medusa-1 heads: one head per depth on the last hidden state, a static tree",
+    weights="medusa", order=70))

@@ -22,7 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from specjax.drafter import Proposal
+from drafters import registry
+from specjax.drafter import DrafterBase, Proposal
 from specjax.tree import DraftTree
 
 
@@ -39,7 +40,7 @@ def branch_tree(num_branches: int, draft_len: int) -> DraftTree:
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookupDrafter:
+class PromptLookupDrafter(DrafterBase):
     """Static configuration of prompt lookup drafting.
 
     Attributes:
@@ -53,9 +54,9 @@ class PromptLookupDrafter:
     min_ngram: int = 1
     num_branches: int = 1
 
-    deterministic = True
-    siblings = "without_replacement"
-    skip_verify_when_empty = True  # no match anywhere: a one-token forward suffices
+    # Rows without a match offer invalid nodes that need no forward: the loop verifies on the
+    # narrowest width covering the offered nodes (one token when no row matched).
+    verify_widths = "auto"
 
     def __post_init__(self):
         if self.draft_len < 1:
@@ -69,12 +70,6 @@ class PromptLookupDrafter:
     @property
     def tree(self) -> DraftTree:
         return branch_tree(self.num_branches, self.draft_len)
-
-    def check_compatible(self, target) -> None:
-        del target  # works with any target
-
-    def init(self, params, ctx, prompt_tokens, prompt_lengths):
-        return ()
 
     def find_ends(self, history: jax.Array, history_len: jax.Array):
         """Best match ends per row.
@@ -114,5 +109,31 @@ class PromptLookupDrafter:
         valid = jnp.concatenate([jnp.ones((b, 1), bool), ok.reshape(b, k * m)], axis=1)
         return Proposal(tokens=tokens, valid=valid), state, ctx.cache
 
-    def commit(self, params, state, ctx, info):
-        return state
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookupOptions(registry.Options):
+    draft_len: int = registry.option(8, "Draft tokens per branch.", minimum=1)
+    tree: str = registry.option("chain", "chain: one continuation; tree: --num_branches "
+                                "continuations verified together.", choices=("chain", "tree"))
+    num_branches: int = registry.option(3, "Branches with --tree=tree.", minimum=1)
+    max_ngram: int = registry.option(3, "Longest n-gram matched.", minimum=1)
+    min_ngram: int = registry.option(1, "Shortest n-gram matched.", minimum=1)
+
+    def param_sharding(self) -> str:
+        return "none"
+
+
+def build(ctx: registry.BuildContext, options: PromptLookupOptions):
+    del ctx
+    branches = options.num_branches if options.tree == "tree" else 1
+    return PromptLookupDrafter(draft_len=options.draft_len, max_ngram=options.max_ngram,
+                               min_ngram=options.min_ngram, num_branches=branches), None
+
+
+registry.register(registry.Method(
+    "prompt_lookup", PromptLookupOptions, build,
+    "copies the continuation of the longest n-gram match in the prompt and the text so far",
+    order=10))

@@ -14,22 +14,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from specjax.drafter import Proposal
+from specjax.drafter import DrafterBase, Proposal
 from specjax.tree import DraftTree
 
 MODES = ("oracle", "wrong", "random")
 
 
 @dataclasses.dataclass(frozen=True)
-class ScriptedDrafter:
+class ScriptedDrafter(DrafterBase):
     """Attributes: mode (one of ``MODES``), draft_len K, vocab_size V."""
 
     mode: str
     draft_len: int
     vocab_size: int
-
-    deterministic = True
-    siblings = "without_replacement"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -44,9 +41,6 @@ class ScriptedDrafter:
             raise ValueError(f"scripted drafter vocabulary {self.vocab_size} != target "
                              f"{target.vocab_size}")
 
-    def init(self, params, ctx, prompt_tokens, prompt_lengths):
-        return ()
-
     def propose(self, params, state, ctx, key):
         reference = params  # [B, R]
         width = reference.shape[1]
@@ -58,6 +52,3 @@ class ScriptedDrafter:
             ref = jax.random.randint(key, ref.shape, 0, self.vocab_size, jnp.int32)
         tokens = jnp.concatenate([ctx.pending[:, None], ref], axis=1)
         return Proposal(tokens=tokens), state, ctx.cache
-
-    def commit(self, params, state, ctx, info):
-        return state

@@ -22,14 +22,17 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import benchmark as bench
-from experiments import common, spec_bench
+from experiments import common, method_flags, spec_bench
+from experiments.bench_metrics import first_mismatch
+from experiments.bench_report import md_table
+from experiments.benchmark import DEFAULT_PROMPTS
+from experiments.bench_runner import environment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF directory or .gguf file.")
-flags.DEFINE_string("prompts", bench.DEFAULT_PROMPTS, "Spec-Bench question file (jsonl).")
+flags.DEFINE_string("prompts", DEFAULT_PROMPTS, "Spec-Bench question file (jsonl).")
 flags.DEFINE_integer("num_prompts", 3, "Prompts: the first question of the first "
                      "num_prompts task groups of --categories.", lower_bound=1)
 flags.DEFINE_list("categories", ["mt_bench", "translation", "qa", "math_reasoning",
@@ -40,22 +43,18 @@ flags.DEFINE_bool("hf", True, "Also time transformers generate on the same check
 flags.DEFINE_integer("hf_threads", 0, "torch threads (0 = the core count).", lower_bound=0)
 flags.DEFINE_string("output_json", None, "Write the results here (atomically).")
 flags.DEFINE_string("output_md", None, "Write a Markdown table here (atomically).")
+method_flags.define_model_flags()
+flags.adopt_module_key_flags(method_flags)
 
 
 def _time_generate(model, params, batch, config, key, cache):
-    import jax
-    from specjax import decode
+    from specjax.engine import Engine
     bucket = int(batch.tokens.shape[1])
     if bucket not in cache:
-        fn = decode.compile_generate(model, params, batch, config, key)
-        jax.block_until_ready(fn(params, batch, key))  # warm-up
-        cache[bucket] = fn
-    fn = cache[bucket]
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(params, batch, key))
-    wall = time.perf_counter() - t0
-    n = int(np.asarray(out.lengths)[0])
-    return np.asarray(out.tokens)[0, :n].tolist(), wall, int(out.stats.target_calls)
+        cache[bucket] = Engine(model, config).compile(params, None, batch, key)
+        cache[bucket].run()  # warm-up
+    gen = cache[bucket].run(batch)
+    return gen.tokens[0], gen.wall_s, gen.stats.target_calls
 
 
 def _stream_once(model, params, batch, config, key, limit=None):
@@ -81,13 +80,10 @@ def _time_stream(model, params, batch, config, key, warmed):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    common.start(argv)
     t_start = time.perf_counter()
     with common.user_errors():
-        env_start = bench._environment()
+        env_start = environment()
         import jax
         from specjax import decode
         from specjax.prompts import make_prompt_batch
@@ -97,7 +93,7 @@ def main(argv):
             hf_peer.resolve(FLAGS.model)
         print(f"benchmark_ar: {len(prompts)} prompts x {FLAGS.max_new_tokens} tokens, "
               f"generate / stream{' / hf' if FLAGS.hf else ''}", file=sys.stderr)
-        loaded = bench.load_model(FLAGS.model, FLAGS.scan_layers)
+        loaded = method_flags.load_model(FLAGS)
         eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
         config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens, eos_ids=tuple(eos))
         key = jax.random.key(0)
@@ -121,13 +117,13 @@ def main(argv):
                              "tokens_per_s": len(s) / wall, "same_tokens_as_generate": s == g}
             if s != g:
                 print(f"BUG: stream and generate differ on question {p.question_id} at token "
-                      f"{bench.first_mismatch(g, s)}", file=sys.stderr)
+                      f"{first_mismatch(g, s)}", file=sys.stderr)
             if peer is not None:
                 r = peer.generate(ids, FLAGS.max_new_tokens)
                 row["hf"] = {"new_tokens": len(r.generated), "wall_s": r.wall_s,
                              "target_calls": r.target_calls, "tokens_per_s": r.tokens_per_s,
                              "same_tokens_as_generate": r.generated == g,
-                             "first_difference": bench.first_mismatch(g, r.generated)}
+                             "first_difference": first_mismatch(g, r.generated)}
             rows.append(row)
             print(f"  q{p.question_id} ({p.group}, {len(ids)} tokens): " + ", ".join(
                 f"{k} {row[k]['tokens_per_s']:.1f} tok/s" for k in ("generate", "stream", "hf")
@@ -158,7 +154,7 @@ def main(argv):
         if FLAGS.output_json:
             common.write_json_atomic(FLAGS.output_json, result)
         if FLAGS.output_md:
-            table = bench.md_table(
+            table = md_table(
                 ["way", "tok/s", "vs generate", "same tokens as generate"],
                 [[k, f"{mean[k]:.1f}", f"{mean[k] / mean['generate']:.2f}x",
                   "-" if k == "generate" else
@@ -173,7 +169,8 @@ def main(argv):
                     + f", load average {env['load_average'][0]:.1f} at the start."
                     f"\n\n{table}\n\n"
                     f"Command: `{result['command']}`\n")
-            bench.write_text_atomic(FLAGS.output_md, text)
+            from specjax.files import write_text_atomic
+            write_text_atomic(FLAGS.output_md, text)
 
 
 if __name__ == "__main__":

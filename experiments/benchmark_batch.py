@@ -11,7 +11,8 @@ up to ``--max_new_tokens`` tokens (or EOS) and the batch returns when its last r
 Each (method, B) is compiled ahead of time, warmed up with one untimed run (``--warmup``),
 then timed once from the call to the ready result (prefill included).
 
-Methods: any name of ``experiments.methods.METHODS`` with its default draft length, and
+Methods: any registered method (``drafters.registry``) with its options (the option flags of
+``experiments.method_flags`` apply to every listed method that has them), and
 ``NAME+adaptive``: the batch-size cap of ``specjax.adaptive.max_draft_len_for_batch``
 (``B * (k + 1) <= --token_budget`` tokens per verification; a cap of 0 runs plain decoding,
 which is what a server should do there) plus the per-row acceptance policy of
@@ -33,15 +34,15 @@ Metrics per (method, B):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 import time
 
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import benchmark as bench
-from experiments import common, methods
+from experiments import bench_report, common, method_flags, methods
+from experiments.bench_runner import environment
 from experiments.spec_bench import encode_prompt, read_prompts
 
 FLAGS = flags.FLAGS
@@ -51,7 +52,8 @@ DEFAULT_METHODS = ["ar", "prompt_lookup", "prompt_lookup+adaptive", "draft_model
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("prompts", bench.DEFAULT_PROMPTS, "Spec-Bench question file (jsonl).")
+    from experiments.benchmark import DEFAULT_PROMPTS
+    flags.DEFINE_string("prompts", DEFAULT_PROMPTS, "Spec-Bench question file (jsonl).")
     flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16", "32"], "Batch sizes to run.")
     flags.DEFINE_list("methods", DEFAULT_METHODS, "Methods (ar always runs first); NAME"
                       f"{ADAPTIVE_SUFFIX} = NAME with the batch-size cap and per-row adaptive "
@@ -66,23 +68,30 @@ def define_flags() -> None:
     flags.DEFINE_string("output_json", None, "Write all results here (atomically).")
     flags.DEFINE_string("output_md", None, "Write the Markdown table here (atomically).")
     flags.DEFINE_bool("fail_on_mismatch", True, "Exit 1 when a method's tokens differ from ar's.")
+    method_flags.define_flags(selector=False)
+    flags.adopt_module_key_flags(method_flags)
 
 
 def _validate() -> tuple[list[int], list[str]]:
+    from drafters import registry
     try:
         sizes = sorted({int(b) for b in FLAGS.batch_sizes})
     except ValueError:
         raise common.UserError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
     if not sizes or sizes[0] < 1:
         raise common.UserError(f"--batch_sizes must be positive, got {FLAGS.batch_sizes}")
-    names = []
+    names, chosen = [], []
     for m in FLAGS.methods:
         base = m[:-len(ADAPTIVE_SUFFIX)] if m.endswith(ADAPTIVE_SUFFIX) else m
-        if base not in methods.METHODS or m == "ar" + ADAPTIVE_SUFFIX:
-            raise common.UserError(f"unknown --methods entry {m!r}; use a method of "
-                                   f"{', '.join(methods.METHODS)}, optionally with "
-                                   f"{ADAPTIVE_SUFFIX} (not ar)")
+        try:
+            chosen.append(registry.get(registry.split_name(base)[0]))
+        except ValueError as e:
+            raise common.UserError(f"--methods entry {m!r}: {e}, optionally with "
+                                   f"{ADAPTIVE_SUFFIX} (not ar)") from None
+        if m == "ar" + ADAPTIVE_SUFFIX:
+            raise common.UserError(f"--methods entry {m!r}: ar has no draft to adapt")
         names.append(m)
+    method_flags.check_applicable(chosen + [registry.get("ar")], FLAGS)
     return sizes, ["ar"] + [m for m in dict.fromkeys(names) if m != "ar"]
 
 
@@ -107,69 +116,49 @@ def select_prompts(loaded, count: int) -> list:
 
 
 def _run_for(method: str, batch_size: int) -> tuple[methods.Run, int]:
-    """The :class:`methods.Run` of a method at a batch size, and its draft-length cap (-1: no
-    cap; 0: the adaptive variant runs plain decoding)."""
-    from specjax import adaptive, decode
+    """The :class:`methods.Run` of a method at a batch size (built as ``generate`` builds it),
+    and its draft-length cap (-1: no cap; 0: the adaptive variant runs plain decoding)."""
+    from specjax import adaptive
     adaptive_variant = method.endswith(ADAPTIVE_SUFFIX)
     base = method[:-len(ADAPTIVE_SUFFIX)] if adaptive_variant else method
-    config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens)
+    run = methods.build_run(FLAGS, base, check=False)
     if not adaptive_variant:
-        return methods.Run(method=base, model_name=FLAGS.model, config=config), -1
-    default = methods.METHODS[base].get("draft_len", 0)
+        return run, -1
+    default = run.options.draft_len if "draft_len" in run.options.fields() else 0
     if not default:
         raise common.UserError(f"{method}: {base} has no draft length to adapt; use a chain "
                                "method such as prompt_lookup, draft_model or layer_skip")
     cap = adaptive.max_draft_len_for_batch(batch_size, default, FLAGS.token_budget)
     if cap == 0:
-        return methods.Run(method="ar", model_name=FLAGS.model, config=config), 0
+        return dataclasses.replace(run, method="ar", options=None, adaptive_draft="off"), 0
     # The inner drafter is built with the cap as its length (a draft model then drafts only k
     # tokens), and the wrapper adapts each row's length below it.
-    return methods.Run(method=base, model_name=FLAGS.model, config=config, draft_len=cap,
-                       adaptive_draft="acceptance"), cap
+    options = dataclasses.replace(run.options, draft_len=cap)
+    return dataclasses.replace(run, options=options, adaptive_draft="acceptance"), cap
 
 
 def time_one(run: methods.Run, loaded, prompts, warmup: bool) -> dict:
     """Compiles, warms up and times one static batch; returns its record."""
     import jax
-    from specjax import decode, speculative
-    from specjax.prompts import make_prompt_batch
-    config = run.config_for(loaded)
-    batch = make_prompt_batch([p.ids for p in prompts], vocab_size=loaded.model.vocab_size)
-    key = jax.random.key(0)
     drafter, dparams = run.drafter(loaded)
-    t0 = time.perf_counter()
-    if drafter is None:
-        fn = decode.compile_generate(loaded.model, loaded.params, batch, config, key)
-        call = lambda: fn(loaded.params, batch, key)  # noqa: E731
-    else:
-        fn, batch = speculative.compile_speculative_generate(
-            loaded.model, loaded.params, drafter, dparams, batch, config, run.spec, key)
-        call = lambda: fn(loaded.params, dparams, batch, key)  # noqa: E731
-    compile_s = time.perf_counter() - t0
+    compiled = run.engine(loaded, drafter).compile(loaded.params, dparams,
+                                                   [p.ids for p in prompts], jax.random.key(0))
     if warmup:
-        jax.block_until_ready(call())
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(call())
-    wall = time.perf_counter() - t0
-    lengths = np.asarray(out.lengths)
-    tokens = np.asarray(out.tokens)
-    rows = [tokens[i, :lengths[i]].tolist() for i in range(len(prompts))]
-    rec = {"wall_s": wall, "compile_s": compile_s, "new_tokens": int(lengths.sum()),
-           "longest": int(lengths.max()), "generated_ids": rows}
-    stats = out.stats
-    if drafter is None:
-        rec["row_calls"] = int(stats.target_calls) * len(prompts)
-    else:
-        rec |= {"row_calls": int(stats.row_calls), "rounds": int(stats.row_rounds),
-                "drafted": int(stats.drafted), "accepted": int(stats.accepted)}
+        compiled.run()
+    gen = compiled.run()
+    s = gen.stats
+    rec = {"wall_s": gen.wall_s, "compile_s": compiled.compile_s, "new_tokens": gen.new_tokens,
+           "longest": max(len(t) for t in gen.tokens), "generated_ids": gen.tokens,
+           "row_calls": s.row_calls}
+    if drafter is not None:
+        rec |= {"rounds": s.row_rounds, "drafted": s.drafted, "accepted": s.accepted}
     return rec
 
 
 def prefill_seconds(loaded, prompts, warmup: bool) -> float:
     """Wall time of the prefill alone: plain decoding of one token for this batch."""
-    from specjax import decode
-    run = methods.Run(method="ar", model_name=FLAGS.model,
-                      config=decode.DecodeConfig(max_new_tokens=1))
+    run = methods.build_run(FLAGS, "ar", check=False)
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, max_new_tokens=1))
     return time_one(run, loaded, prompts, warmup)["wall_s"]
 
 
@@ -213,24 +202,21 @@ def markdown(result: dict) -> str:
                          _f(m.get("speedup"), 2, "x"), _f(m["latency_s"], 1),
                          _f(m["ms_per_step"], 0), _f(m["tau"]), _f(m.get("draft_len_mean")),
                          m.get("matches_ar", "-")])
-    out += [bench.md_table(["method", "B", "tok/s", "decode tok/s", "speedup", "latency s",
+    out += [bench_report.md_table(["method", "B", "tok/s", "decode tok/s", "speedup", "latency s",
                             "ms/step", "tau", "k", "same as ar"], rows), "",
             f"Command: `{result['command']}`", ""]
     return "\n".join(out)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    common.start(argv)
     t_start = time.perf_counter()
     with common.user_errors():
-        env = bench._environment()
+        env = environment()
         sizes, names = _validate()
         for m in names:  # flag errors (unknown adaptive bases) before the model load
             _run_for(m, sizes[0])
-        loaded = bench.load_model(FLAGS.model, True)
+        loaded = methods.build_run(FLAGS, "ar", check=False).load()
         prompts = select_prompts(loaded, max(sizes))
         print(f"benchmark_batch: {len(prompts)} prompts ({min(len(p.ids) for p in prompts)}.."
               f"{max(len(p.ids) for p in prompts)} tokens), batch sizes {sizes}, methods "
@@ -280,7 +266,8 @@ def main(argv):
         if FLAGS.output_json:
             common.write_json_atomic(FLAGS.output_json, result)
         if FLAGS.output_md:
-            bench.write_text_atomic(FLAGS.output_md, md)
+            from specjax.files import write_text_atomic
+            write_text_atomic(FLAGS.output_md, md)
         if mismatches and FLAGS.fail_on_mismatch:
             print(f"error: {len(mismatches)} row(s) differ from ar: a bug", file=sys.stderr)
             sys.exit(1)

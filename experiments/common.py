@@ -17,6 +17,16 @@ class UserError(Exception):
     """A problem with the user's input: printed as one clear line, no traceback, exit code 2."""
 
 
+def start(argv, quiet: bool = True) -> None:
+    """The start of every binary's ``main``: no positional arguments (absl's usage error
+    otherwise), and absl logging at WARNING unless ``--verbosity`` was given (``quiet``)."""
+    from absl import app, flags, logging as absl_logging
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if quiet and not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turns library input errors into a one-line message and exit status 2."""
@@ -59,18 +69,21 @@ _MULTI_PROCESS_ENV = {
 }
 
 
-def define_mesh_flags() -> None:
-    """``--mesh`` and ``--distributed`` (call once per binary, next to its other flags)."""
+def define_mesh_flags(fv=None) -> None:
+    """``--mesh`` and ``--distributed`` in ``fv`` (default: absl's global flags); call once per
+    binary, next to its other flags."""
     from absl import flags
+    fv = flags.FLAGS if fv is None else fv
     flags.DEFINE_string(
         "mesh", "auto",
         "Device mesh DATAxMODEL, e.g. 2x4: batch rows split 2 ways, tensor parallelism 4 ways "
         "(heads, MLP, vocabulary); DATA*MODEL devices of all hosts are used. 'auto': every "
-        "device on MODEL when that divides the model's heads and MLP, else one device.")
+        "device on MODEL when that divides the model's heads and MLP, else one device.",
+        flag_values=fv)
     flags.DEFINE_enum(
         "distributed", "auto", ["auto", "on", "off"],
         "Call jax.distributed.initialize() (multi-host: Cloud TPU pod slices, SLURM, mpirun). "
-        "'auto' does so when the environment shows a multi-process job.")
+        "'auto' does so when the environment shows a multi-process job.", flag_values=fv)
 
 
 def multi_process_env(environ=None) -> bool:

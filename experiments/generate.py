@@ -21,26 +21,60 @@ import sys
 
 from absl import app, flags
 
-from experiments import common, methods
+from experiments import common, method_flags, methods
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF checkpoint directory or .gguf file.")
-flags.DEFINE_string("prompt", "What is the capital of France? Answer in one sentence.",
-                    "Prompt text (ignored when --prompts_file is given).")
-flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line, run as a batch.")
-flags.DEFINE_bool("chat", True, "Wrap each prompt in the model's chat template.")
-flags.DEFINE_integer("max_new_tokens", 128, "Most new tokens per prompt (>= 1).", lower_bound=1)
-flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise sampling temperature.",
-                   lower_bound=0.0)
-flags.DEFINE_integer("top_k", 0, "Keep the k most probable tokens (0 = off).", lower_bound=0)
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
-flags.DEFINE_float("min_p", 0.0, "Min-p sampling threshold in [0, 1) (0 = off).")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
-flags.DEFINE_string("output_json", None, "Write prompts, ids, text and stats here (atomically).")
-flags.DEFINE_bool("stream", True, "Print text as it is generated (Python-driven step loop); "
-                  "--nostream runs the whole generation in one on-device loop.")
-methods.define_flags()
-common.define_mesh_flags()
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """The binary's flags, in ``fv`` (defined by ``__main__`` only, so that tests can build
+    them in their own ``FlagValues``)."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF checkpoint directory or "
+                        ".gguf file.", **d)
+    flags.DEFINE_string("prompt", "What is the capital of France? Answer in one sentence.",
+                        "Prompt text (ignored when --prompts_file is given).", **d)
+    flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line, run as a "
+                        "batch.", **d)
+    flags.DEFINE_bool("chat", True, "Wrap each prompt in the model's chat template.", **d)
+    flags.DEFINE_integer("max_new_tokens", 128, "Most new tokens per prompt (>= 1).",
+                         lower_bound=1, **d)
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise sampling temperature.",
+                       lower_bound=0.0, **d)
+    flags.DEFINE_integer("top_k", 0, "Keep the k most probable tokens (0 = off).",
+                         lower_bound=0, **d)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).", **d)
+    flags.DEFINE_float("min_p", 0.0, "Min-p sampling threshold in [0, 1) (0 = off).", **d)
+    flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.", **d)
+    flags.DEFINE_string("output_json", None, "Write prompts, ids, text and stats here "
+                        "(atomically).", **d)
+    flags.DEFINE_bool("stream", True, "Print text as it is generated (Python-driven step "
+                      "loop); --nostream runs the whole generation in one on-device loop.", **d)
+    method_flags.define_flags(fv=fv)
+    flags.adopt_module_key_flags(method_flags, flag_values=fv)
+    common.define_mesh_flags(fv)
+
+
+class TextStreamer:
+    """Prints decoded text incrementally (re-decodes the ids and prints the new suffix, so
+    multi-byte characters split across tokens come out whole)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.printed = ""
+
+    def push(self, ids: list[int]) -> None:
+        text = self.tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if text.startswith(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -54,8 +88,7 @@ def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.start(argv, quiet=False)
     with common.user_errors():
         common.init_distributed(FLAGS.distributed)  # before anything touches a device
         run = methods.build_run(FLAGS)  # validates flags before the slow model load
@@ -74,7 +107,7 @@ def main(argv):
         main_process = jax.process_index() == 0
         streaming = FLAGS.stream and len(prompts) == 1 and jax.process_count() == 1
         if streaming:
-            printer = methods.TextStreamer(loaded.tokenizer)
+            printer = TextStreamer(loaded.tokenizer)
             result = run.stream(loaded, ids, on_tokens=printer.push)
             printer.finish()
         else:
@@ -99,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

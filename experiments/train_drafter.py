@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, method_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("drafter", "medusa", ["blockwise", "medusa", "hydra", "eagle"],
@@ -48,6 +48,8 @@ flags.DEFINE_integer("gen_batch_size", 16, "Rows per generate call when creating
 flags.DEFINE_integer("max_prompt_len", 256, "Skip longer prompts when creating the data.",
                      lower_bound=1)
 flags.DEFINE_enum("data_dtype", "bfloat16", ["bfloat16", "float32"], "Stored hidden dtype.")
+method_flags.define_model_flags()
+flags.adopt_module_key_flags(method_flags)
 flags.DEFINE_integer("num_heads", 0, "Heads (0 = the drafter's default: 4 blockwise, 3 else).",
                      lower_bound=0)
 flags.DEFINE_integer("num_layers", 1, "Residual blocks per head (blockwise: FFN width / E).",
@@ -196,8 +198,7 @@ def _train_eagle(loaded, records, train_rec, eval_rec):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.start(argv, quiet=False)
     with common.user_errors():
         if not FLAGS.data_dir:
             raise common.UserError("--data_dir is required")
@@ -208,10 +209,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
         from drafters import distill, head_weights, heads
-        from models import registry
         from specjax import train
 
-        loaded = registry.load(FLAGS.model)
+        loaded = method_flags.load_model(FLAGS)
         dirs = _data_dirs()
         if len(dirs) == 1 and not os.path.exists(os.path.join(dirs[0], distill.MANIFEST)):
             _make_data(loaded, dirs[0])
@@ -252,7 +252,8 @@ def main(argv):
 
         meta = {**drafter.config_dict(), "model": loaded.name, "seed": FLAGS.seed,
                 "batch_size": FLAGS.batch_size, "lr": FLAGS.lr, "warmup": FLAGS.warmup,
-                "steps": FLAGS.steps, "data_dir": ",".join(os.path.abspath(d) for d in _data_dirs())}
+                "steps": FLAGS.steps,
+                "data_dir": ",".join(os.path.abspath(d) for d in _data_dirs())}
         state, wall = _run_training(loaded, drafter, state, step_fn, get_batch, eval_fn,
                                     log_fn, meta)
         acc = heads.head_accuracy(drafter, state.params, loaded.params, eval_data)

@@ -37,9 +37,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import common
+from experiments import common, method_flags
 
 FLAGS = flags.FLAGS
 
@@ -68,6 +68,8 @@ flags.DEFINE_integer("default_nodes", 0, "The file's default size (0 = the best 
 flags.DEFINE_integer("draft_vocab", 0, "Draft only token ids < N (0 = all): the heads read "
                      "N / V of the LM head per round; stored with the tree.", lower_bound=0)
 flags.DEFINE_string("output", None, "Tree file; default: <weights>.tree.json.")
+method_flags.define_model_flags()
+flags.adopt_module_key_flags(method_flags)
 
 
 def _say(msg: str) -> None:
@@ -92,13 +94,10 @@ def _measure(loaded, drafter_for, prompts, sizes):
     compiled first; then each prompt runs under every method back to back, so a change in the
     machine's speed (a shared CPU) hits all methods alike. Every output must equal plain
     decoding's."""
-    from experiments import benchmark as bench
-    from experiments import methods
-    from specjax import decode
-    run = methods.Run(method="ar", model_name=FLAGS.model,
-                      config=decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens))
-    runners = {size: bench.MethodRunner(run, loaded, drafter=None if size == 0 else
-                                        drafter_for(size)) for size in [0] + sizes}
+    from experiments.bench_runner import MethodRunner
+    run = _plain_run()
+    runners = {size: MethodRunner(run, loaded, drafter=None if size == 0 else drafter_for(size))
+               for size in [0] + sizes}
     recs = {size: [] for size in runners}
     for i, ids in enumerate(prompts):
         for size, runner in runners.items():
@@ -119,6 +118,15 @@ def _measure(loaded, drafter_for, prompts, sizes):
 DEFAULT_EAGLE_DEPTH = 5
 
 
+def _plain_run():
+    """The plain-decoding run trees are timed against (and the model load: --dtype and
+    --attention reach the model through it)."""
+    from experiments import methods
+    from specjax import decode
+    return methods.Run("ar", FLAGS.model, decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens),
+                       attention_impl=FLAGS.attention, dtype=FLAGS.dtype)
+
+
 def _load(loaded, weights, **kwargs):
     """``(drafter, params)`` with ``--draft_vocab``: the generic tree or explicit choices."""
     if FLAGS.drafter == "eagle":
@@ -131,10 +139,7 @@ def _load(loaded, weights, **kwargs):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    common.start(argv)
     with common.user_errors():
         if not FLAGS.data_dir:
             raise common.UserError("--data_dir is required (the drafter's training data)")
@@ -146,10 +151,9 @@ def main(argv):
         if FLAGS.default_nodes > FLAGS.max_nodes:
             raise common.UserError("--default_nodes is over --max_nodes")
         from drafters import distill, head_weights, heads
-        from models import registry
         from specjax import tree_tuning
 
-        loaded = registry.load(FLAGS.model)
+        loaded = _plain_run().load()
         weights = FLAGS.weights or head_weights.shipped_path(FLAGS.drafter, loaded.name)
         output = FLAGS.output or head_weights.tree_file_of(weights)
         drafter, params = _load(loaded, weights, tree="generic")

@@ -9,7 +9,9 @@ are stacked along a leading ``layers`` axis, so the layer loop can be a ``lax.sc
 default: fast compiles, and inside a decoding loop as fast as or faster than unrolling on
 XLA:CPU, see WORKSPACE.md) or a Python-unrolled loop over static slices, chosen by
 ``LlamaConfig.scan_layers``. The same layout lets a drafter run any subset of layers
-(self-speculative decoding).
+(self-speculative decoding). The math of one layer is :mod:`models.decoder_block` (shared with
+the EAGLE drafter's layer); ``LayerStack`` supplies its attention: write the new keys / values
+into the KV cache, attend over that layer's cache.
 
 Axis glossary: B batch, T new tokens, S cache slots, L layers, H query heads, K kv heads,
 G = H // K query heads per kv head, D head dim, E embedding width, F MLP width, V vocabulary.
@@ -19,13 +21,15 @@ Parameters carry logical axis names (``nn.with_logical_partitioning``) for shard
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import decoder_block as block
+# experiments/benchmark_kernel.py reads ``models.llama.attention``: keep it imported by name.
+from models.decoder_block import attention, rms_norm
 from specjax import cache as cache_lib
 from specjax.cache import KVCache
 from specjax.kernels.tree_attention import tree_attention
@@ -90,72 +94,6 @@ class LlamaConfig:
         return self.vocab_size * e + l * per_layer + e + head
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, cast back to ``x.dtype`` before the weight (as in HF)."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
-
-
-def rope_inv_freq(config: LlamaConfig) -> jax.Array:
-    """``float32[D/2]`` inverse frequencies, with Llama-3 scaling when configured."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    s = config.rope_scaling
-    if s is None:
-        return inv_freq
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates ``x[B, T, N, D]`` by ``positions[B, T]`` (half-split layout, as in HF Llama)."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention of new queries over a layer's cache.
-
-    The ``G`` query heads of each kv head and the ``T`` new tokens form one ``[T*G, D]`` block
-    of rows, so the scores are a batched ``[T*G, D] x [S, D]^T`` product over ``(B, K)`` with
-    the softmax on the minor (slot) axis. On XLA:CPU this layout avoids transposing the cache
-    and was 1.5-4x faster than a ``[B, K, G, T, S]`` einsum (see WORKSPACE.md).
-
-    Args:
-      q: ``[B, T, H, D]`` (rope applied).
-      k, v: ``[B, K, S, D]`` the layer's cache, new entries already written.
-      mask: ``bool[B, T, S]``.
-    Returns:
-      ``[B, T, H, D]``.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[1]
-    g = h // kv_heads
-    rows = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)
-    batch_dims = ((0, 1), (0, 1))
-    scores = jax.lax.dot_general(rows, k, (((3,), (3,)), batch_dims),
-                                 preferred_element_type=jnp.float32)  # [B, K, T*G, S]
-    scores = scores * (1.0 / math.sqrt(d))
-    row_mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, T*G, S], rows t-major like q
-    scores = jnp.where(row_mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [B, K, T*G, D]
-    return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-
-
 def uses_kernel(config: LlamaConfig) -> bool:
     """Whether attention under a :class:`TreeMask` runs the Pallas tree-attention kernel."""
     return config.attention_impl == "pallas" or (
@@ -181,53 +119,21 @@ class LayerStack(nn.Module):
 
     def setup(self):
         c = self.config
-        l, e, f, h, k, d = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
-                            c.num_kv_heads, c.head_dim)
         dt = jnp.dtype(c.param_dtype)
-        dense = nn.initializers.normal(0.02)
-        ones = nn.initializers.ones
-        zeros = nn.initializers.zeros
-        p = {
-            "attn_norm": _param(self, "attn_norm", (l, e), ("layers", "embed"), ones, dt),
-            "wq": _param(self, "wq", (l, e, h, d), ("layers", "embed", "q_heads", "head_dim"),
-                         dense, dt),
-            "wk": _param(self, "wk", (l, e, k, d), ("layers", "embed", "kv_heads", "head_dim"),
-                         dense, dt),
-            "wv": _param(self, "wv", (l, e, k, d), ("layers", "embed", "kv_heads", "head_dim"),
-                         dense, dt),
-            "wo": _param(self, "wo", (l, h, d, e), ("layers", "q_heads", "head_dim", "embed"),
-                         dense, dt),
-            "mlp_norm": _param(self, "mlp_norm", (l, e), ("layers", "embed"), ones, dt),
-            "w_gate": _param(self, "w_gate", (l, e, f), ("layers", "embed", "mlp"), dense, dt),
-            "w_up": _param(self, "w_up", (l, e, f), ("layers", "embed", "mlp"), dense, dt),
-            "w_down": _param(self, "w_down", (l, f, e), ("layers", "mlp", "embed"), dense, dt),
-        }
-        if c.qkv_bias:
-            p["bq"] = _param(self, "bq", (l, h, d), ("layers", "q_heads", "head_dim"), zeros, dt)
-            p["bk"] = _param(self, "bk", (l, k, d), ("layers", "kv_heads", "head_dim"), zeros, dt)
-            p["bv"] = _param(self, "bv", (l, k, d), ("layers", "kv_heads", "head_dim"), zeros, dt)
-        self.stacked = p
+        self.stacked = {
+            name: _param(self, name, (c.num_layers,) + shape, ("layers",) + axes, init, dt)
+            for name, (shape, axes, init) in block.param_specs(c, bias=c.qkv_bias).items()}
 
     def _block(self, p, x, positions, k_all, v_all, layer, offsets, mask):
-        c = self.config
-        dt = jnp.dtype(c.dtype)
-        h = rms_norm(x, p["attn_norm"].astype(dt), c.rms_norm_eps)
-        q = jnp.einsum("bte,ehd->bthd", h, p["wq"].astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", h, p["wk"].astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", h, p["wv"].astype(dt))
-        if c.qkv_bias:
-            q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-        inv_freq = rope_inv_freq(c)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        k_all = cache_lib.write(k_all, layer, k, offsets)
-        v_all = cache_lib.write(v_all, layer, v, offsets)
-        attn = attend(q, k_all[layer], v_all[layer], mask)
-        x = x + jnp.einsum("bthd,hde->bte", attn, p["wo"].astype(dt))
-        h = rms_norm(x, p["mlp_norm"].astype(dt), c.rms_norm_eps)
-        gate = jnp.einsum("bte,ef->btf", h, p["w_gate"].astype(dt))
-        up = jnp.einsum("bte,ef->btf", h, p["w_up"].astype(dt))
-        x = x + jnp.einsum("btf,fe->bte", nn.silu(gate) * up, p["w_down"].astype(dt))
+        """:func:`models.decoder_block.decoder_block` whose attention writes the new k / v into
+        the cache at ``offsets`` and attends over layer ``layer`` of it."""
+
+        def write_and_attend(q, k, v):
+            ks = cache_lib.write(k_all, layer, k, offsets)
+            vs = cache_lib.write(v_all, layer, v, offsets)
+            return attend(q, ks[layer], vs[layer], mask), (ks, vs)
+
+        x, (k_all, v_all) = block.decoder_block(p, x, positions, self.config, write_and_attend)
         return x, k_all, v_all
 
     def __call__(self, x, positions, cache: KVCache, mask, layers=None, hidden_layers=()):

@@ -210,18 +210,25 @@ def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers,
     return LoadedModel(model=LlamaModel(config), params=params, tokenizer=tok, name=name)
 
 
+# The dtypes every loader builds (params, activations and cache; logits stay float32): float32 is
+# the CPU default, bfloat16 the choice on GPU / TPU.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
          attention_impl: str = "xla") -> LoadedModel:
     """Loads a model by name (:func:`known_models`) or from a path.
 
     Args:
       name_or_path: a known name, a HF checkpoint directory, or a ``.gguf`` file.
-      dtype: dtype of the params and activations (``"float32"``, ``"bfloat16"``, ...).
+      dtype: dtype of the params, activations and cache, one of :data:`DTYPES`.
       scan_layers: run the layer stack as a ``lax.scan`` (default; False unrolls the layers).
       attention_impl: ``"xla"`` (default), ``"pallas"`` (the tree-attention kernel in decode
         steps and verification; interpreted on CPU) or ``"auto"`` (the kernel on GPU / TPU).
     """
     name_or_path = os.fspath(name_or_path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if name_or_path in TINY_CONFIGS:
         config = TINY_CONFIGS[name_or_path]
         return _finish(config, tiny_params(config), None, name_or_path, dtype, scan_layers,

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax import tree as tree_lib
-from specjax.drafter import CommitInfo, DraftContext, Proposal
+from specjax.drafter import CommitInfo, DraftContext, DrafterBase, Proposal
 
 POLICIES = ("acceptance", "static")
 DEFAULT_TOKEN_BUDGET = 16
@@ -85,16 +85,14 @@ def check_verify_widths(widths, num_nodes: int) -> tuple[int, ...]:
 def verify_widths_of(drafter, num_nodes: int) -> tuple[int, ...]:
     """The static verification widths the loop may use for ``drafter`` (ascending, last = T).
 
-    A drafter opts in with a ``verify_widths`` attribute (a tuple, or ``"auto"`` for
-    :func:`default_verify_widths`). Drafters whose invalid nodes must still be computed (the
-    lookahead window, Jacobi's refinement from every node's logits) do not opt in and get
-    ``(T,)``. The older ``skip_verify_when_empty = True`` flag (invalid nodes need no forward)
-    means the default widths.
+    From the contract attribute ``drafter.verify_widths`` (:class:`specjax.drafter.Drafter`):
+    None gives ``(T,)``; ``"auto"`` :func:`default_verify_widths`; a tuple is validated.
+    Drafters whose invalid nodes must still be computed (the lookahead window, Jacobi's
+    refinement from every node's logits) keep None.
     """
-    widths = getattr(drafter, "verify_widths", None)
+    widths = drafter.verify_widths
     if widths is None:
-        return (default_verify_widths(num_nodes) if getattr(drafter, "skip_verify_when_empty",
-                                                            False) else (num_nodes,))
+        return (num_nodes,)
     if isinstance(widths, str):
         if widths != "auto":
             raise ValueError(f"verify_widths must be 'auto' or a tuple of widths, got {widths!r}")
@@ -132,7 +130,7 @@ def _node_depths(tree, proposal: Proposal, batch: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptiveDraftLength:
+class AdaptiveDraftLength(DrafterBase):
     """Wraps any drafter; offers each row only its nodes of depth <= ``k[b]``.
 
     Attributes:
@@ -144,8 +142,9 @@ class AdaptiveDraftLength:
         draft again, so nothing could make it grow); capped at ``max_draft_len``.
       grow: added to ``k`` when a row accepted every token up to its cap.
       narrow_verify: let the loop verify on the narrowest width covering the offered nodes
-        (:func:`default_verify_widths` of the inner tree). Set False for inner drafters that
-        read the verification outputs of nodes they did not offer (lookahead, Jacobi).
+        (:func:`default_verify_widths` of the inner tree). None (default): narrow unless the
+        inner drafter ``reads_unoffered_outputs`` (lookahead, Jacobi), which must be verified at
+        full width (True is then a ValueError).
 
     The inner drafter still drafts its full length (a wrapper cannot shorten a draft model's
     loop): for model-based drafters also build the inner with the cap as its draft length.
@@ -156,7 +155,7 @@ class AdaptiveDraftLength:
     max_draft_len: Optional[int] = None
     min_draft_len: int = 1
     grow: int = 1
-    narrow_verify: bool = True
+    narrow_verify: Optional[bool] = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -171,6 +170,13 @@ class AdaptiveDraftLength:
         if self.grow < 1:
             raise ValueError(f"grow must be >= 1, got {self.grow}")
         object.__setattr__(self, "max_draft_len", cap)
+        reads = self.inner.reads_unoffered_outputs
+        if self.narrow_verify and reads:
+            raise ValueError(f"{type(self.inner).__name__} reads the verification outputs of "
+                             "nodes it did not offer: it must be verified at full width "
+                             "(narrow_verify=False or None)")
+        object.__setattr__(self, "narrow_verify", not reads if self.narrow_verify is None
+                           else bool(self.narrow_verify))
 
     # The contract's static attributes come from the inner drafter.
     @property
@@ -187,7 +193,11 @@ class AdaptiveDraftLength:
 
     @property
     def verify_widths(self):
-        return "auto" if self.narrow_verify else (self.tree.num_nodes,)
+        return "auto" if self.narrow_verify else None
+
+    @property
+    def reads_unoffered_outputs(self) -> bool:
+        return self.inner.reads_unoffered_outputs
 
     def check_compatible(self, target) -> None:
         self.inner.check_compatible(target)

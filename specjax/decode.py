@@ -15,7 +15,6 @@ Invariant (shared with speculative decoding): the cache holds every token of a r
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Iterator, Sequence
 
 import jax
@@ -126,47 +125,6 @@ def constrain_state(state: DecodeState, plan: ShardingPlan | None) -> DecodeStat
                          done=rows(state.done))
 
 
-def _start(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int,
-           plan: ShardingPlan | None = None):
-    cache = model.init_cache(batch.tokens.shape[0], num_slots)
-    if plan is not None:
-        cache = plan.constrain_cache(cache)
-    out, cache = prefill(model, params, batch, cache)
-    key, sub = jax.random.split(key)
-    first = sample(sub, out.logits[:, 0], config.sampling)
-    b, n = batch.tokens.shape[0], config.max_new_tokens
-    out_tokens = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(first)
-    done = is_eos(first, config.eos_ids) | (n <= 1)
-    stats = DecodeStats(target_calls=jnp.int32(1), steps=jnp.int32(0))
-    state = DecodeState(cache=cache, pending=first, out_tokens=out_tokens,
-                        out_len=jnp.ones((b,), jnp.int32), done=done, key=key, stats=stats)
-    return constrain_state(state, plan)
-
-
-def _step(model, params, state: DecodeState, config: DecodeConfig,
-          plan: ShardingPlan | None = None) -> DecodeState:
-    """Feeds ``pending``, appends one token to every unfinished row."""
-    cache = state.cache
-    b = state.pending.shape[0]
-    positions = cache.lengths[:, None]
-    mask = masks.TreeMask.create(cache.lengths, masks.causal_block(1), cache.num_slots)
-    out = model.forward(params, state.pending[:, None], positions, cache, mask)
-    key, sub = jax.random.split(state.key)
-    token = sample(sub, out.logits[:, 0], config.sampling)
-    live = ~state.done
-    cache = out.cache.replace(lengths=cache.lengths + live.astype(jnp.int32))
-    rows = jnp.arange(b)
-    col = jnp.where(live, state.out_len, config.max_new_tokens)  # dropped when not live
-    out_tokens = state.out_tokens.at[rows, col].set(token, mode="drop")
-    out_len = state.out_len + live.astype(jnp.int32)
-    done = state.done | (live & is_eos(token, config.eos_ids)) | (out_len >= config.max_new_tokens)
-    pending = jnp.where(live, token, state.pending)
-    stats = DecodeStats(target_calls=state.stats.target_calls + 1, steps=state.stats.steps + 1)
-    state = DecodeState(cache=cache, pending=pending, out_tokens=out_tokens, out_len=out_len,
-                        done=done, key=key, stats=stats)
-    return constrain_state(state, plan)
-
-
 def replicate_output(out, plan: ShardingPlan | None):
     """The (small) outputs replicated on every device, so every host can read them."""
     if plan is None:
@@ -175,14 +133,106 @@ def replicate_output(out, plan: ShardingPlan | None):
                        lengths=plan.constrain_replicated(out.lengths))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "num_slots", "plan"))
-def _generate(model, params, batch: PromptBatch, key, config: DecodeConfig, num_slots: int,
-              plan: ShardingPlan | None = None):
-    state = _start(model, params, batch, key, config, num_slots, plan)
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
-                               lambda s: _step(model, params, s, config, plan), state)
-    out = GenerateOutput(tokens=state.out_tokens, lengths=state.out_len, stats=state.stats)
-    return replicate_output(out, plan)
+@dataclasses.dataclass(frozen=True)
+class DecodeLoop:
+    """Plain decoding as a static object (hashable: the jit static argument of its entry points).
+
+    ``start`` (prefill + the first token) and ``step`` (one token per unfinished row) are traced
+    functions; ``run`` is the whole ``lax.while_loop``. ``jit_start`` / ``jit_step`` run them
+    one call at a time from Python (streaming, and tests that inspect the state between steps;
+    ``jit_step`` donates the state).
+
+    Attributes:
+      model: the :class:`~specjax.model_api.LanguageModel`.
+      config: static decoding settings.
+      plan: a :class:`~specjax.sharding.ShardingPlan`, or None for one device.
+    """
+
+    model: LanguageModel
+    config: DecodeConfig
+    plan: ShardingPlan | None = None
+
+    def start(self, params, batch: PromptBatch, key, num_slots: int) -> DecodeState:
+        model, config = self.model, self.config
+        cache = model.init_cache(batch.tokens.shape[0], num_slots)
+        if self.plan is not None:
+            cache = self.plan.constrain_cache(cache)
+        out, cache = prefill(model, params, batch, cache)
+        key, sub = jax.random.split(key)
+        first = sample(sub, out.logits[:, 0], config.sampling)
+        b, n = batch.tokens.shape[0], config.max_new_tokens
+        out_tokens = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(first)
+        done = is_eos(first, config.eos_ids) | (n <= 1)
+        stats = DecodeStats(target_calls=jnp.int32(1), steps=jnp.int32(0))
+        state = DecodeState(cache=cache, pending=first, out_tokens=out_tokens,
+                            out_len=jnp.ones((b,), jnp.int32), done=done, key=key, stats=stats)
+        return constrain_state(state, self.plan)
+
+    def step(self, params, state: DecodeState) -> DecodeState:
+        """Feeds ``pending``, appends one token to every unfinished row."""
+        config = self.config
+        cache = state.cache
+        b = state.pending.shape[0]
+        positions = cache.lengths[:, None]
+        mask = masks.TreeMask.create(cache.lengths, masks.causal_block(1), cache.num_slots)
+        out = self.model.forward(params, state.pending[:, None], positions, cache, mask)
+        key, sub = jax.random.split(state.key)
+        token = sample(sub, out.logits[:, 0], config.sampling)
+        live = ~state.done
+        cache = out.cache.replace(lengths=cache.lengths + live.astype(jnp.int32))
+        rows = jnp.arange(b)
+        col = jnp.where(live, state.out_len, config.max_new_tokens)  # dropped when not live
+        out_tokens = state.out_tokens.at[rows, col].set(token, mode="drop")
+        out_len = state.out_len + live.astype(jnp.int32)
+        done = (state.done | (live & is_eos(token, config.eos_ids))
+                | (out_len >= config.max_new_tokens))
+        pending = jnp.where(live, token, state.pending)
+        stats = DecodeStats(target_calls=state.stats.target_calls + 1,
+                            steps=state.stats.steps + 1)
+        state = DecodeState(cache=cache, pending=pending, out_tokens=out_tokens,
+                            out_len=out_len, done=done, key=key, stats=stats)
+        return constrain_state(state, self.plan)
+
+    def run(self, params, batch: PromptBatch, key, num_slots: int) -> GenerateOutput:
+        state = self.start(params, batch, key, num_slots)
+        state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
+                                   lambda s: self.step(params, s), state)
+        out = GenerateOutput(tokens=state.out_tokens, lengths=state.out_len, stats=state.stats)
+        return replicate_output(out, self.plan)
+
+    def prepare(self, prompts) -> tuple[PromptBatch, int]:
+        """``(batch, num_slots)`` for ``prompts``, checked on the host (``ValueError`` /
+        ``CacheCapacityError`` before anything is traced)."""
+        batch = prepare_batch(prompts, self.model.vocab_size, self.plan)
+        num_slots = self.config.slots_for(batch.tokens.shape[1])
+        check_capacity(int(np.max(batch.lengths)) + self.config.max_new_tokens, num_slots,
+                       "generate")
+        return batch, num_slots
+
+    def jit_run(self, params, batch: PromptBatch, key, num_slots: int) -> GenerateOutput:
+        return _run_jit(self, params, batch, key, num_slots)
+
+    def lower_run(self, params, batch: PromptBatch, key, num_slots: int):
+        """``jax.stages.Lowered`` of :meth:`run` (``.compile()`` it ahead of time)."""
+        return _run_jit.lower(self, params, batch, key, num_slots)
+
+    def jit_start(self, params, batch: PromptBatch, key, num_slots: int) -> DecodeState:
+        return _start_jit(self, params, batch, key, num_slots)
+
+    def jit_step(self, params, state: DecodeState) -> DecodeState:
+        return _step_jit(self, params, state)
+
+
+_run_jit = jax.jit(DecodeLoop.run, static_argnums=(0, 4))
+_start_jit = jax.jit(DecodeLoop.start, static_argnums=(0, 4))
+_step_jit = jax.jit(DecodeLoop.step, static_argnums=0, donate_argnums=2)
+
+
+def num_compiled() -> int:
+    """How many programs the whole-loop entry point (``generate``, :meth:`DecodeLoop.jit_run`)
+    has compiled in this process: one per (loop, batch shape, slots), so prompts padded to the
+    same length bucket share one."""
+    return _run_jit._cache_size()
 
 
 def prepare_batch(prompts, vocab_size: int, plan: ShardingPlan | None = None) -> PromptBatch:
@@ -209,16 +259,10 @@ def generate(model: LanguageModel, params, prompts, config: DecodeConfig,
     Returns:
       :class:`GenerateOutput`; rows are in prompt order.
     """
-    batch = prepare_batch(prompts, model.vocab_size, plan)
-    num_slots = config.slots_for(batch.tokens.shape[1])
-    check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
+    loop = DecodeLoop(model, config, plan)
+    batch, num_slots = loop.prepare(prompts)
     key = jax.random.key(0) if key is None else key
-    return _generate(model, params, batch, key, config, num_slots, plan)
-
-
-_start_jit = jax.jit(_start, static_argnames=("model", "config", "num_slots", "plan"))
-_step_jit = jax.jit(_step, static_argnames=("model", "config", "plan"),
-                    donate_argnames=("state",))
+    return loop.jit_run(params, batch, key, num_slots)
 
 
 def stream(model: LanguageModel, params, prompts, config: DecodeConfig,
@@ -231,32 +275,17 @@ def stream(model: LanguageModel, params, prompts, config: DecodeConfig,
       ``(tokens int32[B], emitted bool[B])`` after prefill and after every step: the token each
       row produced and whether that row emitted one (finished rows emit nothing).
     """
-    batch = prepare_batch(prompts, model.vocab_size, plan)
-    num_slots = config.slots_for(batch.tokens.shape[1])
-    check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "stream")
+    loop = DecodeLoop(model, config, plan)
+    batch, num_slots = loop.prepare(prompts)
     key = jax.random.key(0) if key is None else key
     # Input errors above raise at the call; the steps run lazily as the caller iterates.
-    return _stream_steps(model, params, batch, key, config, num_slots, plan)
+    return _stream_steps(loop, params, batch, key, num_slots)
 
 
-def _stream_steps(model, params, batch, key, config, num_slots, plan):
-    state = _start_jit(model, params, batch, key, config, num_slots, plan)
+def _stream_steps(loop: DecodeLoop, params, batch, key, num_slots):
+    state = loop.jit_start(params, batch, key, num_slots)
     yield np.asarray(state.pending), np.ones(state.pending.shape, bool)
     while not bool(jnp.all(state.done)):
         live = ~np.asarray(state.done)
-        state = _step_jit(model, params, state, config, plan)
+        state = loop.jit_step(params, state)
         yield np.asarray(state.pending), live
-
-
-def compile_generate(model: LanguageModel, params, batch: PromptBatch, config: DecodeConfig,
-                     key: jax.Array, plan: ShardingPlan | None = None):
-    """Compiles ``generate`` ahead of time for this batch shape (for timing without compilation).
-
-    Returns:
-      ``fn(params, batch, key) -> GenerateOutput`` (the batch is placed on the plan's mesh).
-    """
-    batch = prepare_batch(batch, model.vocab_size, plan)
-    num_slots = config.slots_for(batch.tokens.shape[1])
-    check_capacity(int(np.max(batch.lengths)) + config.max_new_tokens, num_slots, "generate")
-    compiled = _generate.lower(model, params, batch, key, config, num_slots, plan).compile()
-    return lambda p, b, k: compiled(p, prepare_batch(b, model.vocab_size, plan), k)

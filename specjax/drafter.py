@@ -11,7 +11,9 @@ three pure methods, all traced inside the loop's ``lax.while_loop``:
 * ``commit(params, state, ctx, result) -> state``: update after acceptance (roll back a draft
   cache, record features, update n-gram pools).
 
-Drafters live in ``drafters/``; specjax only knows this contract.
+Drafters subclass :class:`DrafterBase` (the contract's defaults: stateless, point-mass
+drafts, full-width verification); the loops check a drafter with :func:`check_drafter` before
+tracing. Drafters live in ``drafters/``; specjax only knows this contract.
 
 Axis glossary: B batch rows, T candidate nodes (static budget), V vocab, E embed, H history slots.
 """
@@ -24,6 +26,7 @@ import jax
 from flax import struct
 
 from specjax.cache import KVCache
+from specjax.tree import DraftTree
 
 DrafterState = Any  # each drafter's own pytree
 
@@ -110,19 +113,30 @@ class CommitInfo:
 class Drafter(Protocol):
     """Static drafter configuration with pure ``init`` / ``propose`` / ``commit``.
 
+    Every attribute below is part of the contract and is read directly by the loop (no
+    ``getattr`` fallbacks): drafters subclass :class:`DrafterBase`, which supplies the defaults.
+
     Attributes:
       tree: the static candidate structure (``specjax.tree.DraftTree``), or for dynamic trees
         the node budget's shape (its ``num_nodes`` and ``max_depth`` bound the proposal).
       deterministic: True when drafted tokens are point masses (no ``draft_probs``).
       siblings: how sibling nodes were drawn, for sampling verification: ``"iid"`` or
         ``"without_replacement"`` (chains: either).
-      skip_verify_when_empty: optional; when True, rounds in which no live row proposes a valid
-        draft node run a one-token target forward instead of all T nodes.
+      verify_widths: None (every round verifies all T nodes), ``"auto"`` (the loop runs the
+        verification forward on the narrowest of :func:`specjax.adaptive.default_verify_widths`
+        covering every live row's last valid node) or an explicit ascending tuple ending with T.
+        Only for drafters whose invalid nodes need no forward.
+      reads_unoffered_outputs: True when ``commit`` reads the verification outputs (logits,
+        hidden states) of nodes the drafter marked invalid (Jacobi's refinement, lookahead's
+        window): such a drafter must be verified at full width, and a wrapper that narrows
+        verification (``specjax.adaptive.AdaptiveDraftLength``) must not.
     """
 
     tree: Any
     deterministic: bool
     siblings: str
+    verify_widths: Optional[Any]
+    reads_unoffered_outputs: bool
 
     def check_compatible(self, target) -> None:
         """Raises ValueError (saying what to do) if this drafter cannot serve ``target``."""
@@ -136,3 +150,64 @@ class Drafter(Protocol):
 
     def commit(self, params, state: DrafterState, ctx: DraftContext, info: CommitInfo
                ) -> DrafterState: ...
+
+
+class DrafterBase:
+    """Defaults of the :class:`Drafter` contract, for drafters to subclass.
+
+    A drafter is a frozen dataclass deriving from this class; it must give ``tree`` and
+    ``propose`` and may override the rest: stateless ``init`` / ``commit``, point-mass drafts
+    (``deterministic = True``) with distinct siblings, full-width verification, no reads of
+    unoffered nodes, and no compatibility condition on the target.
+    """
+
+    deterministic = True
+    siblings = "without_replacement"
+    verify_widths = None
+    reads_unoffered_outputs = False
+
+    def check_compatible(self, target) -> None:
+        del target
+
+    def init(self, params, ctx: DraftContext, prompt_tokens: jax.Array,
+             prompt_lengths: jax.Array) -> DrafterState:
+        return ()
+
+    def commit(self, params, state: DrafterState, ctx: DraftContext, info: CommitInfo
+               ) -> DrafterState:
+        return state
+
+
+class SampledChainDrafter(DrafterBase):
+    """Defaults of a drafter that drafts a chain of ``chain_length`` tokens, each drawn from its
+    own distribution under the decoding's sampling settings (``self.sampling``, a
+    :class:`~specjax.sampling.SamplingConfig` field): point masses when greedy, otherwise draws
+    whose exact ``q`` goes into ``Proposal.draft_probs`` (see :func:`specjax.sampling.draw`).
+    ``chain_length`` is the ``draft_len`` field unless a subclass says otherwise."""
+
+    siblings = "iid"  # a chain: either rule is standard speculative sampling
+
+    @property
+    def chain_length(self) -> int:
+        return self.draft_len
+
+    @property
+    def deterministic(self) -> bool:
+        return self.sampling.greedy
+
+    @property
+    def tree(self) -> DraftTree:
+        return DraftTree.chain(self.chain_length)
+
+
+CONTRACT_ATTRIBUTES = ("tree", "deterministic", "siblings", "verify_widths",
+                       "reads_unoffered_outputs", "check_compatible", "init", "propose", "commit")
+
+
+def check_drafter(drafter) -> None:
+    """Raises TypeError naming what is missing when ``drafter`` does not implement the contract
+    (checked on the host before a loop is traced)."""
+    missing = [a for a in CONTRACT_ATTRIBUTES if not hasattr(drafter, a)]
+    if missing:
+        raise TypeError(f"{type(drafter).__name__} does not implement the drafter contract: "
+                        f"missing {', '.join(missing)}; subclass specjax.drafter.DrafterBase")

@@ -23,7 +23,8 @@ class ForwardOutput:
       logits: float32 ``[B, T, V]`` (or ``[B, N, V]`` when ``logits_at`` selected N positions).
       hidden: ``[B, T, E]`` final hidden states (after the final norm: what the LM head sees).
       cache: the cache with the T new entries written at ``lengths + t``; lengths unchanged.
-      taps: ``[n, B, T, E]`` residual stream after each requested layer (``hidden_layers``), or None.
+      taps: ``[n, B, T, E]`` residual stream after each requested layer (``hidden_layers``), or
+        None.
     """
 
     logits: jax.Array

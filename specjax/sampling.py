@@ -12,6 +12,7 @@ static branch (argmax), never ``temperature -> 0``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +115,20 @@ def sample_probs(key: jax.Array, probs: jax.Array) -> jax.Array:
     normalised; an all-zero row yields token 0 and must be excluded by the caller)."""
     logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def draw(key: jax.Array, logits: jax.Array, config: SamplingConfig
+         ) -> tuple[jax.Array, Optional[jax.Array]]:
+    """A drafter's token from its own logits under the decoding's sampling settings.
+
+    Greedy: the argmax and no distribution. Sampling: a draw from the processed distribution
+    ``q`` (same temperature / top-k / top-p / min-p as the target), returned with ``q``, the
+    exact distribution speculative sampling must be told the draft came from.
+
+    Returns:
+      ``(int32[...], float32[..., V] or None)``.
+    """
+    if config.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    q = processed_probs(logits, config)
+    return sample_probs(key, q), q

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,19 @@ def _check_parents(parents: Sequence[int]) -> None:
 def _check_budget(num_nodes: int, max_nodes: Optional[int]) -> None:
     if max_nodes is not None and num_nodes > max_nodes:
         raise ValueError(f"tree has {num_nodes} nodes (root included), over the budget {max_nodes}")
+
+
+class Expansion(NamedTuple):
+    """Depth ``d`` of :attr:`DraftTree.expansion_levels` (read-only): ``nodes int32[Q]`` at
+    ``d`` with children, index order; ``paths int32[Q, d + 1]`` their root-to-node paths;
+    ``children int32[C]`` theirs (every node at ``d + 1``), index order; ``slot int32[C]`` each
+    child's parent's position in ``nodes``; ``rank int32[C]`` each child's ``choice_rank``."""
+
+    nodes: np.ndarray
+    paths: np.ndarray
+    children: np.ndarray
+    slot: np.ndarray
+    rank: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +229,19 @@ class DraftTree:
     def choice_rank(self) -> np.ndarray:
         """``int32[T]``: the last entry of :attr:`choice_of_node` (-1 for the root)."""
         return _readonly(np.array([c[-1] if c else -1 for c in self.choice_of_node], np.int32))
+
+    @functools.cached_property
+    def expansion_levels(self) -> tuple[Expansion, ...]:
+        """Plan for drafting level by level, one :class:`Expansion` per depth ``0 .. D - 1``:
+        the nodes a drafter runs on, and which top-k rank of which of them fills each child."""
+        levels = []
+        for d in range(self.max_depth):
+            nodes = [n for n in range(self.num_nodes) if self.depth[n] == d and self.children[n]]
+            kids = [c for n in nodes for c in self.children[n]]
+            arrays = (nodes, [np.flatnonzero(self.visible[n]) for n in nodes], kids,
+                      [nodes.index(self.parents[c]) for c in kids], self.choice_rank[kids])
+            levels.append(Expansion(*(_readonly(np.array(a, np.int32)) for a in arrays)))
+        return tuple(levels)
 
     @property
     def is_chain(self) -> bool:

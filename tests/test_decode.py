@@ -17,64 +17,56 @@ from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
 
 N = 6  # max_new_tokens; every prompt + N fits the [1, 16] naive-reference width
-PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [60, 61, 62, 63, 64]]
+# Not tinymodels.PROMPTS: short enough for that width, with ids across the vocabulary of 128.
+SHORT_PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [60, 61, 62, 63, 64]]
 GREEDY = DecodeConfig(max_new_tokens=N)
 SAMPLED = DecodeConfig(max_new_tokens=N, sampling=SamplingConfig(temperature=1.0, top_k=3))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return kit.tiny_model("gqa")
-
-
-def _rows(out):
-    """Each row's generated tokens as a list; asserts the -1 padding past the length."""
+def _checked_rows(out):
+    """Each row's generated tokens as a list (``tinymodels.rows_of``); asserts the -1 padding
+    past the length."""
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     assert np.all(tokens[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] == -1)
-    return [tokens[b, :lengths[b]].tolist() for b in range(len(lengths))]
-
-
-def _chain_logits(model, params, chain):
-    padded = np.zeros((1, 16), np.int32)
-    padded[0, :len(chain)] = chain
-    return np.asarray(kit.full_forward(model, params, padded).logits)[0, :len(chain)]
+    return kit.rows_of(out)
 
 
 @pytest.fixture(scope="module")
-def greedy_rows(tiny):
-    model, params = tiny
-    return _rows(decode.generate(model, params, PROMPTS, GREEDY))
+def greedy_rows(target):
+    model, params = target
+    return _checked_rows(decode.generate(model, params, SHORT_PROMPTS, GREEDY))
 
 
-def test_greedy_equals_naive_reference_and_each_row_alone(tiny, greedy_rows):
-    model, params = tiny
-    out = decode.generate(model, params, PROMPTS, GREEDY)
-    assert out.tokens.shape == (len(PROMPTS), N)
-    for prompt, row in zip(PROMPTS, greedy_rows):
+def test_greedy_equals_naive_reference_and_each_row_alone(target, greedy_rows):
+    model, params = target
+    out = decode.generate(model, params, SHORT_PROMPTS, GREEDY)
+    assert out.tokens.shape == (len(SHORT_PROMPTS), N)
+    for prompt, row in zip(SHORT_PROMPTS, greedy_rows):
         assert row == kit.greedy_reference(model, params, prompt, N, width=16)
         alone = decode.generate(model, params, [prompt], GREEDY)
-        assert _rows(alone) == [row]
+        assert _checked_rows(alone) == [row]
     # The model is not degenerate (the comparisons above could otherwise pass trivially).
     assert len({t for row in greedy_rows for t in row}) > 4
     assert int(out.stats.target_calls) == N and int(out.stats.steps) == N - 1
 
 
-def test_top_k_1_sampling_equals_greedy(tiny, greedy_rows):
-    model, params = tiny
+def test_top_k_1_sampling_equals_greedy(target, greedy_rows):
+    model, params = target
     config = DecodeConfig(max_new_tokens=N, sampling=SamplingConfig(temperature=0.7, top_k=1))
-    assert _rows(decode.generate(model, params, PROMPTS, config, jax.random.key(3))) == greedy_rows
+    assert (_checked_rows(decode.generate(model, params, SHORT_PROMPTS, config, jax.random.key(3)))
+            == greedy_rows)
 
 
-def test_sampling_same_key_same_output_and_tokens_within_top_k(tiny, greedy_rows):
-    model, params = tiny
-    a = _rows(decode.generate(model, params, PROMPTS, SAMPLED, jax.random.key(1)))
-    b = _rows(decode.generate(model, params, PROMPTS, SAMPLED, jax.random.key(1)))
-    c = _rows(decode.generate(model, params, PROMPTS, SAMPLED, jax.random.key(2)))
+def test_sampling_same_key_same_output_and_tokens_within_top_k(target, greedy_rows):
+    model, params = target
+    a = _checked_rows(decode.generate(model, params, SHORT_PROMPTS, SAMPLED, jax.random.key(1)))
+    b = _checked_rows(decode.generate(model, params, SHORT_PROMPTS, SAMPLED, jax.random.key(1)))
+    c = _checked_rows(decode.generate(model, params, SHORT_PROMPTS, SAMPLED, jax.random.key(2)))
     assert a == b
     assert a != c and a != greedy_rows  # the key matters; it really samples
     # Every sampled token is among the top 3 of the target's logits given that row's prefix.
-    for prompt, row in zip(PROMPTS, a):
-        logits = _chain_logits(model, params, prompt + row[:-1])[len(prompt) - 1:]
+    for prompt, row in zip(SHORT_PROMPTS, a):
+        logits = kit.chain_logits(model, params, prompt + row[:-1])[len(prompt) - 1:]
         top3 = np.argsort(-logits, axis=-1)[:, :3]
         assert all(tok in top3[i] for i, tok in enumerate(row))
 
@@ -89,11 +81,11 @@ def _eos_choice(rows):
     raise AssertionError("test data: no EOS choice stops the rows at distinct lengths")
 
 
-def test_eos_stops_only_its_row(tiny, greedy_rows):
-    model, params = tiny
+def test_eos_stops_only_its_row(target, greedy_rows):
+    model, params = target
     eos, lengths = _eos_choice(greedy_rows)
-    out = decode.generate(model, params, PROMPTS, dataclasses.replace(GREEDY, eos_ids=eos))
-    rows = _rows(out)
+    out = decode.generate(model, params, SHORT_PROMPTS, dataclasses.replace(GREEDY, eos_ids=eos))
+    rows = _checked_rows(out)
     for row, full, n in zip(rows, greedy_rows, lengths):
         assert row == full[:n]  # same tokens up to and including the EOS, then nothing
         assert row[-1] in eos
@@ -112,20 +104,20 @@ def _stream_rows(model, params, prompts, config, key=None):
     return rows
 
 
-def test_stream_yields_exactly_the_generated_tokens(tiny, greedy_rows):
-    model, params = tiny
+def test_stream_yields_exactly_the_generated_tokens(target, greedy_rows):
+    model, params = target
     eos, lengths = _eos_choice(greedy_rows)
     config = dataclasses.replace(GREEDY, eos_ids=eos)
-    streamed = _stream_rows(model, params, PROMPTS, config)
-    assert streamed == _rows(decode.generate(model, params, PROMPTS, config))
+    streamed = _stream_rows(model, params, SHORT_PROMPTS, config)
+    assert streamed == _checked_rows(decode.generate(model, params, SHORT_PROMPTS, config))
     assert [len(r) for r in streamed] == lengths
 
 
-def test_stream_sampling_uses_the_key_like_generate(tiny):
-    model, params = tiny
+def test_stream_sampling_uses_the_key_like_generate(target):
+    model, params = target
     key = jax.random.key(1)
-    assert (_stream_rows(model, params, PROMPTS, SAMPLED, key)
-            == _rows(decode.generate(model, params, PROMPTS, SAMPLED, key)))
+    assert (_stream_rows(model, params, SHORT_PROMPTS, SAMPLED, key)
+            == _checked_rows(decode.generate(model, params, SHORT_PROMPTS, SAMPLED, key)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,24 +136,24 @@ class _CountingModel:
         return self.inner.forward(*args, **kwargs)
 
 
-def test_prompt_lengths_in_one_bucket_compile_once(tiny):
-    model, params = tiny
+def test_prompt_lengths_in_one_bucket_compile_once(target):
+    model, params = target
     counting = _CountingModel(model)
     config = DecodeConfig(max_new_tokens=2)
     decode.generate(counting, params, [[1, 2]], config)
     first = len(counting.traces)
     assert first > 0
-    size = decode._generate._cache_size()
+    size = decode.num_compiled()
     decode.generate(counting, params, [[7] * 11], config)  # also in the 16-token bucket
     assert len(counting.traces) == first
-    assert decode._generate._cache_size() == size
+    assert decode.num_compiled() == size
     # A longer prompt moves to the 32-token bucket and does trace again (the counter works).
     decode.generate(counting, params, [[7] * 20], config)
     assert len(counting.traces) > first
 
 
-def test_bad_input_errors(tiny):
-    model, params = tiny
+def test_bad_input_errors(target):
+    model, params = target
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -178,8 +170,8 @@ def test_bad_input_errors(tiny):
     make_prompt_batch([[0, 63]], vocab_size=64)  # the edges themselves are fine
 
 
-def test_prompt_longer_than_the_cache(tiny):
-    model, params = tiny
+def test_prompt_longer_than_the_cache(target):
+    model, params = target
     config = DecodeConfig(max_new_tokens=4, num_slots=16)
     for call in (lambda: decode.generate(model, params, [list(range(20))], config),
                  lambda: next(decode.stream(model, params, [list(range(20))], config))):

@@ -10,46 +10,20 @@ import numpy as np
 import pytest
 
 import tinymodels as kit
-from drafters import distill, eagle_train, head_weights
+from drafters import eagle_train, head_weights
 from drafters.eagle import EagleDrafter
 from drafters.eagle_weights import load_shipped, load_weights, random_params, save_weights
 from specjax import masks, train
 from specjax.cache import KVCache
-from specjax.decode import DecodeConfig, generate
+from specjax.decode import DecodeConfig
 from specjax.sampling import SamplingConfig
-from specjax.speculative import SpecConfig, _round_jit, _start_jit, speculative_generate
+from specjax.speculative import SpecConfig, SpecLoop, draft_context, speculative_generate
 from specjax.prompts import make_prompt_batch
 from specjax.tree import select_top_nodes
 from sequence_kit import chi_square_pvalue, exact_joint, sample_sequences, seq_model
+from tinymodels import PROMPTS, rows_of
 
-PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 SMALL_DYNAMIC = dict(tree="dynamic", top_k=3, depth=3, budget=6)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return kit.tiny_model("gqa")
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    model, params = target
-    config = DecodeConfig(max_new_tokens=20, eos_ids=(13,))
-    return config, _rows(generate(model, params, PROMPTS, config))
-
-
-def _rows(out):
-    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
-
-
-def _records(model, params, prompts, rows):
-    seqs = [p + r for p, r in zip(prompts, rows)]
-    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-    hidden = np.asarray(distill.teacher_forced_hidden(model, params, tokens))
-    return distill.Records(tokens, np.array(list(map(len, seqs)), np.int32),
-                           np.array(list(map(len, prompts)), np.int32), hidden, {})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +31,8 @@ def trained(target, reference):
     """A layer fitted to the reference continuations: it drafts right often."""
     model, params = target
     drafter = EagleDrafter.create(model)
-    data = eagle_train.window_dataset(_records(model, params, PROMPTS, reference[1]), 32)
+    records = kit.teacher_records(model, params, PROMPTS, reference[1])
+    data = eagle_train.window_dataset(records, 32)
     tx = train.make_optimizer(1e-2, 10, 150)
     state = train.TrainState.create(drafter.init_params(jax.random.key(0)), tx)
     step = train.make_train_step(eagle_train.make_loss_fn(drafter, 2, ce_weight=1.0,
@@ -78,9 +53,9 @@ def test_greedy_equals_plain_decoding(target, reference, trained, tree, kind):
     drafter = EagleDrafter.create(model, **(SMALL_DYNAMIC if tree == "dynamic" else {}))
     dparams = random_params(drafter, seed=3) if kind == "random" else trained
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)  # ragged
-    assert _rows(out) == ref_rows
+    assert rows_of(out) == ref_rows
     single = speculative_generate(model, params, drafter, dparams, [PROMPTS[1]], config)
-    assert _rows(single) == [ref_rows[1]]  # batch 1
+    assert rows_of(single) == [ref_rows[1]]  # batch 1
     if kind == "trained":  # the fitted layer gets drafts accepted
         assert int(out.stats.accepted) > 0.3 * sum(map(len, ref_rows))
 
@@ -90,7 +65,7 @@ def test_reduced_draft_vocabulary_is_lossless(target, reference, trained):
     config, ref_rows = reference
     drafter = EagleDrafter.create(model, **SMALL_DYNAMIC, draft_vocab=40)
     out = speculative_generate(model, params, drafter, trained, PROMPTS, config)
-    assert _rows(out) == ref_rows
+    assert rows_of(out) == ref_rows
     ctx = _context_after_prefill(model, params, drafter, trained)
     proposal, _, _ = drafter.propose(trained, ctx[0], ctx[1], jax.random.key(0))
     assert (np.asarray(proposal.tokens)[:, 1:] < 40).all()
@@ -99,11 +74,10 @@ def test_reduced_draft_vocabulary_is_lossless(target, reference, trained):
 
 
 def _context_after_prefill(model, params, drafter, dparams):
-    from specjax import speculative
     batch = make_prompt_batch(PROMPTS, vocab_size=model.vocab_size)
-    state = _start_jit(model, params, drafter, dparams, batch, jax.random.key(0),
-                       DecodeConfig(max_new_tokens=8), 64)
-    return state.drafter_state, speculative._context(state, params)  # noqa: SLF001
+    loop = SpecLoop(model, drafter, DecodeConfig(max_new_tokens=8))
+    state = loop.jit_start(params, dparams, batch, jax.random.key(0), 64)
+    return state.drafter_state, draft_context(state, params)
 
 
 REF_WIDTH = 48
@@ -139,9 +113,10 @@ def test_draft_cache_holds_true_features_after_every_round(target, reference, tr
     config, ref_rows = reference
     drafter = EagleDrafter.create(model, **(SMALL_DYNAMIC if tree == "dynamic" else {}))
     batch = make_prompt_batch(PROMPTS, vocab_size=model.vocab_size)
-    state = _start_jit(model, params, drafter, trained, batch, jax.random.key(0), config, 64)
+    loop = SpecLoop(model, drafter, config, SpecConfig())
+    state = loop.jit_start(params, trained, batch, jax.random.key(0), 64)
     for _ in range(4):
-        state = _round_jit(model, params, drafter, trained, state, config, SpecConfig())
+        state = loop.jit_round(params, trained, state)
         ds = state.drafter_state
         for b, prompt in enumerate(PROMPTS):
             length = int(ds.cache.lengths[b])
@@ -234,7 +209,7 @@ def test_levels_reproduce_decode_time_chains(target, trained):
     model, params = target
     drafter = EagleDrafter.create(model)
     seq = [4, 5, 6, 7, 8, 9, 10, 4, 5, 6, 21, 22, 23, 24]
-    rec = _records(model, params, [seq[:3]], [seq[3:]])
+    rec = kit.teacher_records(model, params, [seq[:3]], [seq[3:]])
     w, levels = 16, 3  # the whole sequence (13 pairs) plus 3 padding slots on the left
     data = eagle_train.window_dataset(rec, w)
     outs = eagle_train.level_features(
@@ -267,7 +242,8 @@ def test_levels_reproduce_decode_time_chains(target, trained):
 def test_loss_decreases_and_resume_gives_the_same_params(target, reference, tmp_path):
     model, params = target
     drafter = EagleDrafter.create(model)
-    data = eagle_train.window_dataset(_records(model, params, PROMPTS, reference[1]), 24)
+    records = kit.teacher_records(model, params, PROMPTS, reference[1])
+    data = eagle_train.window_dataset(records, 24)
     loss_fn = eagle_train.make_loss_fn(drafter, 2, ce_weight=1.0, ce_window=24)
     tx = train.make_optimizer(1e-2, 5, 40)
     step = train.make_train_step(loss_fn, tx)
@@ -349,10 +325,8 @@ def test_shipped_smollm2_weights_fit():
     path = head_weights.shipped_path("eagle", "smollm2-135m")
     assert os.path.exists(path), f"shipped weights {path} are missing from the repository"
     assert os.path.getsize(path) < 20e6
-    from models import registry
     from models.llama import LlamaModel
-    config = registry._load_gguf_cached(registry._smollm2_path())[0]  # noqa: SLF001
-    drafter, params = load_shipped(LlamaModel(config))
+    drafter, params = load_shipped(LlamaModel(kit.smollm2_config()))
     assert jax.tree.leaves(params)[0].dtype == jnp.float32
 
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from models import registry  # noqa: E402
 from specjax.masks import causal_mask  # noqa: E402
 
-PROMPTS = [
+TEXT_PROMPTS = [  # text: this file tests the real tokenizer
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Once upon a time, in a small village by the sea, there lived",
@@ -52,8 +52,9 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    path = registry._smollm2_path()
+def hf_reference():
+    """``(model, tokenizer)``: transformers' own load of the same GGUF file."""
+    path = registry.gguf_path(registry.SMOLLM2)
     directory, name = path.rsplit("/", 1)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=name, dtype=torch.float32).eval()
@@ -64,7 +65,7 @@ def reference():
 @pytest.fixture(scope="module")
 def prompts(loaded):
     chats = [loaded.tokenizer.apply_chat_template(c) for c in CHATS]
-    return [loaded.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS + chats]
+    return [loaded.tokenizer.encode(p, add_special_tokens=False) for p in TEXT_PROMPTS + chats]
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +87,24 @@ def prefill(loaded, prompts):
     return np.asarray(out.logits), out.cache
 
 
-def test_config_and_special_ids(loaded, reference):
+def test_config_and_special_ids(loaded, hf_reference):
     c = loaded.model.config
-    ref = reference[0].config
+    ref = hf_reference[0].config
     assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads) == (
         ref.vocab_size, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads,
         ref.num_key_value_heads)
     assert c.tie_embeddings and c.rope_theta == 100000.0
-    tok, ref_tok = loaded.tokenizer, reference[1]
+    tok, ref_tok = loaded.tokenizer, hf_reference[1]
     assert tok.bos_id == ref_tok.bos_token_id == 1
     assert tok.eos_ids == (2, 0)  # <|im_end|>, <|endoftext|>
     assert tok.eos_id == ref_tok.eos_token_id
 
 
-def test_logits_match(prompts, prefill, reference):
+def test_logits_match(prompts, prefill, hf_reference):
     logits, _ = prefill
     for i, p in enumerate(prompts):
         with torch.no_grad():
-            ref = reference[0](torch.tensor([p])).logits[0].numpy()
+            ref = hf_reference[0](torch.tensor([p])).logits[0].numpy()
         err = np.abs(logits[i, :len(p)] - ref).max()
         assert err < 1e-3, (i, err)
 
@@ -147,24 +148,24 @@ def _torch_greedy(model, prompts):
     return np.stack(out_ids, 1).tolist()
 
 
-def test_greedy_32_tokens_identical(loaded, reference, prompts, prefill):
+def test_greedy_32_tokens_identical(loaded, hf_reference, prompts, prefill):
     got = _specjax_greedy(loaded, prompts, prefill)
-    want = _torch_greedy(reference[0], prompts)
+    want = _torch_greedy(hf_reference[0], prompts)
     for g, w in zip(got, want):
         assert g == w, (loaded.tokenizer.decode(g), loaded.tokenizer.decode(w))
 
 
-def test_token_ids_match(loaded, reference):
-    tok, ref = loaded.tokenizer, reference[1]
+def test_token_ids_match(loaded, hf_reference):
+    tok, ref = loaded.tokenizer, hf_reference[1]
     for text in TEXTS:
         assert tok.encode(text) == ref.encode(text), text
         assert tok.encode(text, add_special_tokens=False) == ref.encode(
             text, add_special_tokens=False), text
 
 
-def test_digit_split_matches_hf_tokenizer_json(loaded, reference):
+def test_digit_split_matches_hf_tokenizer_json(loaded, hf_reference):
     from tokenizers import pre_tokenizers
-    ref = reference[1].backend_tokenizer
+    ref = hf_reference[1].backend_tokenizer
     hf_style = type(ref).from_str(ref.to_str())
     hf_style.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -174,8 +175,8 @@ def test_digit_split_matches_hf_tokenizer_json(loaded, reference):
     assert loaded.tokenizer.encode("a  1") == [81, 256, 33]  # "a", "  ", "1"
 
 
-def test_decode_round_trip(loaded, reference):
-    tok, ref = loaded.tokenizer, reference[1]
+def test_decode_round_trip(loaded, hf_reference):
+    tok, ref = loaded.tokenizer, hf_reference[1]
     for text in TEXTS + DIGIT_WHITESPACE:
         ids = tok.encode(text)
         assert tok.decode(ids, skip_special_tokens=False) == text
@@ -195,18 +196,18 @@ def test_decode_incremental_streams_multibyte(loaded):
     assert "".join(pieces) == text
 
 
-def test_chat_template_matches(loaded, reference):
-    tok, ref = loaded.tokenizer, reference[1]
+def test_chat_template_matches(loaded, hf_reference):
+    tok, ref = loaded.tokenizer, hf_reference[1]
     for chat in CHATS + [CHATS[1] + [{"role": "assistant", "content": "11"}]]:
         for gen in (True, False):
             want = ref.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
             assert tok.apply_chat_template(chat, add_generation_prompt=gen) == want
 
 
-def test_hf_directory_tokenizer(tmp_path, reference):
+def test_hf_directory_tokenizer(tmp_path, hf_reference):
     """models/hf.py's tokenizer.json path, on SmolLM2's tokenizer saved by transformers."""
     from models import hf
-    ref = reference[1]
+    ref = hf_reference[1]
     ref.save_pretrained(tmp_path)
     tok = hf.load_tokenizer(str(tmp_path))
     assert tok.bos_id == 1 and tok.eos_ids == (2, 0)

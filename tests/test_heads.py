@@ -12,46 +12,22 @@ from drafters import head_weights, heads
 from drafters.blockwise import BlockwiseDrafter
 from drafters.hydra import HydraDrafter
 from drafters.medusa import MedusaDrafter
-from specjax.decode import DecodeConfig, generate
+from specjax.decode import DecodeConfig
 from specjax.drafter import DraftContext
 from specjax.sampling import SamplingConfig
 from specjax.speculative import SpecConfig, speculative_generate
 from specjax.tree import DraftTree
 from sequence_kit import chi_square_pvalue, exact_joint, sample_sequences, seq_model
+from tinymodels import PROMPTS, rows_of
 
-PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 CLASSES = {"blockwise": BlockwiseDrafter, "medusa": MedusaDrafter, "hydra": HydraDrafter}
-
-
-@pytest.fixture(scope="module")
-def target():
-    return kit.tiny_model("gqa")
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    model, params = target
-    config = DecodeConfig(max_new_tokens=20, eos_ids=(13,))
-    out = generate(model, params, PROMPTS, config)
-    return config, _rows(out)
-
-
-def _rows(out):
-    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
 
 
 def _oracle_params(drafter, model, params, rows):
     """A few hundred steps on the reference continuations: heads that often draft right."""
     from drafters import distill
     from specjax import train
-    seqs = [p + r for p, r in zip(PROMPTS, rows)]
-    width = max(map(len, seqs))
-    tokens = np.zeros((len(seqs), width), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-    hidden = np.asarray(distill.teacher_forced_hidden(model, params, tokens))
-    rec = distill.Records(tokens, np.array(list(map(len, seqs)), np.int32),
-                          np.array(list(map(len, PROMPTS)), np.int32), hidden, {})
+    rec = kit.teacher_records(model, params, PROMPTS, rows)
     data = distill.position_dataset(rec, drafter.num_heads)
     tx = train.make_optimizer(3e-2, 5, 100)
     state = train.TrainState.create(drafter.init_params(jax.random.key(0)), tx)
@@ -73,13 +49,13 @@ def test_greedy_equals_plain_decoding(target, reference, name, kind):
     else:
         dparams = _oracle_params(drafter, model, params, ref_rows)
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)  # ragged
-    assert _rows(out) == ref_rows
+    assert rows_of(out) == ref_rows
     if kind == "trained":  # the trained heads actually get drafts accepted
         assert int(out.stats.accepted) > 0.3 * sum(map(len, ref_rows))
         return
     for i in (1,):  # batch 1
         single = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], config)
-        assert _rows(single) == [ref_rows[i]]
+        assert rows_of(single) == [ref_rows[i]]
 
 
 @pytest.mark.parametrize("name", ["blockwise", "medusa", "hydra"])
@@ -95,7 +71,7 @@ def test_draft_vocab_drafts_only_low_ids_and_stays_lossless(target, reference, n
                                           jax.random.key(0))[0].tokens)
     assert not (full_tokens[:, 1:] < 40).all()  # the limit is what keeps the drafts low
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)
-    assert _rows(out) == ref_rows
+    assert rows_of(out) == ref_rows
     with pytest.raises(ValueError, match="draft_vocab"):
         CLASSES[name].create(model, draft_vocab=model.vocab_size + 1)
     if name != "blockwise":
@@ -246,8 +222,7 @@ def test_shipped_smollm2_weights_fit(name):
     assert os.path.exists(path), f"shipped weights {path} are missing from the repository"
     assert os.path.getsize(path) < 20e6
     from models.llama import LlamaModel
-    from models import registry
-    config = registry._load_gguf_cached(registry._smollm2_path())[0]  # noqa: SLF001
+    config = kit.smollm2_config()
     drafter, params = head_weights.load_shipped(name, LlamaModel(config))
     assert drafter.vocab_size == config.vocab_size
     assert jax.tree.leaves(params)[0].dtype == jnp.float32

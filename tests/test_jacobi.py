@@ -9,47 +9,33 @@ import pytest
 
 import tinymodels as kit
 from drafters import jacobi
-from sequence_kit import SEQ_LEN, SEQ_VOCAB, chi_square_pvalue, counts_of, exact_joint
-from specjax.decode import DecodeConfig, generate
+from sequence_kit import SEQ_LEN, chi_square_pvalue, counts_of, exact_joint, seq_tiny_model
+from specjax.decode import DecodeConfig
 from specjax.sampling import SamplingConfig
 from specjax.speculative import speculative_generate, speculative_stream
+from tinymodels import PROMPTS, rows_of
 
-VOCAB = 24
-PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
-CONFIG = DecodeConfig(max_new_tokens=24, eos_ids=(13,))
-
-
-@pytest.fixture(scope="module")
-def target():
-    return kit.tiny_model("llama", vocab_size=VOCAB)
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    model, params = target
-    return _rows(generate(model, params, PROMPTS, CONFIG))
-
-
-def _rows(out):
-    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
+VOCAB = kit.SMALL_VOCAB  # small_vocab_target's vocabulary (conftest.py)
 
 
 # test_rounds_are_the_jacobi_iteration covers "repeat" with window 3 on a single row.
 @pytest.mark.parametrize("init,window", [("repeat", 1), ("random", 3), ("prompt_lookup", 4)])
-def test_greedy_equals_plain_decoding(target, reference, init, window):
-    model, params = target
+def test_greedy_equals_plain_decoding(small_vocab_target, small_vocab_reference, init, window):
+    model, params = small_vocab_target
+    config, reference = small_vocab_reference
     drafter, dparams = jacobi.make(model, window=window, init=init)
-    out = speculative_generate(model, params, drafter, dparams, PROMPTS, CONFIG)
-    assert _rows(out) == reference
+    out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)
+    assert rows_of(out) == reference
     assert int(out.stats.accepted) > 0 or init == "random"
 
 
-def test_greedy_single_rows(target, reference):
-    model, params = target
+def test_greedy_single_rows(small_vocab_target, small_vocab_reference):
+    model, params = small_vocab_target
+    config, reference = small_vocab_reference
     drafter, dparams = jacobi.make(model, window=3, init="prompt_lookup")
     for i in (1, 3):  # same padded prompt shape: one compilation
-        out = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], CONFIG)
-        assert _rows(out) == [reference[i]]
+        out = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], config)
+        assert rows_of(out) == [reference[i]]
 
 
 def _slow_jacobi(model, params, prompt, window, max_new, width=64):
@@ -75,8 +61,8 @@ def _slow_jacobi(model, params, prompt, window, max_new, width=64):
     return accepted, seq[len(prompt):len(prompt) + max_new]
 
 
-def test_rounds_are_the_jacobi_iteration(target):
-    model, params = target
+def test_rounds_are_the_jacobi_iteration(small_vocab_target):
+    model, params = small_vocab_target
     window, max_new = 3, 16
     config = DecodeConfig(max_new_tokens=max_new)
     want_accepted, want_tokens = _slow_jacobi(model, params, PROMPTS[0], window, max_new)
@@ -93,8 +79,8 @@ def test_rounds_are_the_jacobi_iteration(target):
     assert sum(want_accepted) > 0
 
 
-def test_configuration_errors(target):
-    model, _ = target
+def test_configuration_errors(small_vocab_target):
+    model, _ = small_vocab_target
     with pytest.raises(ValueError, match="window"):
         jacobi.make(model, window=0)
     with pytest.raises(ValueError, match="init"):
@@ -107,21 +93,13 @@ def test_configuration_errors(target):
 # SJD: the joint distribution of 3 sampled tokens on a vocabulary of 8 ------------------------
 
 SEQ_PROMPT, SEQ_ROWS, SEQ_SLOTS = [3, 1, 4, 1], 12288, 32
-
-
-@pytest.fixture(scope="module")
-def small_target():
-    return kit.tiny_model("llama", vocab_size=SEQ_VOCAB, hidden_size=32, intermediate_size=64,
-                          num_layers=2, num_kv_heads=1, seed=3)
-
-
 SJD_CASES = [("random", SamplingConfig(temperature=1.0)),
              ("prompt_lookup", SamplingConfig(temperature=0.8, top_k=5))]
 
 
 @pytest.mark.parametrize("init,sampling", SJD_CASES, ids=["random_t1", "lookup_t0.8_top5"])
-def test_sjd_sequence_distribution_is_exact(small_target, init, sampling):
-    model, params = small_target
+def test_sjd_sequence_distribution_is_exact(init, sampling):
+    model, params = seq_tiny_model()
     drafter, dparams = jacobi.make(model, window=2, init=init, sampling=sampling)
     config = DecodeConfig(max_new_tokens=SEQ_LEN, sampling=sampling, num_slots=SEQ_SLOTS)
     out = speculative_generate(model, params, drafter, dparams, [SEQ_PROMPT] * SEQ_ROWS, config,

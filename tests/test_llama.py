@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.llama import LlamaModel, rms_norm, rope_inv_freq
+from models.decoder_block import rms_norm, rope_inv_freq
+from models.llama import LlamaModel
 from specjax import cache as cache_lib
 from specjax import masks
 import tinymodels as kit
@@ -35,13 +36,6 @@ def _full(model, params, tokens, **kwargs):
     """Teacher-forced forward of [B, T] tokens in an S-slot cache, with every layer tapped."""
     return kit.full_forward(model, params, tokens, num_slots=S,
                             hidden_layers=tuple(range(model.num_layers)), **kwargs)
-
-
-def _chain_logits(model, params, chain):
-    """Logits of one chain run alone from scratch (right-padded to W; causality hides the pad)."""
-    padded = np.zeros((1, W), np.int32)
-    padded[0, :len(chain)] = chain
-    return np.asarray(kit.full_forward(model, params, padded).logits)[0, :len(chain)]
 
 
 def _step(model, params, tokens, cache):
@@ -277,7 +271,7 @@ def test_tree_mask_branches_equal_chains_and_compact_commits_a_branch():
     for b in range(B):
         for path in _paths(parents[b]):
             chain = list(prompts[b, :prompt_lens[b]]) + list(nodes[b, path])
-            ref = _chain_logits(model, params, chain)
+            ref = kit.chain_logits(model, params, chain, W)
             for j, node in enumerate(path):
                 _close(out.logits[b, node], ref[prompt_lens[b] + j])
         accepted.append(_paths(parents[b])[-1])  # commit the last branch of each row
@@ -292,7 +286,7 @@ def test_tree_mask_branches_equal_chains_and_compact_commits_a_branch():
     step = _step(model, params, nxt, cache)
     for b in range(B):
         chain = list(prompts[b, :prompt_lens[b]]) + list(nodes[b, accepted[b]]) + [nxt[b, 0]]
-        _close(step.logits[b, 0], _chain_logits(model, params, chain)[-1])
+        _close(step.logits[b, 0], kit.chain_logits(model, params, chain, W)[-1])
 
 
 def test_ragged_batch_rows_equal_each_row_alone():
@@ -301,11 +295,11 @@ def test_ragged_batch_rows_equal_each_row_alone():
     tokens = _tokens((B, T), seed=13)  # garbage padding past each row's length
     out = _full(model, params, tokens)
     for b in range(B):
-        _close(out.logits[b, :lens[b]], _chain_logits(model, params, tokens[b, :lens[b]]))
+        _close(out.logits[b, :lens[b]], kit.chain_logits(model, params, tokens[b, :lens[b]], W))
     # Continue each row at its own length with one new token (ragged positions).
     cache = cache_lib.set_lengths(out.cache, lens)
     nxt = _tokens((B, 1), seed=14)
     step = _step(model, params, nxt, cache)
     for b in range(B):
         chain = list(tokens[b, :lens[b]]) + [nxt[b, 0]]
-        _close(step.logits[b, 0], _chain_logits(model, params, chain)[-1])
+        _close(step.logits[b, 0], kit.chain_logits(model, params, chain, W)[-1])

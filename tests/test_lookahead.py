@@ -21,32 +21,16 @@ import pytest
 import tinymodels as kit
 from drafters import lookahead, ngram_pool
 from specjax import masks, tree as tree_lib
-from specjax.decode import DecodeConfig, generate
+from specjax.decode import DecodeConfig
 from specjax.drafter import DraftContext
 from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
-from specjax.speculative import SpecConfig, _round_jit, _start_jit, speculative_generate
-from sequence_kit import SEQ_LEN, chi_square_pvalue, counts_of, exact_joint
+from specjax.speculative import SpecConfig, SpecLoop, speculative_generate
+from sequence_kit import SEQ_LEN, chi_square_pvalue, counts_of, exact_joint, seq_tiny_model
+from tinymodels import PROMPTS, rows_of
 
-VOCAB = 24
+VOCAB = kit.SMALL_VOCAB  # small_vocab_target's vocabulary (conftest.py)
 SEQ_ROWS, SEQ_SLOTS = 12288, 32  # sampled rows and cache slots of the distribution test
-PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
-CONFIG = DecodeConfig(max_new_tokens=24, eos_ids=(13,))
-
-
-@pytest.fixture(scope="module")
-def target():
-    return kit.tiny_model("llama", vocab_size=VOCAB)
-
-
-@pytest.fixture(scope="module")
-def reference(target):
-    model, params = target
-    return _rows(generate(model, params, PROMPTS, CONFIG))
-
-
-def _rows(out):
-    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
 
 
 # The proposal against a slow construction ------------------------------------------------------
@@ -141,13 +125,13 @@ def _propose(drafter, state, pending):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_proposal_matches_slow_construction(target, seed):
+def test_proposal_matches_slow_construction(small_vocab_target, seed):
     rng = np.random.default_rng(seed)
     w, n, g = int(rng.integers(1, 5)), int(rng.integers(2, 5)), int(rng.integers(0, 5))
     if seed == 0:
         w, n, g = 1, 2, 1
     batch = 3
-    model, _ = target
+    model, _ = small_vocab_target
     drafter = lookahead.LookaheadDrafter(model, window=w, ngram=n, guess_set=g,
                                          pool_capacity=max(g, 1) + 1)
     t = drafter.num_nodes
@@ -172,9 +156,9 @@ def test_proposal_matches_slow_construction(target, seed):
             np.testing.assert_array_equal(np.asarray(vis[0])[real], want[4][real])
 
 
-def test_one_forward_gives_every_node_its_sequence(target):
+def test_one_forward_gives_every_node_its_sequence(small_vocab_target):
     """Under the combined mask each node's logits are those of the sequence it stands for."""
-    model, params = target
+    model, params = small_vocab_target
     rng = np.random.default_rng(11)
     w, n, g, batch = 3, 4, 3, 2
     drafter = lookahead.LookaheadDrafter(model, window=w, ngram=n, guess_set=g)
@@ -262,16 +246,18 @@ def _pool_lists(pool, b):
 
 
 @pytest.mark.parametrize("w,n,g,history", [(3, 3, 2, False), (2, 4, 3, True)])
-def test_rounds_match_slow_lookahead(target, reference, w, n, g, history):
-    model, params = target
+def test_rounds_match_slow_lookahead(small_vocab_target, small_vocab_reference, w, n, g,
+                                     history):
+    model, params = small_vocab_target
+    _, reference = small_vocab_reference
     max_new = 20
     rows = [0, 3, 1]
     prompts = [PROMPTS[i] for i in rows]
     drafter = lookahead.LookaheadDrafter(model, window=w, ngram=n, guess_set=g,
                                          history_ngrams=history)
     config = DecodeConfig(max_new_tokens=max_new)
-    state = _start_jit(model, params, drafter, None, make_prompt_batch(prompts),
-                       jax.random.key(0), config, 64)
+    loop = SpecLoop(model, drafter, config, SpecConfig())
+    state = loop.jit_start(params, None, make_prompt_batch(prompts), jax.random.key(0), 64)
     width = 48
 
     def predict(seqs):
@@ -288,7 +274,7 @@ def test_rounds_match_slow_lookahead(target, reference, w, n, g, history):
     while not bool(jnp.all(state.done)):
         live = ~np.asarray(state.done)
         before = int(state.stats.accepted)
-        state = _round_jit(model, params, drafter, None, state, config, SpecConfig())
+        state = loop.jit_round(params, None, state)
         want = sum(s.round(predict, max_new) for s, ok in zip(slow, live) if ok)
         assert int(state.stats.accepted) - before == want
         total += want
@@ -315,29 +301,31 @@ GREEDY_CASES = {  # (W, N, G, history_ngrams)
 
 
 @pytest.mark.parametrize("name", list(GREEDY_CASES))
-def test_greedy_equals_plain_decoding(target, reference, name):
-    model, params = target
+def test_greedy_equals_plain_decoding(small_vocab_target, small_vocab_reference, name):
+    model, params = small_vocab_target
+    config, reference = small_vocab_reference
     w, n, g, history = GREEDY_CASES[name]
     drafter, dparams = lookahead.make(model, window=w, ngram=n, guess_set=g,
                                       history_ngrams=history)
-    out = speculative_generate(model, params, drafter, dparams, PROMPTS, CONFIG)
-    assert _rows(out) == reference
+    out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)
+    assert rows_of(out) == reference
     if g == 0:
         assert int(out.stats.accepted) == 0 and int(out.stats.drafted) == 0
     else:
         assert int(out.stats.accepted) > 0
 
 
-def test_greedy_single_rows(target, reference):
-    model, params = target
+def test_greedy_single_rows(small_vocab_target, small_vocab_reference):
+    model, params = small_vocab_target
+    config, reference = small_vocab_reference
     drafter, dparams = lookahead.make(model, window=3, ngram=3, guess_set=2, history_ngrams=True)
     for i in (1, 3):  # same padded prompt shape: one compilation
-        out = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], CONFIG)
-        assert _rows(out) == [reference[i]]
+        out = speculative_generate(model, params, drafter, dparams, [PROMPTS[i]], config)
+        assert rows_of(out) == [reference[i]]
 
 
-def test_configuration_errors(target):
-    model, _ = target
+def test_configuration_errors(small_vocab_target):
+    model, _ = small_vocab_target
     for kwargs, match in (({"window": 0}, "window"), ({"ngram": 1}, "ngram"),
                           ({"guess_set": -1}, "guess_set")):
         with pytest.raises(ValueError, match=match):
@@ -352,8 +340,7 @@ def test_configuration_errors(target):
 
 def test_sampled_sequence_distribution_is_exact():
     sampling = SamplingConfig(temperature=1.0)
-    model, params = kit.tiny_model("llama", vocab_size=8, hidden_size=32, intermediate_size=64,
-                                   num_layers=2, num_kv_heads=1, seed=3)
+    model, params = seq_tiny_model()
     # The prompt holds the target's likely continuations, so pooled n-grams are often accepted
     # and the test has power.
     prompt = [3, 1, 4, 1, 5, 7, 2, 5, 7, 2]

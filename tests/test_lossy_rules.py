@@ -78,27 +78,26 @@ def test_bad_rule_settings():
 
 # In the loop -------------------------------------------------------------------------------------
 
-PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10], [11]]
+# Three ragged rows of their own (not tinymodels.PROMPTS), decoded without EOS: every row runs
+# NEW_TOKENS, so the round count below is exact.
+THREE_PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10], [11]]
 DRAFT_LEN = 3
 NEW_TOKENS = 17
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model, params = kit.tiny_model("gqa")
+def setup(target):
+    model, params = target
     config = DecodeConfig(max_new_tokens=NEW_TOKENS)
-    plain = generate(model, params, PROMPTS, config)
-    reference = np.zeros((len(PROMPTS), 64), np.int32)
-    for row, prompt in enumerate(PROMPTS):
-        seq = list(prompt) + list(np.asarray(plain.tokens[row]))
-        reference[row, :len(seq)] = seq
-    return model, params, config, np.asarray(plain.tokens), jnp.asarray(reference)
+    plain = generate(model, params, THREE_PROMPTS, config)
+    reference = kit.script(THREE_PROMPTS, kit.rows_of(plain))
+    return model, params, config, np.asarray(plain.tokens), reference
 
 
 def _run(setup, mode, spec):
     model, params, config, _, reference = setup
     drafter = ScriptedDrafter(mode, DRAFT_LEN, model.vocab_size)
-    return speculative_generate(model, params, drafter, reference, PROMPTS, config, spec)
+    return speculative_generate(model, params, drafter, reference, THREE_PROMPTS, config, spec)
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(acceptance="topk_lossy", topk_k=1),

@@ -17,43 +17,36 @@ from specjax.cache import CacheCapacityError
 from specjax.decode import DecodeConfig, generate
 from specjax.prompts import make_prompt_batch
 from specjax.sampling import SamplingConfig
-from specjax.speculative import (SpecConfig, _round_jit, _start_jit, speculative_generate,
+from specjax.speculative import (SpecConfig, SpecLoop, speculative_generate,
                                  speculative_stream)
+from tinymodels import PROMPTS, rows_of, script
 
 VOCAB = 24
-PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
 
 
 def _model(vocab=VOCAB, layers=3, seed=0, **kw):
     return seq_model(vocab=vocab, layers=layers, seed=seed, **kw)  # spread-out distributions
 
 
+# Not conftest's small_vocab_target (tinymodels' peaked weights): Flax's default init, whose
+# next-token distributions are spread out (sequence_kit.seq_model).
 @pytest.fixture(scope="module")
-def target():
+def spread_target():
     return _model()
 
 
 @pytest.fixture(scope="module")
-def reference(target):
-    model, params = target
+def spread_reference(spread_target):
+    """``(config, rows)``: plain greedy decoding of ``PROMPTS`` on ``spread_target``."""
+    model, params = spread_target
     config = DecodeConfig(max_new_tokens=24, eos_ids=(13,))
-    out = generate(model, params, PROMPTS, config)
-    rows = [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(len(PROMPTS))]
-    return config, rows
-
-
-def _scripted_params(reference_rows, width=96):
-    ref = np.zeros((len(PROMPTS), width), np.int32)
-    for i, (prompt, gen) in enumerate(zip(PROMPTS, reference_rows)):
-        seq = prompt + gen
-        ref[i, :len(seq)] = seq
-    return jnp.asarray(ref)
+    return config, rows_of(generate(model, params, PROMPTS, config))
 
 
 def _drafters(model, params, reference_rows, sampling=SamplingConfig()):
     small, small_params = from_target_layers(model, params, 1)
     other, other_params = _model(layers=2, seed=7)
-    scripted = _scripted_params(reference_rows)
+    scripted = script(PROMPTS, reference_rows, width=96)
     return {
         "prompt_lookup_chain": (PromptLookupDrafter(draft_len=4), None),
         "prompt_lookup_tree": (PromptLookupDrafter(draft_len=3, num_branches=3), None),
@@ -66,29 +59,25 @@ def _drafters(model, params, reference_rows, sampling=SamplingConfig()):
     }
 
 
-def _rows(out):
-    return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(out.tokens.shape[0])]
-
-
 @pytest.mark.parametrize("name", ["prompt_lookup_chain", "prompt_lookup_tree",
                                   "draft_model_first_layer", "draft_model_independent",
                                   "layer_skip", "oracle", "wrong", "random"])
-def test_greedy_equals_plain_decoding(target, reference, name):
-    model, params = target
-    config, ref_rows = reference
+def test_greedy_equals_plain_decoding(spread_target, spread_reference, name):
+    model, params = spread_target
+    config, ref_rows = spread_reference
     drafter, dparams = _drafters(model, params, ref_rows)[name]
     # Ragged batch of 4 and each prompt alone.
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, config)
-    assert _rows(out) == ref_rows
+    assert rows_of(out) == ref_rows
     for i in (0, 2):
         alone_params = dparams[i:i + 1] if name in ("oracle", "wrong", "random") else dparams
         single = speculative_generate(model, params, drafter, alone_params, [PROMPTS[i]], config)
-        assert _rows(single) == [ref_rows[i]]
+        assert rows_of(single) == [ref_rows[i]]
 
 
-def test_adversarial_drafters_tau(target, reference):
-    model, params = target
-    config, ref_rows = reference
+def test_adversarial_drafters_tau(spread_target, spread_reference):
+    model, params = spread_target
+    config, ref_rows = spread_reference
     drafters = _drafters(model, params, ref_rows)
     k = 4
     new_tokens = sum(len(r) for r in ref_rows)
@@ -103,9 +92,9 @@ def test_adversarial_drafters_tau(target, reference):
     assert rates[0] == expected_rounds  # depth 1 accepted in every round
 
 
-def test_stream_matches_generate(target, reference):
-    model, params = target
-    config, ref_rows = reference
+def test_stream_matches_generate(spread_target, spread_reference):
+    model, params = spread_target
+    config, ref_rows = spread_reference
     drafter = PromptLookupDrafter(draft_len=3)
     last = None
     for out_tokens, out_len, _ in speculative_stream(model, params, drafter, None, PROMPTS,
@@ -114,15 +103,16 @@ def test_stream_matches_generate(target, reference):
     assert last == ref_rows
 
 
-def test_cache_consistent_after_every_round(target, reference):
-    model, params = target
-    config, _ = reference
+def test_cache_consistent_after_every_round(spread_target, spread_reference):
+    model, params = spread_target
+    config, _ = spread_reference
     drafter = PromptLookupDrafter(draft_len=3, num_branches=2)
     batch = make_prompt_batch(PROMPTS)
     slots = 128
-    state = _start_jit(model, params, drafter, None, batch, jax.random.key(0), config, slots)
+    loop = SpecLoop(model, drafter, config, SpecConfig())
+    state = loop.jit_start(params, None, batch, jax.random.key(0), slots)
     for _ in range(6):
-        state = _round_jit(model, params, drafter, None, state, config, SpecConfig())
+        state = loop.jit_round(params, None, state)
         lengths = np.asarray(state.cache.lengths)
         hist = np.asarray(state.history)
         np.testing.assert_array_equal(lengths + 1, np.asarray(state.history_len))
@@ -139,8 +129,8 @@ def test_cache_consistent_after_every_round(target, reference):
                                        np.asarray(ref.v[:, 0, :, :n]), atol=1e-5)
 
 
-def test_bad_input(target):
-    model, params = target
+def test_bad_input(spread_target):
+    model, params = spread_target
     with pytest.raises(CacheCapacityError, match="cache"):
         speculative_generate(model, params, PromptLookupDrafter(draft_len=8), None, [[1] * 40],
                              DecodeConfig(max_new_tokens=20, num_slots=64))

@@ -15,20 +15,18 @@ from drafters.medusa import MedusaDrafter
 from specjax import train
 from specjax.decode import DecodeConfig, generate
 
-PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34]]
+# Not tinymodels.PROMPTS: six prompts, so the distilled data spans two shards of (at most) 4
+# records.
+DISTILL_PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14], [20, 21],
+                   [30, 31, 32, 33, 34]]
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def target():
-    return kit.tiny_model("gqa")
 
 
 @pytest.fixture(scope="module")
 def data_dir(target, tmp_path_factory):
     model, params = target
     out = str(tmp_path_factory.mktemp("distill"))
-    distill.distill(model, params, PROMPTS, out, max_new_tokens=NEW, batch_size=4,
+    distill.distill(model, params, DISTILL_PROMPTS, out, max_new_tokens=NEW, batch_size=4,
                     shard_size=4, dtype="bfloat16", model_name="tiny-gqa")
     return out
 
@@ -36,14 +34,14 @@ def data_dir(target, tmp_path_factory):
 def test_distill_records_match_the_target(target, data_dir):
     model, params = target
     manifest = json.load(open(os.path.join(data_dir, distill.MANIFEST)))
-    assert manifest["num_records"] == len(PROMPTS) and len(manifest["shards"]) == 2
+    assert manifest["num_records"] == len(DISTILL_PROMPTS) and len(manifest["shards"]) == 2
     assert not [f for f in os.listdir(data_dir) if f.startswith(".tmp")]
     rec = distill.load_records(data_dir, model)
-    ref = generate(model, params, PROMPTS, DecodeConfig(max_new_tokens=NEW))
+    ref = generate(model, params, DISTILL_PROMPTS, DecodeConfig(max_new_tokens=NEW))
     by_prompt = {tuple(rec.tokens[i, :rec.prompt_lengths[i]]): i for i in range(len(rec))}
     all_hidden = np.asarray(kit.full_forward(model, params, rec.tokens).hidden)  # causal
     all_logits = np.asarray(model.lm_head(params, jnp.asarray(all_hidden)))
-    for j, prompt in enumerate(PROMPTS):
+    for j, prompt in enumerate(DISTILL_PROMPTS):
         i = by_prompt[tuple(prompt)]
         response = rec.tokens[i, len(prompt):rec.lengths[i]].tolist()
         assert response == np.asarray(ref.tokens[j, :ref.lengths[j]]).tolist()
@@ -53,14 +51,14 @@ def test_distill_records_match_the_target(target, data_dir):
         t = len(prompt) - 1
         np.testing.assert_array_equal(np.argmax(all_logits[i, t:n - 1], -1), response)
     data = distill.position_dataset(rec, 3)
-    assert data["hidden"].shape[0] == sum(NEW - 1 for _ in PROMPTS)
+    assert data["hidden"].shape[0] == sum(NEW - 1 for _ in DISTILL_PROMPTS)
     np.testing.assert_array_equal(data["mask"].sum(0), [6 * (NEW - 1 - k) for k in range(3)])
 
 
 def test_distill_bad_input(target, data_dir, tmp_path):
     model, params = target
     with pytest.raises(FileExistsError):
-        distill.distill(model, params, PROMPTS, data_dir, max_new_tokens=2)
+        distill.distill(model, params, DISTILL_PROMPTS, data_dir, max_new_tokens=2)
     with pytest.raises(distill.DistillDataError, match="manifest"):
         distill.load_records(str(tmp_path))
     other = kit.tiny_model("gqa", vocab_size=64)[0]

@@ -145,11 +145,6 @@ def test_tree_file_round_trip_and_damage(tmp_path):
         tree_tuning.load_tree_file(str(tmp_path / "missing.json"))
 
 
-@pytest.fixture(scope="module")
-def target():
-    return kit.tiny_model("gqa")
-
-
 @pytest.mark.parametrize("cls", [MedusaDrafter, HydraDrafter])
 @pytest.mark.parametrize("draft_vocab", [0, 40])
 def test_true_ranks_locate_labels_in_top_k(target, cls, draft_vocab):

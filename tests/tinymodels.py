@@ -13,8 +13,15 @@ because it imports the concrete model ``models.llama``, which ``specjax`` itself
   every step.
 * :func:`random_parents` draws random BFS-ordered trees; :class:`RefPool` is a plain-Python
   n-gram pool (the reference of ``drafters/ngram_pool.py``).
+* :func:`chain_logits` runs one chain alone from scratch (padded to a shared width).
+* :data:`PROMPTS` are the toy prompts lossless methods are checked on (``conftest.py``'s
+  ``reference`` fixtures decode them); :func:`rows_of` turns a loop output into per-row token
+  lists; :func:`script` (a scripted drafter's params) and :func:`teacher_records`
+  (distillation records) are built from known continuations.
+* :func:`smollm2_config` reads the SmolLM2 architecture without loading its weights.
 
-Sequence-level distribution tests use ``sequence_kit.py``.
+Sequence-level distribution tests use ``sequence_kit.py``; shared fixtures (``target``,
+``reference``, ...) live in ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from models.llama import LlamaConfig, LlamaModel, RopeScaling
 from specjax import masks
 
 KINDS = ("llama", "gqa", "mqa", "qwen2", "llama3_rope")
+
+# A ragged batch (lengths 5, 10, 1, 4) with repeats that prompt lookup and n-gram pools can use.
+PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
+SMALL_VOCAB = 24  # vocabulary of conftest's small_vocab_target (Jacobi, lookahead tests)
 
 
 def tiny_config(kind: str = "llama", **overrides) -> LlamaConfig:
@@ -141,6 +152,50 @@ def greedy_reference(model, params, prompt: Sequence[int], max_new_tokens: int,
         if token in eos_ids:
             break
     return out
+
+
+def chain_logits(model, params, chain: Sequence[int], width: int = 16) -> np.ndarray:
+    """Logits ``[len(chain), V]`` of one chain run alone from scratch (right-padded to ``width``;
+    causality hides the padding), so chains of different lengths share one compiled forward."""
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(chain)] = chain
+    return np.asarray(full_forward(model, params, padded).logits)[0, :len(chain)]
+
+
+def rows_of(out) -> list[list[int]]:
+    """Each row's new tokens as a list, from a loop output's ``tokens[B, N]`` and
+    ``lengths[B]`` (``GenerateOutput``, ``SpecOutput``)."""
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tokens[i, :lengths[i]].tolist() for i in range(len(lengths))]
+
+
+def script(prompts, rows, width: int = 64) -> jax.Array:
+    """``int32[B, width]``: each ``prompt + row``, zero-padded; the params of a
+    ``drafters.scripted.ScriptedDrafter`` that knows the continuations ``rows``."""
+    out = np.zeros((len(prompts), width), np.int32)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        out[i, :len(p) + len(r)] = list(p) + list(r)
+    return jnp.asarray(out)
+
+
+def teacher_records(model, params, prompts, rows):
+    """``distill.Records`` of ``prompt + row`` sequences (right-padded to the longest), with the
+    target's teacher-forced hidden states: training data from known continuations."""
+    from drafters import distill
+    seqs = [list(p) + list(r) for p, r in zip(prompts, rows)]
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    hidden = np.asarray(distill.teacher_forced_hidden(model, params, tokens))
+    return distill.Records(tokens, np.array(list(map(len, seqs)), np.int32),
+                           np.array(list(map(len, prompts)), np.int32), hidden, {})
+
+
+def smollm2_config() -> LlamaConfig:
+    """The SmolLM2-135M architecture, read from its GGUF file's metadata (no weights loaded)."""
+    from models import gguf, registry
+    path = registry.gguf_path(registry.SMOLLM2)
+    return gguf.config_from_gguf(gguf.open_gguf(path), path)
 
 
 def reference_inv_freq(config: LlamaConfig) -> np.ndarray:
