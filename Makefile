@@ -21,8 +21,12 @@ $(STAMP): setup.py
 demo: setup
 	$(PY) -m experiments.demo
 
+# Test files run on TEST_WORKERS processes (a file stays in one worker, so its module fixtures
+# load once); 2 suits the 2-core CI machine.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache build dist

@@ -19,6 +19,7 @@ RUNTIME = [
 
 TEST = [
     "pytest>=8,<10",
+    "pytest-xdist>=3.5,<4",   # `make test` runs the files on 2 worker processes
     "scipy>=1.11,<2",
     # Test-time references only; never imported by specjax, models or drafters at run time.
     "torch==2.13.0",          # the CPU build; `pip install torch==2.13.0` takes the local wheel

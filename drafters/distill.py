@@ -1,8 +1,6 @@
 """Self-distillation data for trained drafters: the target's own responses and hidden states.
 
-1. Prompts: the first user turn of each question of a Spec-Bench ``question.jsonl`` (fields
-   ``turns`` / ``category``), or one prompt per non-empty line of a plain-text file; rendered
-   with the tokenizer's chat template (:func:`encode_prompts`).
+1. Prompts: token ids (``experiments/spec_bench.py`` reads and encodes prompt files).
 2. The target answers them greedily, in batches, with :func:`specjax.decode.generate`.
 3. One teacher-forced forward over prompt + response records the target's FINAL-NORM hidden
    state at every position (what ``DraftContext.pending_hidden`` holds during decoding) and the
@@ -12,6 +10,8 @@ On disk (``out_dir``): ``shard-00000.npz`` ... each with ``tokens int32[n, W]``,
 ``lengths int32[n]`` (prompt + response), ``prompt_lengths int32[n]`` and ``hidden [n, W, E]``
 (bf16 stored as its uint16 bit pattern, or float32), every file written atomically (temporary
 file + rename), then ``manifest.json`` (written last: a directory without one is incomplete).
+Meanwhile ``progress.json`` lists the complete shards and a fingerprint of the prompts and
+settings: an interrupted run resumes from its last complete shard when restarted with them.
 
 Reading: :func:`load_records` (validated against a target), :func:`split_records`, and for
 head drafters :func:`position_dataset` (one example per response position). Other drafters
@@ -21,6 +21,7 @@ head drafters :func:`position_dataset` (one example per response position). Othe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -29,68 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.files import write_atomic, write_text_atomic
 from specjax import masks
 from specjax.decode import DecodeConfig, generate
+from specjax.files import write_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
 FORMAT = "specjax-distill-v1"
 DTYPES = ("bfloat16", "float32")
 
 
 class DistillDataError(ValueError):
     """Distillation data that is missing, incomplete, damaged or made with another target."""
-
-
-# Prompts -----------------------------------------------------------------------------------------
-
-
-def read_prompt_texts(path: str, limit: Optional[int] = None, offset: int = 0) -> list[str]:
-    """Prompt texts from a Spec-Bench jsonl (first turn of each question) or a text file (one
-    prompt per non-empty line; any file not ending in ``.jsonl``).
-
-    Args:
-      limit: keep at most this many (after ``offset``).
-      offset: skip this many first.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    text = json.loads(line)["turns"][0]
-                except (ValueError, KeyError, IndexError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: not a Spec-Bench question (needs a "
-                                     f"non-empty 'turns' list): {e}") from None
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"{path}:{n}: the first turn is empty")
-                texts.append(text)
-            else:
-                texts.append(line.rstrip("\n"))
-    texts = texts[offset:]
-    if limit is not None:
-        texts = texts[:limit]
-    if not texts:
-        raise ValueError(f"prompt file {path!r} gave no prompts (offset={offset}, limit={limit})")
-    return texts
-
-
-def encode_prompts(tokenizer, texts: Sequence[str], chat: bool = True) -> list[list[int]]:
-    """Token ids of ``texts``: through the chat template (a single user turn, generation
-    prompt added) when ``chat`` and the tokenizer has one, else plain ``encode``."""
-    out = []
-    for text in texts:
-        if chat and tokenizer.chat_template:
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                     add_generation_prompt=True)
-            out.append(tokenizer.encode(rendered, add_special_tokens=False))
-        else:
-            out.append(tokenizer.encode(text))
-    return out
 
 
 # Generation + hidden states ----------------------------------------------------------------------
@@ -155,13 +106,17 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
         raise FileExistsError(f"{out_dir} already holds distillation data: pick a new directory")
     order = sorted(range(len(kept)), key=lambda i: len(kept[i]))
     config = DecodeConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+    fingerprint = hashlib.sha256(json.dumps([kept, max_new_tokens, list(config.eos_ids), dtype,
+                                             shard_size, model.hidden_size, model.vocab_size]
+                                            ).encode()).hexdigest()[:32]
+    shards = _resume(out_dir, fingerprint)  # the complete shards of an interrupted run
+    total = sum(s["num_records"] for s in shards)
     pending: list[tuple[list[int], list[int], np.ndarray]] = []
-    shards = []
-    total = 0
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(kept), unit="prompt", desc="distill", dynamic_ncols=True)
+        bar = tqdm(total=len(kept), initial=total, unit="prompt", desc="distill",
+                   dynamic_ncols=True)
 
     def flush(rows):
         nonlocal total
@@ -183,38 +138,65 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
                          prompt_lengths=np.array([len(p) for p, _, _ in rows], np.int32))
         shards.append({"file": name, "num_records": n, "width": width})
         total += n
+        _write_json_atomic(os.path.join(out_dir, PROGRESS),
+                           {"fingerprint": fingerprint, "shards": shards})
 
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = [kept[i] for i in idx]
-        real = len(batch)
-        batch = batch + [batch[-1]] * (batch_size - real)
-        out = generate(model, params, batch, config)
-        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
-        responses = [toks[i, :lens[i]].tolist() for i in range(real)]
-        width = _round_up(max(len(p) + len(r) for p, r in zip(batch, responses)), 64)
-        seq = np.zeros((batch_size, width), np.int32)
-        for i, (p, r) in enumerate(zip(batch, responses)):
-            seq[i, :len(p) + len(r)] = p + r
-        hidden = np.asarray(teacher_forced_hidden(model, params, seq), np.float32)
-        for i in range(real):
-            pending.append((batch[i], responses[i], hidden[i]))
-        while len(pending) >= shard_size:
-            flush(pending[:shard_size])
-            pending = pending[shard_size:]
+    try:
+        for start in range(total, len(order), batch_size):  # rows enter shards in this order
+            rows = _respond(model, params, [kept[i] for i in order[start:start + batch_size]],
+                            config, batch_size)
+            pending += rows
+            while len(pending) >= shard_size:
+                flush(pending[:shard_size])
+                pending = pending[shard_size:]
+            if bar is not None:
+                bar.update(len(rows))
+        if pending:
+            flush(pending)
+    finally:  # an interrupted run ends the bar's line (the next run resumes from progress.json)
         if bar is not None:
-            bar.update(real)
-    if pending:
-        flush(pending)
-    if bar is not None:
-        bar.close()
+            bar.close()
     manifest = {"format": FORMAT, "model": model_name, "hidden_size": int(model.hidden_size),
                 "vocab_size": int(model.vocab_size), "dtype": dtype,
                 "max_new_tokens": max_new_tokens, "eos_ids": list(map(int, eos_ids)),
                 "num_records": total, "skipped_long_prompts": len(prompts) - len(kept),
                 "max_prompt_len": max_prompt_len, "source": source, "shards": shards}
     _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    os.unlink(os.path.join(out_dir, PROGRESS))
     return manifest
+
+
+def _respond(model, params, batch, config: DecodeConfig, batch_size: int) -> list:
+    """``(prompt, response, hidden [W, E])`` of each prompt of ``batch``: greedy responses, then
+    one teacher-forced forward (the last batch is padded with a repeated prompt)."""
+    real = len(batch)
+    batch = batch + [batch[-1]] * (batch_size - real)
+    out = generate(model, params, batch, config)
+    toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+    responses = [toks[i, :lens[i]].tolist() for i in range(real)]
+    width = _round_up(max(len(p) + len(r) for p, r in zip(batch, responses)), 64)
+    seq = np.zeros((batch_size, width), np.int32)
+    for i, (p, r) in enumerate(zip(batch, responses)):
+        seq[i, :len(p) + len(r)] = p + r
+    hidden = np.asarray(teacher_forced_hidden(model, params, seq), np.float32)
+    return [(batch[i], responses[i], hidden[i]) for i in range(real)]
+
+
+def _resume(out_dir: str, fingerprint: str) -> list:
+    """The complete shards an interrupted run left in ``out_dir`` (``[]`` for a fresh one)."""
+    path = os.path.join(out_dir, PROGRESS)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            done = json.load(f)
+        shards, same = list(done["shards"]), done["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DistillDataError(f"{path} is damaged: delete {out_dir} and start again") from None
+    if not same or not all(os.path.exists(os.path.join(out_dir, s["file"])) for s in shards):
+        raise DistillDataError(f"{out_dir} holds an interrupted run with other prompts or "
+                               "settings: resume it with the same ones, or pick a new directory")
+    return shards
 
 
 # Reading -----------------------------------------------------------------------------------------

@@ -156,17 +156,6 @@ def _estimate(prompts, names, peer_modes) -> float:
             + len(names) * len(buckets) * ASSUMED_COMPILE_S)
 
 
-def _check_outputs() -> None:
-    """Output paths are checked before the long run (a directory, or a parent that is a file,
-    would otherwise fail only at the end)."""
-    for flag in ("output_json", "output_md"):
-        path = FLAGS[flag].value
-        if path and os.path.isdir(path):
-            raise common.UserError(f"--{flag}={path} is a directory: give a file path")
-    if FLAGS.plots and os.path.isfile(FLAGS.plots):
-        raise common.UserError(f"--plots={FLAGS.plots} is a file: give a directory")
-
-
 def _peer_settings(runs, modes) -> bench_peer.PeerSettings:
     lookup = runs.get("prompt_lookup", methods.Run("prompt_lookup")).options.draft_len
     assisted = runs.get("draft_model", methods.Run("draft_model")).options.draft_len
@@ -243,7 +232,9 @@ def main(argv):
         env_start = environment()
         runs = build_runs(FLAGS)
         names = list(runs)
-        _check_outputs()
+        common.check_outputs(FLAGS, "output_json", "output_md", dirs=("plots",))
+        config = method_flags.model_config(FLAGS)  # the architecture only, not the weights
+        plan = common.mesh_plan(FLAGS.mesh, config, 1)  # one prompt at a time
         prompts = read_prompts(FLAGS.prompts, FLAGS.per_category, FLAGS.categories)
         if FLAGS.peer:
             from experiments import hf_peer
@@ -259,7 +250,6 @@ def main(argv):
         loaded = runs["ar"].load()  # --dtype, --attention, --scan_layers reach the model here
         for p in prompts:
             p.ids = encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
-        plan = common.mesh_plan(FLAGS.mesh, loaded.model.config, 1)  # one prompt at a time
         loaded = common.place_on_mesh(loaded, plan)
         runs = {m: dataclasses.replace(r, plan=plan) for m, r in runs.items()}
         _say(f"benchmark: {len(prompts)} prompts ({', '.join(groups)}; "
@@ -284,16 +274,18 @@ def main(argv):
                  f"generating, {ar['compile_s']:.0f}s compiling {buckets} bucket(s); "
                  f"estimated remaining ~{remaining / 60:.1f} min")
 
-        results, mismatches = measure(runs, loaded, prompts, groups, bar, after_ar)
-        ar_recs = results["ar"]["per_prompt"]
-        peer_result = None
-        if peer is not None:
-            try:
-                peer_result = bench_peer.run(peer, settings, prompts, ar_recs, groups, bar)
-            except Exception as e:  # keep the specjax half of the results
-                peer_result = {"error": f"{type(e).__name__}: {e}"}
-                _say(f"error: the transformers peer failed: {peer_result['error']}")
-        bar.close()
+        try:  # the bar ends its line however the run ends (an interrupt prints one line)
+            results, mismatches = measure(runs, loaded, prompts, groups, bar, after_ar)
+            ar_recs = results["ar"]["per_prompt"]
+            peer_result = None
+            if peer is not None:
+                try:
+                    peer_result = bench_peer.run(peer, settings, prompts, ar_recs, groups, bar)
+                except Exception as e:  # keep the specjax half of the results
+                    peer_result = {"error": f"{type(e).__name__}: {e}"}
+                    _say(f"error: the transformers peer failed: {peer_result['error']}")
+        finally:
+            bar.close()
         result = {
             "config": {"model": FLAGS.model, "prompts": FLAGS.prompts,
                        "per_category": FLAGS.per_category, "categories": FLAGS.categories,
@@ -319,11 +311,7 @@ def main(argv):
             "methods": results, "peer": peer_result, "mismatches": mismatches,
             "total_s": time.perf_counter() - t_start}
         bench_report.print_summary(result)
-        if FLAGS.output_json:
-            common.write_json_atomic(FLAGS.output_json, result)
-        if FLAGS.output_md:
-            from specjax.files import write_text_atomic
-            write_text_atomic(FLAGS.output_md, bench_report.markdown(result))
+        common.write_outputs(FLAGS, result, lambda: bench_report.markdown(result))
         if FLAGS.plots:
             from experiments import bench_plots
             for path in bench_plots.write_plots(result, FLAGS.plots):
@@ -338,4 +326,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -84,6 +84,8 @@ def main(argv):
     t_start = time.perf_counter()
     with common.user_errors():
         env_start = environment()
+        common.check_outputs(FLAGS, "output_json", "output_md")
+        method_flags.model_config(FLAGS)  # --max_new_tokens against the context, no weights
         import jax
         from specjax import decode
         from specjax.prompts import make_prompt_batch
@@ -151,9 +153,8 @@ def main(argv):
             print(f"{k:<9} {mean[k]:8.1f} tok/s")
         for k, v in ratios.items():
             print(f"{k:<16} {v:6.2f}x")
-        if FLAGS.output_json:
-            common.write_json_atomic(FLAGS.output_json, result)
-        if FLAGS.output_md:
+
+        def markdown() -> str:
             table = md_table(
                 ["way", "tok/s", "vs generate", "same tokens as generate"],
                 [[k, f"{mean[k]:.1f}", f"{mean[k] / mean['generate']:.2f}x",
@@ -169,9 +170,10 @@ def main(argv):
                     + f", load average {env['load_average'][0]:.1f} at the start."
                     f"\n\n{table}\n\n"
                     f"Command: `{result['command']}`\n")
-            from specjax.files import write_text_atomic
-            write_text_atomic(FLAGS.output_md, text)
+            return text
+
+        common.write_outputs(FLAGS, result, markdown)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

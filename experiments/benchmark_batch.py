@@ -214,6 +214,8 @@ def main(argv):
     with common.user_errors():
         env = environment()
         sizes, names = _validate()
+        common.check_outputs(FLAGS, "output_json", "output_md")
+        method_flags.model_config(FLAGS)  # --max_new_tokens against the context, no weights
         for m in names:  # flag errors (unknown adaptive bases) before the model load
             _run_for(m, sizes[0])
         loaded = methods.build_run(FLAGS, "ar", check=False).load()
@@ -263,11 +265,7 @@ def main(argv):
             "total_s": time.perf_counter() - t_start}
         md = markdown(result)
         print(md)
-        if FLAGS.output_json:
-            common.write_json_atomic(FLAGS.output_json, result)
-        if FLAGS.output_md:
-            from specjax.files import write_text_atomic
-            write_text_atomic(FLAGS.output_md, md)
+        common.write_outputs(FLAGS, result, lambda: md)
         if mismatches and FLAGS.fail_on_mismatch:
             print(f"error: {len(mismatches)} row(s) differ from ar: a bug", file=sys.stderr)
             sys.exit(1)
@@ -275,4 +273,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

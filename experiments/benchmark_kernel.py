@@ -165,7 +165,7 @@ def _model_row(t: int, s: int, dtype: str, iters: int):
 
 
 def main(argv):
-    del argv
+    common.start(argv, quiet=True)
     with common.user_errors():
         import jax
         backend = jax.default_backend()
@@ -207,4 +207,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable
 
 # jax logs at INFO that it found no TPU on every CPU run; keep the binaries' output readable.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
@@ -17,25 +18,77 @@ class UserError(Exception):
     """A problem with the user's input: printed as one clear line, no traceback, exit code 2."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM (SIGINT is Python's KeyboardInterrupt): stop cleanly, write nothing partial."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Exit statuses of every binary: 0 done, 1 a result that is wrong (a losslessness bug, a failed
+# peer), 2 bad input (flags, files, prompts: one line on stderr, nothing written), 128 + signal
+# number when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+EXIT_BAD_INPUT = 2
+
+
+def parse_flags(argv):
+    """absl's flag parser for ``app.run(main, flags_parser=common.parse_flags)``: a bad flag
+    (unknown, malformed, out of range) is one ``error:`` line and exit status 2, like every
+    other input error (absl alone prints a usage dump and exits 1)."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _raise_interrupted(signum, frame):
+    del frame
+    raise Interrupted(signum)
+
+
 def start(argv, quiet: bool = True) -> None:
     """The start of every binary's ``main``: no positional arguments (absl's usage error
-    otherwise), and absl logging at WARNING unless ``--verbosity`` was given (``quiet``)."""
+    otherwise), absl logging at WARNING unless ``--verbosity`` was given (``quiet``), and
+    SIGTERM turned into a clean stop (:func:`user_errors` reports it)."""
+    import signal
+
     from absl import app, flags, logging as absl_logging
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if quiet and not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Turns library input errors into a one-line message and exit status 2."""
+    """Turns input errors into one ``error:`` line and exit status 2, and an interruption
+    (Ctrl-C, SIGTERM) into one line and 128 + the signal number: never a traceback. Output
+    files are written atomically at the end, so an interrupted run leaves none."""
+    import signal
+
     from specjax.cache import CacheCapacityError
     try:
         yield
-    except (UserError, ValueError, FileNotFoundError, CacheCapacityError) as e:
+    except (UserError, ValueError, CacheCapacityError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except (KeyboardInterrupt, Interrupted) as e:
+        # Training stops between steps and saves first (specjax.train.TrainingInterrupted).
+        signum = getattr(e, "signum", signal.SIGINT)
+        step = getattr(e, "step", None)
+        resume = (f"; checkpoint saved at step {step}, rerun the same command to resume"
+                  if step is not None else "")
+        print(f"interrupted ({signal.Signals(signum).name}): stopped, no output written{resume}",
+              file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -45,12 +98,61 @@ def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_outputs(FLAGS, result, markdown: Callable[[], str]) -> None:
+    """Writes ``result`` to ``--output_json`` and ``markdown()`` to ``--output_md`` (each only
+    when given; atomically, checked at the start by :func:`check_outputs`)."""
+    from specjax.files import write_text_atomic
+    if FLAGS.output_json:
+        write_json_atomic(FLAGS.output_json, result)
+    if FLAGS.output_md:
+        write_text_atomic(FLAGS.output_md, markdown())
+
+
+def check_outputs(FLAGS, *files: str, dirs: tuple[str, ...] = ()) -> None:
+    """Checks the output paths the flags ``files`` (files) and ``dirs`` (directories) name,
+    before any work: refused with the flag and the path when they could not be written."""
+    from specjax.files import check_writable, check_writable_dir
+    for flag in files:
+        if FLAGS[flag].value:
+            check_writable(FLAGS[flag].value, f"--{flag}")
+    for flag in dirs:
+        if FLAGS[flag].value:
+            check_writable_dir(FLAGS[flag].value, f"--{flag}")
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode text; UserError naming ``what`` and the first bad byte
+    otherwise (command-line bytes that are not UTF-8 arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF \
+            else f"character U+{ord(bad):04X}"
+        raise UserError(f"{what} is not valid UTF-8 text ({byte} at position {e.start}): pass "
+                        "UTF-8 (e.g. convert with iconv -t UTF-8)") from None
+    return text
+
+
 def read_prompts_file(path: str) -> list[str]:
-    """One prompt per non-empty line."""
+    """One prompt per non-empty line of a UTF-8 file; UserError naming the file (and line)
+    when it is missing, a directory, not UTF-8 or empty."""
     if not os.path.exists(path):
         raise UserError(f"--prompts_file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if os.path.isdir(path):
+        raise UserError(f"--prompts_file {path!r} is a directory: give a text file with one "
+                        "prompt per line")
+    prompts = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise UserError(f"--prompts_file {path!r} line {number} is not valid UTF-8 "
+                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}): save "
+                                "the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+            if line.strip():
+                prompts.append(line)
     if not prompts:
         raise UserError(f"--prompts_file {path!r} has no non-empty lines")
     return prompts

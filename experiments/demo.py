@@ -32,7 +32,7 @@ flags.adopt_module_key_flags(method_flags)
 
 
 def main(argv):
-    del argv
+    common.start(argv, quiet=False)
     with common.user_errors():
         if FLAGS.method.partition(":")[0] == "ar":
             raise common.UserError("--method must be a speculative method (the demo compares it "
@@ -67,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -78,8 +78,6 @@ class TextStreamer:
 
 
 def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if not prompt.strip():
-        raise common.UserError("the prompt is empty: give --prompt some text")
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True)
@@ -87,20 +85,30 @@ def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+def _read_prompts() -> list[str]:
+    """The prompts of --prompts_file or --prompt, checked (exist, UTF-8, not empty)."""
+    if FLAGS.prompts_file:
+        return common.read_prompts_file(FLAGS.prompts_file)
+    prompt = common.check_text(FLAGS.prompt, "--prompt")
+    if not prompt.strip():
+        raise common.UserError("the prompt is empty: give --prompt some text")
+    return [prompt]
+
+
 def main(argv):
     common.start(argv, quiet=False)
     with common.user_errors():
         common.init_distributed(FLAGS.distributed)  # before anything touches a device
-        run = methods.build_run(FLAGS)  # validates flags before the slow model load
-        if not FLAGS.prompts_file and not FLAGS.prompt.strip():
-            raise common.UserError("the prompt is empty: give --prompt some text")
-        prompts = (common.read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file
-                   else [FLAGS.prompt])
+        # Every check that needs no weights comes before the slow model load.
+        run = methods.build_run(FLAGS)
+        prompts = _read_prompts()
+        common.check_outputs(FLAGS, "output_json")
+        config = method_flags.model_config(FLAGS)  # the architecture only, not the weights
+        plan = common.mesh_plan(FLAGS.mesh, config, len(prompts))
         loaded = run.load()
         if loaded.tokenizer is None:
             raise common.UserError(f"model {FLAGS.model!r} has no tokenizer: use a real model")
         ids = [_encode(loaded.tokenizer, p, FLAGS.chat) for p in prompts]
-        plan = common.mesh_plan(FLAGS.mesh, loaded.model.config, len(prompts))
         loaded = common.place_on_mesh(loaded, plan)  # weights placed once, sharded
         run = dataclasses.replace(run, plan=plan)
         import jax
@@ -114,7 +122,7 @@ def main(argv):
             result = run.generate(loaded, ids)
         records = []
         for prompt, prompt_ids, gen in zip(prompts, ids, result.generated):
-            text = loaded.tokenizer.decode(gen)
+            text = loaded.tokenizer.decode_complete(gen)  # no half character at a length cut
             if not streaming and main_process:
                 print(text)
             records.append({"prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": gen,
@@ -133,4 +141,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

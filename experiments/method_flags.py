@@ -118,6 +118,19 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "slower in XLA:CPU). Logits and sampling stay float32.", flag_values=fv)
 
 
+def model_config(FLAGS, name=None):
+    """The architecture of ``--model`` (or ``name``), read without its weights, so that flags
+    are checked against it before the slow load (the mesh, ``--max_new_tokens`` against the
+    context)."""
+    from models import registry as models
+    config = models.config_of(FLAGS.model if name is None else name)
+    limit = config.max_position_embeddings
+    if "max_new_tokens" in FLAGS and FLAGS.max_new_tokens >= limit:
+        raise UserError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in "
+                        f"the model's context of {limit} tokens: use at most {limit - 1}")
+    return config
+
+
 def load_model(FLAGS, name=None):
     """The model of ``--model`` (or ``name``) built as ``--dtype`` / ``--attention`` (and
     ``--scan_layers`` where a binary has it) say: how every binary loads its target."""

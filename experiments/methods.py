@@ -17,7 +17,7 @@ import jax
 from drafters import registry
 from experiments import method_flags
 from experiments.common import UserError
-from specjax import decode, engine, speculative
+from specjax import decode, engine, memory, speculative
 from specjax.sampling import SamplingConfig
 
 
@@ -95,10 +95,6 @@ class Run:
     def registered(self) -> registry.Method:
         return registry.get(self.method)
 
-    @property
-    def speculative(self) -> bool:
-        return self.method != "ar"
-
     def load(self):
         from models import registry as models
         return models.load(self.model_name, dtype=self.dtype, attention_impl=self.attention_impl,
@@ -112,13 +108,25 @@ class Run:
         """``(drafter, drafter_params)`` (``(None, None)`` for ``ar``), wrapped for adaptive
         draft length if asked, its params placed on the plan's mesh as the method declares."""
         ctx = registry.BuildContext(lm=loaded, sampling=self.config.sampling)
-        drafter, dparams = self.registered.build(ctx, self.options)
+        try:
+            drafter, dparams = self.registered.build(ctx, self.options)
+        except ValueError as e:  # name the flags that led to it (e.g. --tree=tuned999)
+            raise UserError(f"{self.flags_text()}: {e}") from None
         if drafter is None:
             return None, None
         if self.adaptive_draft != "off":
             from specjax.adaptive import AdaptiveDraftLength
             drafter = AdaptiveDraftLength(drafter, policy=self.adaptive_draft)
         return drafter, self._place(drafter, dparams)
+
+    def flags_text(self) -> str:
+        """``--method=NAME`` and the options that differ from the method's defaults, as flags."""
+        default = self.registered.options()
+        text = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+        given = [f"--{f.name}={text(getattr(self.options, f.name))}"
+                 for f in dataclasses.fields(self.options)
+                 if getattr(self.options, f.name) != getattr(default, f.name)]
+        return " ".join([f"--method={self.method}"] + given)
 
     def _place(self, drafter, dparams):
         how = self.options.param_sharding()
@@ -136,12 +144,39 @@ class Run:
                              self.plan)
 
     def generate(self, loaded, prompts: Sequence[Sequence[int]], drafter=None) -> Result:
-        """Runs the whole batch in one on-device loop; ``wall_s`` excludes compilation.
-        ``drafter``: ``(drafter, params)`` instead of :meth:`drafter`'s."""
+        """Runs the prompts in on-device loops; ``wall_s`` excludes compilation.
+
+        All prompts form one batch when its buffers fit the free device memory; otherwise they
+        run in batches of the rows that fit (:func:`specjax.memory.rows_that_fit`), longest
+        prompts first (each batch then pads little), and the results come back in prompt
+        order. Batch ``i`` samples with ``fold_in(key, i)``. ``drafter``: ``(drafter, params)``
+        instead of :meth:`drafter`'s.
+        """
         drafter, dparams = drafter if drafter is not None else self.drafter(loaded)
-        compiled = self.engine(loaded, drafter).compile(loaded.params, dparams, prompts,
-                                                        jax.random.key(self.seed))
-        return Result(compiled.run(), compiled.compile_s)
+        eng = self.engine(loaded, drafter)
+        key = jax.random.key(self.seed)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        longest_first = [prompts[i] for i in order]
+        try:  # one batch when it fits (the common case: compiled once)
+            compiled = eng.compile(loaded.params, dparams, prompts, key)
+            return Result(compiled.run(), compiled.compile_s)
+        except memory.MemoryBudgetError:
+            if len(prompts) == 1 or self.plan is not None:
+                raise
+        rows = memory.rows_that_fit(
+            lambda b: eng.required_bytes(loaded.params, dparams, longest_first[:b]), len(prompts))
+        tokens, stats, wall, compile_s = [None] * len(prompts), None, 0.0, 0.0
+        for n, start in enumerate(range(0, len(prompts), rows)):
+            part = order[start:start + rows]
+            compiled = eng.compile(loaded.params, dparams, [prompts[i] for i in part],
+                                   jax.random.fold_in(key, n))
+            gen = compiled.run()
+            for i, row in zip(part, gen.tokens):
+                tokens[i] = row
+            stats = gen.stats if stats is None else stats + gen.stats
+            wall, compile_s = wall + gen.wall_s, compile_s + compiled.compile_s
+        return Result(engine.Generation(tokens, stats, wall), compile_s,
+                      {"batches": -(-len(prompts) // rows), "rows_per_batch": rows})
 
     def stream(self, loaded, prompts, on_tokens: Callable[[list[int]], None]) -> Result:
         """Python-driven steps / rounds; ``on_tokens`` gets row 0's tokens so far after each."""

@@ -1,4 +1,5 @@
-"""Spec-Bench prompts for the benchmarks: reading the jsonl, task groups, encoding."""
+"""Prompts: Spec-Bench questions for the benchmarks (the jsonl, task groups, encoding) and the
+prompt files of self-distillation (:func:`read_prompt_texts`, :func:`encode_prompts`)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,54 @@ def encode_prompt(tokenizer, text: str, vocab_size: int) -> list[int]:
                                              add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(text)
+
+
+# Prompt files for self-distillation ------------------------------------------------------------
+
+
+def read_prompt_texts(path: str, limit: Optional[int] = None, offset: int = 0) -> list[str]:
+    """Prompt texts from a Spec-Bench jsonl (first turn of each question) or a text file (one
+    prompt per non-empty line; any file not ending in ``.jsonl``).
+
+    Args:
+      limit: keep at most this many (after ``offset``).
+      offset: skip this many first.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    text = json.loads(line)["turns"][0]
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not a Spec-Bench question (needs a "
+                                     f"non-empty 'turns' list): {e}") from None
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{path}:{n}: the first turn is empty")
+                texts.append(text)
+            else:
+                texts.append(line.rstrip("\n"))
+    texts = texts[offset:]
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise ValueError(f"prompt file {path!r} gave no prompts (offset={offset}, limit={limit})")
+    return texts
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], chat: bool = True) -> list[list[int]]:
+    """Token ids of ``texts``: through the chat template (a single user turn, generation
+    prompt added) when ``chat`` and the tokenizer has one, else plain ``encode``."""
+    out = []
+    for text in texts:
+        if chat and tokenizer.chat_template:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     add_generation_prompt=True)
+            out.append(tokenizer.encode(rendered, add_special_tokens=False))
+        else:
+            out.append(tokenizer.encode(text))
+    return out

@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from experiments import common, method_flags
+from experiments import common, method_flags, spec_bench
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("drafter", "medusa", ["blockwise", "medusa", "hydra", "eagle"],
@@ -98,8 +98,8 @@ def _make_data(loaded, data_dir: str):
                                "create it")
     if loaded.tokenizer is None:
         raise common.UserError(f"model {FLAGS.model!r} has no tokenizer to encode --prompts")
-    texts = distill.read_prompt_texts(FLAGS.prompts, FLAGS.num_prompts, FLAGS.prompt_offset)
-    ids = distill.encode_prompts(loaded.tokenizer, texts)
+    texts = spec_bench.read_prompt_texts(FLAGS.prompts, FLAGS.num_prompts, FLAGS.prompt_offset)
+    ids = spec_bench.encode_prompts(loaded.tokenizer, texts)
     _say(f"creating self-distillation data in {data_dir}: {len(ids)} prompts x "
          f"{FLAGS.max_new_tokens} tokens")
     t = time.time()
@@ -204,6 +204,8 @@ def main(argv):
             raise common.UserError("--data_dir is required")
         if not 0.0 < FLAGS.eval_fraction < 1.0:
             raise common.UserError("--eval_fraction must be in (0, 1)")
+        common.check_outputs(FLAGS, "output", dirs=("ckpt_dir",) if FLAGS.ckpt_dir else ())
+        method_flags.model_config(FLAGS)  # an unknown or malformed model, before the load
         import jax
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -274,4 +276,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

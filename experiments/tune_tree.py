@@ -150,12 +150,16 @@ def main(argv):
             raise common.UserError("--measure_prompts=0 needs --default_nodes")
         if FLAGS.default_nodes > FLAGS.max_nodes:
             raise common.UserError("--default_nodes is over --max_nodes")
+        common.check_outputs(FLAGS, "output")
+        method_flags.model_config(FLAGS)  # an unknown or malformed model, before the load
         from drafters import distill, head_weights, heads
         from specjax import tree_tuning
 
         loaded = _plain_run().load()
         weights = FLAGS.weights or head_weights.shipped_path(FLAGS.drafter, loaded.name)
         output = FLAGS.output or head_weights.tree_file_of(weights)
+        from specjax.files import check_writable
+        check_writable(output, "the tree file")  # the default path too, before the long part
         drafter, params = _load(loaded, weights, tree="generic")
         dirs = [d for d in FLAGS.data_dir.split(",") if d]
         records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])
@@ -222,4 +226,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

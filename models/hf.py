@@ -32,7 +32,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the config."""
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -44,31 +44,79 @@ def _read_json(path: str) -> dict:
                               "truncated; download it again.") from None
 
 
-def _rope_settings(cfg: dict) -> tuple[float, Optional[RopeScaling]]:
+# config.json keys every supported checkpoint has (positive integers).
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _bad(source: str, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {field} {problem}; fix config.json or download the "
+                           "checkpoint again")
+
+
+def _size(cfg: dict, key: str, source: str) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(source, key, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(cfg: dict, key: str, default: float, source: str) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _bad(source, key, f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _rope_settings(cfg: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
     """``(rope_theta, rope_scaling)`` from either the v5 ``rope_parameters`` or the older keys."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {})
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    params, scaling = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise _bad(source, key, f"must be an object, got {value!r}")
+    theta = _number({"rope_theta": params.get("rope_theta", cfg.get("rope_theta", 10000.0))},
+                    "rope_theta", 10000.0, source)
     spec = params if params.get("rope_type", "default") != "default" else scaling or params
     rope_type = spec.get("rope_type", spec.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
-                         f"{SUPPORTED_ROPE_TYPES} (no scaling, or Llama-3 style scaling).")
+        raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported; "
+                         f"supported: {SUPPORTED_ROPE_TYPES} (no scaling, or Llama-3 style "
+                         "scaling).")
     if rope_type == "default":
-        return float(theta), None
-    return float(theta), RopeScaling(
-        factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
-        high_freq_factor=float(spec["high_freq_factor"]),
-        original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
+        return theta, None
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings") if k not in spec]
+    if missing:
+        raise _bad(source, "rope_scaling", f"({rope_type}) lacks {', '.join(missing)}")
+    return theta, RopeScaling(
+        factor=_number(spec, "factor", 0, source),
+        low_freq_factor=_number(spec, "low_freq_factor", 0, source),
+        high_freq_factor=_number(spec, "high_freq_factor", 0, source),
+        original_max_position_embeddings=_size(spec, "original_max_position_embeddings", source))
 
 
-def config_from_hf(cfg: dict, *, dtype: str = "float32", scan_layers: bool = True
-                   ) -> LlamaConfig:
-    """Maps a HF ``config.json`` dict to a :class:`LlamaConfig`.
+def config_from_hf(cfg: dict, *, dtype: str = "float32", scan_layers: bool = True,
+                   source: str = "config.json") -> LlamaConfig:
+    """Maps a HF ``config.json`` dict to a :class:`LlamaConfig`, validated first.
 
     Raises:
+      CheckpointError: a config that is not an object, lacks a required size, or holds a size
+        that is not a positive integer or heads that do not divide (naming ``source`` and the
+        field).
       ValueError: for an architecture or feature specjax does not implement.
     """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source} holds a JSON {type(cfg).__name__}, not an object of "
+                              "model settings: the file is not a Hugging Face config.json; "
+                              "download it again")
+    for key in REQUIRED_SIZES:
+        if key not in cfg:
+            raise _bad(source, key, "is missing (a required model size)")
+        _size(cfg, key, source)
+    for key in OPTIONAL_SIZES:
+        if cfg.get(key) is not None:
+            _size(cfg, key, source)
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
@@ -88,17 +136,27 @@ def config_from_hf(cfg: dict, *, dtype: str = "float32", scan_layers: bool = Tru
         warnings.warn(f"the checkpoint uses sliding-window attention (window {window}); specjax "
                       f"attends to the full context, identical only while a sequence stays "
                       f"within {window} tokens.", stacklevel=3)
-    theta, scaling = _rope_settings(cfg)
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    theta, scaling = _rope_settings(cfg, source)
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise _bad(source, "num_key_value_heads", f"({kv_heads}) must divide "
+                   f"num_attention_heads ({heads})")
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise _bad(source, "num_attention_heads", f"({heads}) must divide hidden_size "
+                       f"({hidden}) when there is no head_dim")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise _bad(source, "head_dim", f"({head_dim}) must be even for rotary embeddings")
     return LlamaConfig(
-        vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads), rope_theta=theta,
-        rope_scaling=scaling, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        vocab_size=cfg["vocab_size"], hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=theta,
+        rope_scaling=scaling, rms_norm_eps=_number(cfg, "rms_norm_eps", 1e-6, source),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
         dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
 
 
@@ -120,7 +178,7 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map': the index is corrupt; download "
                                   "it again.")
@@ -199,11 +257,11 @@ def load_tokenizer(directory: str) -> Optional[TextTokenizer]:
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise CheckpointError(f"{path} could not be parsed ({e}): download it again.") from None
     tok_cfg_path = os.path.join(directory, "tokenizer_config.json")
-    tok_cfg = _read_json(tok_cfg_path) if os.path.exists(tok_cfg_path) else {}
+    tok_cfg = read_json(tok_cfg_path) if os.path.exists(tok_cfg_path) else {}
     cfg_path = os.path.join(directory, "config.json")
-    cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    cfg = read_json(cfg_path) if os.path.exists(cfg_path) else {}
     gen_path = os.path.join(directory, "generation_config.json")
-    gen = _read_json(gen_path) if os.path.exists(gen_path) else {}
+    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
 
     def token_id(value):
         if isinstance(value, dict):  # an AddedToken serialised by older transformers
@@ -239,7 +297,7 @@ def load_hf(directory: str, *, dtype: str = "float32", scan_layers: bool = True
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory} is not a directory: pass a Hugging Face checkpoint "
                               "directory (config.json + *.safetensors).")
-    config = config_from_hf(_read_json(os.path.join(directory, "config.json")), dtype=dtype,
-                            scan_layers=scan_layers)
+    path = os.path.join(directory, "config.json")
+    config = config_from_hf(read_json(path), dtype=dtype, scan_layers=scan_layers, source=path)
     params = params_from_hf(read_safetensors(directory), config, source=directory)
     return config, params, load_tokenizer(directory)

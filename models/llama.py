@@ -246,6 +246,10 @@ class LlamaModel:
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
     def init(self, rng: jax.Array) -> dict:
         """Random parameters (unboxed arrays); see :func:`logical_axes` for their axis names."""
         return nn.unbox(self._init_boxed(rng))

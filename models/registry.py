@@ -210,6 +210,26 @@ def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers,
     return LoadedModel(model=LlamaModel(config), params=params, tokenizer=tok, name=name)
 
 
+def config_of(name_or_path: str) -> LlamaConfig:
+    """The architecture of a model, read without its weights (a tiny config, the GGUF header,
+    or ``config.json``): what callers check their settings against before the slow load."""
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path in TINY_CONFIGS:
+        return TINY_CONFIGS[name_or_path]
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "config.json")
+        return hf_loader.config_from_hf(hf_loader.read_json(path), source=path)
+    if name_or_path == SMOLLM2 or name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
+        path = _smollm2_path() if name_or_path == SMOLLM2 else name_or_path
+        return gguf_loader.config_from_gguf(gguf_loader.open_gguf(path), path)
+    raise ValueError(_unknown(name_or_path))
+
+
+def _unknown(name: str) -> str:
+    return (f"unknown model {name!r}: not a known name ({', '.join(known_models())}), a HF "
+            "checkpoint directory or a .gguf file.")
+
+
 # The dtypes every loader builds (params, activations and cache; logits stay float32): float32 is
 # the CPU default, bfloat16 the choice on GPU / TPU.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -243,8 +263,6 @@ def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
     elif name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
         config, params, tok = gguf_loader.load_gguf(name_or_path)
     else:
-        raise ValueError(f"unknown model {name_or_path!r}: not a known name "
-                         f"({', '.join(known_models())}), a HF checkpoint directory or a .gguf "
-                         "file.")
+        raise ValueError(_unknown(name_or_path))
     return _finish(config, params, tok, os.path.basename(name_or_path.rstrip("/")), dtype,
                    scan_layers, attention_impl)

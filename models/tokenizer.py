@@ -96,6 +96,21 @@ class TextTokenizer:
         """Text of ``ids`` (any iterable of ints, e.g. a numpy row)."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def decode_complete(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` without a trailing incomplete UTF-8 character: a generation cut by
+        ``max_new_tokens`` inside a multi-byte character would otherwise end in U+FFFD. The
+        bytes of that character are held back (the ids keep every token), as
+        :meth:`decode_incremental` does while streaming."""
+        ids = [int(i) for i in ids]
+        text = self.decode(ids, skip_special_tokens)
+        if not text.endswith("\ufffd"):
+            return text
+        for k in range(1, min(3, len(ids)) + 1):  # a character is at most 4 bytes
+            shorter = self.decode(ids[:-k], skip_special_tokens)
+            if not shorter.endswith("\ufffd"):
+                return shorter
+        return text
+
     def decode_incremental(self, ids: Sequence[int], prefix_offset: int = 0, read_offset: int = 0,
                            skip_special_tokens: bool = True) -> tuple[str, int, int]:
         """The text that ``ids[read_offset:]`` adds, for streaming output.

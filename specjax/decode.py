@@ -93,6 +93,27 @@ class DecodeConfig:
         return -(-needed // 128) * 128
 
 
+class ContextLengthError(ValueError):
+    """A prompt plus ``max_new_tokens`` longer than the model's context."""
+
+
+def check_context(model: LanguageModel, prompt_lengths, max_new_tokens: int) -> None:
+    """Raises :class:`ContextLengthError`, saying the limit and what to change, when the
+    longest prompt plus ``max_new_tokens`` needs positions past ``model.max_positions`` (the
+    model was never trained there: its output would be garbage, and the cache and attention
+    would grow with it). Checked on the host before anything is compiled."""
+    limit = int(model.max_positions)
+    longest = int(np.max(prompt_lengths))
+    if longest + max_new_tokens <= limit:
+        return
+    fix = (f"shorten the prompt to at most {limit - max_new_tokens} tokens or lower "
+           f"max_new_tokens to at most {limit - longest}" if longest < limit
+           else f"shorten the prompt to at most {limit - max_new_tokens} tokens")
+    raise ContextLengthError(f"a prompt of {longest} tokens plus max_new_tokens="
+                             f"{max_new_tokens} needs {longest + max_new_tokens} positions, over "
+                             f"the model's context of {limit}: {fix}")
+
+
 def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
     """bool mask of ``tokens`` that are in ``eos_ids``."""
     if not eos_ids:
@@ -204,6 +225,7 @@ class DecodeLoop:
         """``(batch, num_slots)`` for ``prompts``, checked on the host (``ValueError`` /
         ``CacheCapacityError`` before anything is traced)."""
         batch = prepare_batch(prompts, self.model.vocab_size, self.plan)
+        check_context(self.model, batch.lengths, self.config.max_new_tokens)
         num_slots = self.config.slots_for(batch.tokens.shape[1])
         check_capacity(int(np.max(batch.lengths)) + self.config.max_new_tokens, num_slots,
                        "generate")
@@ -218,6 +240,9 @@ class DecodeLoop:
 
     def jit_start(self, params, batch: PromptBatch, key, num_slots: int) -> DecodeState:
         return _start_jit(self, params, batch, key, num_slots)
+
+    def lower_start(self, params, batch: PromptBatch, key, num_slots: int):
+        return _start_jit.lower(self, params, batch, key, num_slots)
 
     def jit_step(self, params, state: DecodeState) -> DecodeState:
         return _step_jit(self, params, state)

@@ -24,12 +24,15 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from specjax import decode, speculative
+from specjax import decode, memory, speculative
 from specjax.decode import DecodeConfig
 from specjax.model_api import LanguageModel
 from specjax.prompts import PromptBatch
 from specjax.sharding import ShardingPlan
 from specjax.verify import SpecConfig
+
+
+ADVICE = "use fewer prompts per batch, shorter prompts or a smaller max_new_tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,15 @@ class LoopStats:
                    rounds=int(stats.rounds), row_rounds=int(stats.row_rounds),
                    drafted=int(stats.drafted), accepted=int(stats.accepted),
                    accepted_at_depth=tuple(int(a) for a in np.asarray(stats.accepted_at_depth)))
+
+    def __add__(self, other: "LoopStats") -> "LoopStats":
+        """The counters of two generations together (batches of one job)."""
+        depth = max(len(self.accepted_at_depth), len(other.accepted_at_depth))
+        pad = lambda t: tuple(t) + (0,) * (depth - len(t))  # noqa: E731
+        return LoopStats(*(getattr(self, f.name) + getattr(other, f.name)
+                           for f in dataclasses.fields(self) if f.name != "accepted_at_depth"),
+                         accepted_at_depth=tuple(a + b for a, b in zip(
+                             pad(self.accepted_at_depth), pad(other.accepted_at_depth))))
 
     def as_dict(self) -> dict:
         """Counters plus the derived rates: ``acceptance_rate`` and ``accept_rate_by_depth``
@@ -163,12 +175,19 @@ class Engine:
             return decode.DecodeLoop(self.target, self.config, self.plan)
         return speculative.SpecLoop(self.target, self.drafter, self.config, self.spec, self.plan)
 
+    def _what(self, batch) -> str:
+        b, p = batch.tokens.shape
+        return (f"decoding {b} prompt(s) padded to {p} tokens with "
+                f"max_new_tokens={self.config.max_new_tokens}")
+
     def _args(self, tparams, dparams) -> tuple:
         return (tparams,) if self.drafter is None else (tparams, dparams)
 
     def compile(self, tparams, dparams, prompts, key: Optional[jax.Array] = None) -> Compiled:
-        """Checks the inputs (host, before any tracing), compiles ahead of time for this batch
-        shape, and returns the callable :class:`Compiled`."""
+        """Checks the inputs (host, before any tracing: the drafter, the batch, the model's
+        context, the cache capacity), compiles ahead of time for this batch shape, checks that
+        the program's buffers fit the free device memory (:mod:`specjax.memory`), and returns
+        the callable :class:`Compiled`."""
         loop = self.loop
         batch, num_slots = loop.prepare(prompts)
         key = jax.random.key(0) if key is None else key
@@ -176,31 +195,41 @@ class Engine:
         t0 = time.perf_counter()
         compiled = loop.lower_run(*args, batch, key, num_slots).compile()
         compile_s = time.perf_counter() - t0
+        memory.check_fits(compiled, self._what(batch), ADVICE)
         return Compiled(self, batch, key, compile_s, lambda b, k: compiled(*args, b, k))
+
+    def required_bytes(self, tparams, dparams, prompts) -> Optional[int]:
+        """What one run on ``prompts`` will allocate (XLA's estimate; compiles, never runs):
+        how the binaries size their batches (:func:`specjax.memory.rows_that_fit`)."""
+        loop = self.loop
+        batch, num_slots = loop.prepare(prompts)
+        lowered = loop.lower_run(*self._args(tparams, dparams), batch, jax.random.key(0),
+                                 num_slots)
+        return memory.required_bytes(lowered.compile())
 
     def generate(self, tparams, dparams, prompts, key: Optional[jax.Array] = None
                  ) -> Generation:
-        """Compiles (cached by jit per shape) and runs; the wall time includes compilation."""
-        loop = self.loop
-        batch, num_slots = loop.prepare(prompts)
-        key = jax.random.key(0) if key is None else key
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(loop.jit_run(*self._args(tparams, dparams), batch, key,
-                                                 num_slots))
-        return Generation.of(out, time.perf_counter() - t0)
+        """:meth:`compile` and run once; the wall time includes compilation."""
+        compiled = self.compile(tparams, dparams, prompts, key)
+        gen = compiled.run()
+        gen.wall_s += compiled.compile_s
+        return gen
 
     def stream(self, tparams, dparams, prompts, key: Optional[jax.Array] = None
                ) -> Iterator[Generation]:
         """The same loop driven from Python: a :class:`Generation` of the tokens so far after
         the prefill and after every step / round (``wall_s`` since the call, first included).
-        Input errors raise at the call; the steps run as the caller iterates."""
+        Input and memory errors raise at the call; the steps run as the caller iterates."""
         loop = self.loop
         batch, num_slots = loop.prepare(prompts)
         key = jax.random.key(0) if key is None else key
-        return self._stream(loop, self._args(tparams, dparams), batch, key, num_slots)
-
-    def _stream(self, loop, args, batch, key, num_slots):
+        args = self._args(tparams, dparams)
         t0 = time.perf_counter()
+        memory.check_fits(loop.lower_start(*args, batch, key, num_slots).compile(),
+                          self._what(batch), ADVICE)
+        return self._stream(loop, args, batch, key, num_slots, t0)
+
+    def _stream(self, loop, args, batch, key, num_slots, t0):
         state = loop.jit_start(*args, batch, key, num_slots)
         step = loop.jit_step if self.drafter is None else loop.jit_round
         while True:

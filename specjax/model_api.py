@@ -45,6 +45,12 @@ class LanguageModel(Protocol):
     @property
     def hidden_size(self) -> int: ...
 
+    @property
+    def max_positions(self) -> int:
+        """The context the model was trained for (positions ``0 .. max_positions - 1``): the
+        loops refuse a prompt plus ``max_new_tokens`` beyond it."""
+        ...
+
     def init_cache(self, batch: int, num_slots: int) -> KVCache: ...
 
     def forward(self, params, tokens: jax.Array, positions: jax.Array, cache: KVCache,

@@ -37,7 +37,8 @@ from flax import struct
 from specjax import verify as verify_lib
 from specjax.accept import AcceptResult
 from specjax.cache import KVCache, advance, check_capacity, compact
-from specjax.decode import DecodeConfig, is_eos, prefill, prepare_batch, replicate_output
+from specjax.decode import (DecodeConfig, check_context, is_eos, prefill, prepare_batch,
+                            replicate_output)
 from specjax.drafter import CommitInfo, DraftContext, Drafter, check_drafter
 from specjax.model_api import LanguageModel
 from specjax.prompts import PromptBatch
@@ -266,6 +267,9 @@ class SpecLoop:
         check_drafter(self.drafter)
         self.drafter.check_compatible(self.target)
         batch = prepare_batch(prompts, self.target.vocab_size, self.plan)
+        # Draft nodes of the last rounds may sit up to the tree's depth past the context; they
+        # are verified but never emitted, so only the emitted positions are checked.
+        check_context(self.target, batch.lengths, self.config.max_new_tokens)
         lookahead = self.drafter.tree.num_nodes + 1
         num_slots = self.config.slots_for(batch.tokens.shape[1], lookahead)
         check_capacity(int(np.max(batch.lengths)) + self.config.max_new_tokens + lookahead,
@@ -282,6 +286,9 @@ class SpecLoop:
 
     def jit_start(self, tparams, dparams, batch: PromptBatch, key, num_slots: int) -> SpecState:
         return _start_jit(self, tparams, dparams, batch, key, num_slots)
+
+    def lower_start(self, tparams, dparams, batch: PromptBatch, key, num_slots: int):
+        return _start_jit.lower(self, tparams, dparams, batch, key, num_slots)
 
     def jit_round(self, tparams, dparams, state: SpecState) -> SpecState:
         return _round_jit(self, tparams, dparams, state)

@@ -40,6 +40,46 @@ class TrainCheckpointError(ValueError):
     """A training checkpoint that does not fit this run, or that cannot be read."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :func:`train_loop` between two steps, after the state was
+    checkpointed; ``signum`` says which signal. A rerun with the same checkpointer resumes."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class _DeferredInterrupts:
+    """Holds SIGINT / SIGTERM until the current step ends (a second signal stops at once).
+
+    A signal that lands inside an Orbax save or a jitted step would leave a traceback from a
+    worker thread and perhaps a half-written step directory; deferring it to the step boundary
+    lets :func:`train_loop` save a complete checkpoint first. Only in the main thread (signal
+    handlers cannot be set elsewhere); a no-op otherwise."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # the second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @struct.dataclass
 class TrainState:
     """Everything a training run carries from step to step.
@@ -233,12 +273,29 @@ def train_loop(state: TrainState, step_fn, get_batch: Callable[[int], Any], froz
     ``eval_fn(state)`` every ``eval_every`` steps and ``log_fn(step, metrics)`` with the last
     step's metrics (floats) after each eval. ``stop_after`` ends the run early after that step
     (as an interruption would; for tests).
+
+    Raises:
+      TrainingInterrupted: SIGINT or SIGTERM arrived; the step in flight finished and (with a
+        ``checkpointer``) was saved first, so rerunning resumes where this run stopped.
     """
     start = int(state.step)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True)
+    with _DeferredInterrupts() as interrupts:
+        state = _run_steps(state, step_fn, get_batch, frozen, num_steps, checkpointer, eval_fn,
+                           eval_every, log_fn, bar, stop_after, interrupts)
+        if checkpointer is not None and int(state.step) != checkpointer.latest_step():
+            checkpointer.save(state)
+    if interrupts.signum is not None:
+        raise TrainingInterrupted(interrupts.signum, int(state.step))
+    return state
+
+
+def _run_steps(state, step_fn, get_batch, frozen, num_steps, checkpointer, eval_fn, eval_every,
+               log_fn, bar, stop_after, interrupts):
+    start = int(state.step)
     metrics = {}
     try:
         for step in range(start, num_steps):
@@ -256,11 +313,9 @@ def train_loop(state: TrainState, step_fn, get_batch: Callable[[int], Any], froz
                 logged.update(eval_fn(state))
                 if log_fn is not None:
                     log_fn(done, logged)
-            if stop_after is not None and done >= stop_after:
+            if interrupts.signum is not None or (stop_after is not None and done >= stop_after):
                 break
     finally:
         if bar is not None:
             bar.close()
-    if checkpointer is not None and int(state.step) != checkpointer.latest_step():
-        checkpointer.save(state)
     return state

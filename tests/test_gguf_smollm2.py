@@ -196,6 +196,20 @@ def test_decode_incremental_streams_multibyte(loaded):
     assert "".join(pieces) == text
 
 
+def test_decode_complete_holds_back_a_cut_character(loaded):
+    """A generation cut inside a multi-byte character ends before that character (no U+FFFD);
+    complete text is returned unchanged."""
+    tok = loaded.tokenizer
+    text = "ok 😀👍🏽 東京"
+    ids = tok.encode(text)
+    assert tok.decode_complete(ids) == text
+    cut = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cut, "the emoji should span several byte tokens"
+    for n in cut:
+        got = tok.decode_complete(ids[:n])
+        assert "\ufffd" not in got and text.startswith(got)
+
+
 def test_chat_template_matches(loaded, hf_reference):
     tok, ref = loaded.tokenizer, hf_reference[1]
     for chat in CHATS + [CHATS[1] + [{"role": "assistant", "content": "11"}]]:

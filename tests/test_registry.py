@@ -113,6 +113,26 @@ def test_engine_has_one_return_shape_and_streams(tiny, plain_rows):
     assert plain.tau == 1.0 and plain.stats.drafted == 0  # a plain step offers no draft
 
 
+def test_tau_counts_only_live_rows_when_a_row_stops_early(tiny, plain_rows):
+    """A batch where one row hits EOS early: plain decoding's tau is exactly 1 (finished rows
+    stop counting calls), and a speculative method counts its rows the same way."""
+    from drafters.prompt_lookup import PromptLookupDrafter
+    first, other = plain_rows
+    stop = next(i for i in range(1, len(first) - 2)
+                if first[i] not in first[:i] and first[i] not in other[:i + 3])
+    config = dataclasses.replace(CONFIG, eos_ids=(first[stop],))
+    plain = engine.Engine(tiny.model, config).generate(tiny.params, None, PROMPTS)
+    assert plain.tokens[0] == first[:stop + 1]  # row 0 stopped early, at its EOS
+    assert len(plain.tokens[1]) > stop + 1
+    assert plain.tau == 1.0 and plain.stats.row_calls == plain.new_tokens
+    spec = engine.Engine(tiny.model, config, PromptLookupDrafter(draft_len=3)).generate(
+        tiny.params, None, PROMPTS)
+    assert spec.tokens == plain.tokens
+    # each live row's call emits >= 1 token, so row_calls <= tokens; the finished row adds none
+    assert spec.stats.row_calls <= spec.new_tokens and spec.tau >= 1.0
+    assert spec.stats.row_calls < spec.stats.target_calls * len(PROMPTS)
+
+
 def test_a_drafter_without_the_contract_is_refused_before_tracing(tiny):
     @dataclasses.dataclass(frozen=True)
     class Bare:  # propose only: no DrafterBase

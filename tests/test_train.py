@@ -10,6 +10,7 @@ import pytest
 
 import tinymodels as kit
 from drafters import distill, heads
+from experiments import spec_bench
 from drafters.hydra import HydraDrafter
 from drafters.medusa import MedusaDrafter
 from specjax import train
@@ -55,6 +56,37 @@ def test_distill_records_match_the_target(target, data_dir):
     np.testing.assert_array_equal(data["mask"].sum(0), [6 * (NEW - 1 - k) for k in range(3)])
 
 
+def test_interrupted_distillation_resumes_from_its_last_shard(target, data_dir, tmp_path,
+                                                               monkeypatch):
+    """Interrupted after its first shard, a run resumes with the same prompts and settings and
+    ends with the records of an uninterrupted run; other settings are refused."""
+    model, params = target
+    out = str(tmp_path / "resumed")
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # during the second batch: shard 0 (4 records) is complete
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    kwargs = dict(max_new_tokens=NEW, batch_size=4, shard_size=4, dtype="bfloat16",
+                  model_name="tiny-gqa")
+    monkeypatch.setattr(distill, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill(model, params, DISTILL_PROMPTS, out, **kwargs)
+    assert sorted(os.listdir(out)) == ["progress.json", "shard-00000.npz"]
+    with pytest.raises(distill.DistillDataError, match="other prompts or settings"):
+        distill.distill(model, params, DISTILL_PROMPTS[:5], out, **kwargs)
+    monkeypatch.setattr(distill, "generate", generate)
+    manifest = distill.distill(model, params, DISTILL_PROMPTS, out, **kwargs)
+    assert manifest["num_records"] == len(DISTILL_PROMPTS)
+    assert "progress.json" not in os.listdir(out)
+    got, want = distill.load_records(out, model), distill.load_records(data_dir, model)
+    as_set = lambda r: {tuple(r.tokens[i, :r.lengths[i]]) for i in range(len(r))}  # noqa: E731
+    assert as_set(got) == as_set(want)
+
+
 def test_distill_bad_input(target, data_dir, tmp_path):
     model, params = target
     with pytest.raises(FileExistsError):
@@ -75,7 +107,7 @@ def test_distill_bad_input(target, data_dir, tmp_path):
     bad_jsonl = tmp_path / "q.jsonl"
     bad_jsonl.write_text('{"turns": []}\n')
     with pytest.raises(ValueError, match="Spec-Bench"):
-        distill.read_prompt_texts(str(bad_jsonl))
+        spec_bench.read_prompt_texts(str(bad_jsonl))
 
 
 def _setup(target, data_dir, steps=12, lr=3e-3):
