@@ -225,12 +225,12 @@ class Engine:
         key = jax.random.key(0) if key is None else key
         args = self._args(tparams, dparams)
         t0 = time.perf_counter()
-        memory.check_fits(loop.lower_start(*args, batch, key, num_slots).compile(),
-                          self._what(batch), ADVICE)
-        return self._stream(loop, args, batch, key, num_slots, t0)
+        start = loop.lower_start(*args, batch, key, num_slots).compile()  # compiled once
+        memory.check_fits(start, self._what(batch), ADVICE)
+        return self._stream(loop, args, batch, key, start, t0)
 
-    def _stream(self, loop, args, batch, key, num_slots, t0):
-        state = loop.jit_start(*args, batch, key, num_slots)
+    def _stream(self, loop, args, batch, key, start, t0):
+        state = start(*args, batch, key)
         step = loop.jit_step if self.drafter is None else loop.jit_round
         while True:
             out = jax.device_get((state.out_tokens, state.out_len, state.stats))
