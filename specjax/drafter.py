@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from specjax.cache import KVCache
@@ -73,6 +74,11 @@ class DraftContext:
       prompt_hidden: [B, P, E] the target's final hidden states at every prompt position (the
         prefill's), given to ``init`` only (None in ``propose`` / ``commit``): feature-based
         drafters build their state from it without a second prompt forward.
+
+    Features: ``pending_hidden``, ``prompt_hidden`` and ``CommitInfo.verify_hidden`` hold the
+    target's final-norm hidden state (width ``E``), unless the drafter names
+    ``feature_layers``: then they hold the residual stream after each of those layers,
+    concatenated in that order (width ``len(feature_layers) * E``; see :func:`features_of`).
     """
 
     target_params: Any
@@ -95,7 +101,8 @@ class CommitInfo:
       num_accepted: int32[B] accepted draft tokens (root excluded).
       next_token: int32[B] the new pending token.
       new_lengths: int32[B] the target cache's committed length after this round.
-      verify_hidden: [B, T, E] the target's final hidden states at every node.
+      verify_hidden: [B, T, E] the target's final hidden states at every node (the drafter's
+        features, see :class:`DraftContext`).
       live: bool[B] rows that took part in this round.
       verify_logits: float32[B, T, V] the target's logits at every node (raw, unprocessed).
     """
@@ -130,6 +137,10 @@ class Drafter(Protocol):
         hidden states) of nodes the drafter marked invalid (Jacobi's refinement, lookahead's
         window): such a drafter must be verified at full width, and a wrapper that narrows
         verification (``specjax.adaptive.AdaptiveDraftLength``) must not.
+      feature_layers: ``()`` (the drafter reads the final-norm hidden state, if anything) or
+        the target layers whose outputs the drafter reads (EAGLE-3's low / middle / high
+        taps): the prefill and every verification forward then return those layers' outputs
+        at every position, concatenated (:func:`features_of`).
     """
 
     tree: Any
@@ -137,6 +148,7 @@ class Drafter(Protocol):
     siblings: str
     verify_widths: Optional[Any]
     reads_unoffered_outputs: bool
+    feature_layers: tuple
 
     def check_compatible(self, target) -> None:
         """Raises ValueError (saying what to do) if this drafter cannot serve ``target``."""
@@ -165,6 +177,7 @@ class DrafterBase:
     siblings = "without_replacement"
     verify_widths = None
     reads_unoffered_outputs = False
+    feature_layers = ()
 
     def check_compatible(self, target) -> None:
         del target
@@ -201,7 +214,8 @@ class SampledChainDrafter(DrafterBase):
 
 
 CONTRACT_ATTRIBUTES = ("tree", "deterministic", "siblings", "verify_widths",
-                       "reads_unoffered_outputs", "check_compatible", "init", "propose", "commit")
+                       "reads_unoffered_outputs", "feature_layers", "check_compatible", "init",
+                       "propose", "commit")
 
 
 def check_drafter(drafter) -> None:
@@ -211,3 +225,13 @@ def check_drafter(drafter) -> None:
     if missing:
         raise TypeError(f"{type(drafter).__name__} does not implement the drafter contract: "
                         f"missing {', '.join(missing)}; subclass specjax.drafter.DrafterBase")
+
+
+def features_of(out, feature_layers: tuple) -> jax.Array:
+    """The drafter's features from a forward's :class:`~specjax.model_api.ForwardOutput` run
+    with ``hidden_layers=feature_layers``: ``out.hidden [B, T, E]`` when ``feature_layers`` is
+    empty, else the taps concatenated along the last axis ``[B, T, n * E]``."""
+    if not feature_layers:
+        return out.hidden
+    taps = out.taps  # [n, B, T, E]
+    return jnp.concatenate([taps[i] for i in range(taps.shape[0])], axis=-1)

@@ -39,7 +39,7 @@ from specjax.accept import AcceptResult
 from specjax.cache import KVCache, advance, check_capacity, compact
 from specjax.decode import (DecodeConfig, check_context, is_eos, prefill, prepare_batch,
                             replicate_output)
-from specjax.drafter import CommitInfo, DraftContext, Drafter, check_drafter
+from specjax.drafter import CommitInfo, DraftContext, Drafter, check_drafter, features_of
 from specjax.model_api import LanguageModel
 from specjax.prompts import PromptBatch
 from specjax.sampling import sample
@@ -71,7 +71,7 @@ class SpecState:
     cache: KVCache
     drafter_state: Any
     pending: jax.Array  # int32[B]
-    pending_hidden: jax.Array  # [B, E]
+    pending_hidden: jax.Array  # [B, E'] the drafter's features (specjax.drafter.features_of)
     history: jax.Array  # int32[B, H]
     history_len: jax.Array  # int32[B]
     out_tokens: jax.Array  # int32[B, N]
@@ -127,11 +127,13 @@ class SpecLoop:
         cache = self.target.init_cache(b, num_slots)
         if plan is not None:
             cache = plan.constrain_cache(cache)
-        out, cache = prefill(self.target, tparams, batch, cache)
+        layers = tuple(self.drafter.feature_layers)
+        out, cache = prefill(self.target, tparams, batch, cache, layers)
+        features = features_of(out, layers)  # [B, P, E'] what the drafter reads
         key, sub = jax.random.split(key)
         first = sample(sub, out.logits[:, 0], config.sampling)
         last = (batch.lengths - 1)[:, None, None]
-        pending_hidden = jnp.take_along_axis(out.hidden, last, axis=1)[:, 0]
+        pending_hidden = jnp.take_along_axis(features, last, axis=1)[:, 0]
         rows = jnp.arange(b)
         history = jnp.zeros((b, num_slots), jnp.int32).at[:, :p].set(batch.tokens)
         history = history.at[rows, batch.lengths].set(first)
@@ -147,7 +149,7 @@ class SpecLoop:
                           out_len=jnp.ones((b,), jnp.int32),
                           done=is_eos(first, config.eos_ids) | (n <= 1), key=key, stats=stats)
         state = self._constrain(state)
-        ctx = draft_context(state, tparams).replace(prompt_hidden=out.hidden)
+        ctx = draft_context(state, tparams).replace(prompt_hidden=features)
         dstate = self.drafter.init(dparams, ctx, batch.tokens, batch.lengths)
         return state.replace(drafter_state=dstate)
 
@@ -186,7 +188,8 @@ class SpecLoop:
     def verify(self, tparams, cand: verify_lib.Candidates, cache: KVCache, live):
         """VERIFY: the target's forward over the candidates (narrow widths if opted in)."""
         widths = verify_lib.verify_widths(self.drafter, cand.proposal)
-        return verify_lib.verify(self.target, tparams, cand, cache, live, widths)
+        return verify_lib.verify(self.target, tparams, cand, cache, live, widths,
+                                 tuple(self.drafter.feature_layers))
 
     def accept(self, cand: verify_lib.Candidates, logits, key) -> AcceptResult:
         """ACCEPT: the rule ``spec`` and the drafter call for."""

@@ -25,7 +25,7 @@ from specjax import accept as accept_lib
 from specjax import adaptive, masks
 from specjax import tree as tree_lib
 from specjax.cache import KVCache
-from specjax.drafter import Proposal
+from specjax.drafter import Proposal, features_of
 from specjax.model_api import ForwardOutput
 from specjax.sampling import SamplingConfig
 
@@ -121,7 +121,7 @@ def candidates(drafter, proposal: Proposal, pending: jax.Array) -> Candidates:
 
 
 def verify(target, tparams, cand: Candidates, cache: KVCache, live: jax.Array,
-           widths: tuple[int, ...]) -> ForwardOutput:
+           widths: tuple[int, ...], feature_layers: tuple = ()) -> ForwardOutput:
     """The target's forward over every row's candidate nodes.
 
     With one width (``(T,)``) all ``T`` nodes are run. With several (ascending, last = T) the
@@ -133,16 +133,23 @@ def verify(target, tparams, cand: Candidates, cache: KVCache, live: jax.Array,
     at batch 8 on the CPU).
 
     Returns:
-      logits ``[B, T, V]``, hidden ``[B, T, E]`` and the cache with the nodes' entries at
-      ``lengths + node`` (lengths unchanged).
+      logits ``[B, T, V]``, hidden ``[B, T, E]`` (with ``feature_layers``, those layers'
+      outputs concatenated, ``[B, T, n * E]``: :func:`specjax.drafter.features_of`) and the
+      cache with the nodes' entries at ``lengths + node`` (lengths unchanged).
     """
     lengths = cache.lengths
     positions = tree_lib.positions(lengths, cand.depth)
     # Structured mask: a model may run its tree-attention kernel on it, or densify it.
     mask = masks.TreeMask.create(lengths, cand.visible, cache.num_slots)
     tokens, num_nodes = cand.tokens, cand.num_nodes
+    def forward(w):
+        o = target.forward(tparams, tokens[:, :w], positions[:, :w], cache,
+                           mask if w == num_nodes else mask.first(w),
+                           hidden_layers=feature_layers)
+        return o.replace(hidden=features_of(o, feature_layers), taps=None)
+
     if len(widths) == 1:
-        return target.forward(tparams, tokens, positions, cache, mask)
+        return forward(num_nodes)
     b = tokens.shape[0]
     node = jnp.arange(num_nodes, dtype=jnp.int32)[None, :]
     slots = lengths[:, None] + node  # [B, T] scratch slot of every node
@@ -150,7 +157,7 @@ def verify(target, tparams, cand: Candidates, cache: KVCache, live: jax.Array,
 
     def verify_on(w):
         def run(_):
-            o = target.forward(tparams, tokens[:, :w], positions[:, :w], cache, mask.first(w))
+            o = forward(w)
             pad = lambda x: jnp.pad(x, [(0, 0), (0, num_nodes - w)]  # noqa: E731
                                     + [(0, 0)] * (x.ndim - 2))
             read = jnp.minimum(slots, cache.num_slots - 1)

@@ -1,0 +1,394 @@
+"""A distillation corpus of the target's own predictions and layer features, built on the device.
+
+Each record is one token sequence (prompt + response) with, at every position ``t``:
+
+* ``labels[t]``: the target's greedy next token after ``tokens[: t + 1]`` (what verification
+  accepts), so a drafter learns the target's choices, not the data set's words;
+* ``features[t]``: the target's residual stream after each of ``layers`` (e.g. EAGLE-3's low,
+  middle and high taps), concatenated: ``[n * E]``, stored as bfloat16.
+
+Two ways to get the sequences (both batched forwards of the target, see
+``experiments/build_corpus.py``):
+
+* **teacher-forced**: a data set's own prompt + response, one forward each (hundreds of
+  positions per second on a 2-core CPU); the responses are not the target's, the labels are.
+* **regenerated**: the target answers the prompts greedily (:func:`specjax.decode.generate`),
+  then one forward over prompt + answer; there ``labels[t] == tokens[t + 1]`` inside the answer.
+
+On disk (``out_dir``): ``shard-00000.npz`` ... (``tokens``, ``labels`` int32[n, W],
+``lengths``, ``prompt_lengths`` int32[n], ``features`` uint16[n, W, n_layers * E], the bf16 bit
+pattern), each written atomically, one per chunk of ``shard_size`` input sequences in input
+order; ``progress.json`` (complete shards and a fingerprint of the inputs: a rerun with the same
+inputs resumes after the last complete shard) and finally ``manifest.json`` (counts, timing,
+the command; a directory without one is incomplete).
+
+Axis glossary: N records, B batch, W sequence width, E target width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import masks
+from specjax.decode import DecodeConfig, generate
+from specjax.files import write_atomic, write_text_atomic
+
+FORMAT = "specjax-corpus-v1"
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+PATHS = ("teacher_forced", "regenerated")
+# Positions per forward call: the batch is ``POSITIONS_PER_CALL // W`` rows of width ``W``.
+POSITIONS_PER_CALL = 2048
+WIDTH_STEP = 64
+
+
+class CorpusError(ValueError):
+    """A corpus directory that is missing, incomplete, damaged or made with another target."""
+
+
+def default_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low, middle and high taps (0-based: the output of layer ``i``):
+    ``(2, L // 2, L - 3)``."""
+    if num_layers < 4:
+        return (0, num_layers // 2, num_layers - 1) if num_layers >= 3 else \
+            tuple(range(num_layers))
+    return (2, num_layers // 2, num_layers - 3)
+
+
+# The forward -------------------------------------------------------------------------------
+
+
+def _labels_and_features(model, params, tokens, layers):
+    b, w = tokens.shape
+    cache = model.init_cache(b, w)
+    positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
+    out = model.forward(params, tokens, positions, cache, masks.causal_mask(cache.lengths, w, w),
+                        hidden_layers=layers)
+    labels = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
+    feats = jnp.concatenate([out.taps[i] for i in range(len(layers))], axis=-1)
+    return labels, feats.astype(jnp.bfloat16)
+
+
+_labels_and_features_jit = jax.jit(_labels_and_features, static_argnames=("model", "layers"))
+
+
+def labels_and_features(model, params, tokens: np.ndarray, layers: Sequence[int]):
+    """``(labels int32[B, W], features bf16[B, W, n * E])`` of one causal forward over
+    ``tokens int32[B, W]`` (the target's greedy next token and its taps at every position)."""
+    return _labels_and_features_jit(model, params, jnp.asarray(tokens, jnp.int32),
+                                    tuple(int(i) for i in layers))
+
+
+def _width(n: int) -> int:
+    return max(WIDTH_STEP, -(-n // WIDTH_STEP) * WIDTH_STEP)
+
+
+def _forward_rows(model, params, seqs: list[list[int]], layers) -> list:
+    """``(labels, features)`` numpy arrays for each sequence (length order inside, so rows of a
+    call share a width; returned in input order)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list = [None] * len(seqs)
+    i = 0
+    while i < len(order):
+        w = _width(len(seqs[order[i]]))
+        rows = max(1, POSITIONS_PER_CALL // w)
+        group = [j for j in order[i:i + rows] if _width(len(seqs[j])) <= w] or [order[i]]
+        w = _width(max(len(seqs[j]) for j in group))
+        toks = np.zeros((rows, w), np.int32)
+        for r, j in enumerate(group):
+            toks[r, :len(seqs[j])] = seqs[j]
+        labels, feats = labels_and_features(model, params, toks, layers)
+        labels, feats = np.asarray(labels), np.asarray(feats).view(np.uint16)
+        for r, j in enumerate(group):
+            n = len(seqs[j])
+            out[j] = (labels[r, :n], feats[r, :n])
+        i += len(group)
+    return out
+
+
+def _respond(model, params, prompts: list[list[int]], max_new_tokens: int, eos_ids,
+             batch_size: int) -> list[list[int]]:
+    """Greedy responses (rows padded to ``batch_size`` with a repeated prompt)."""
+    config = DecodeConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+    answers = []
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s:s + batch_size]
+        real = len(batch)
+        batch = batch + [batch[-1]] * (batch_size - real)
+        out = generate(model, params, batch, config)
+        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        answers += [toks[i, :lens[i]].tolist() for i in range(real)]
+    return answers
+
+
+# Building ----------------------------------------------------------------------------------
+
+
+def build(model, params, examples: Sequence[tuple[Sequence[int], Sequence[int]]], out_dir: str,
+          *, path: str = "teacher_forced", layers: Optional[Sequence[int]] = None,
+          max_len: int = 512, shard_size: int = 64, max_new_tokens: int = 256,
+          eos_ids: Sequence[int] = (), gen_batch_size: int = 16, model_name: str = "",
+          source: str = "", command: str = "", progress: bool = False) -> dict:
+    """Writes a corpus of ``examples`` (``(prompt ids, response ids)``; responses are ignored
+    on the ``regenerated`` path) to ``out_dir`` and returns its manifest.
+
+    Sequences are cut to ``max_len`` tokens; examples whose prompt alone reaches ``max_len`` are
+    skipped (counted). Resumes an interrupted run with the same inputs.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if max_len < 2 or shard_size < 1 or gen_batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("max_len must be >= 2 and shard_size, gen_batch_size, max_new_tokens "
+                         ">= 1")
+    layers = tuple(int(i) for i in (layers if layers is not None
+                                    else default_layers(model.num_layers)))
+    if not layers or any(not 0 <= i < model.num_layers for i in layers):
+        raise ValueError(f"layers must be in 0..{model.num_layers - 1}, got {layers}")
+    kept = [(list(map(int, p)), list(map(int, r))) for p, r in examples if len(p) < max_len]
+    if not kept:
+        raise ValueError(f"every prompt has max_len={max_len} tokens or more")
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise FileExistsError(f"{out_dir} already holds a corpus: pick a new directory")
+    os.makedirs(out_dir, exist_ok=True)
+    digest = hashlib.sha256()
+    for p, r in kept:
+        digest.update(json.dumps([p, r if path == "teacher_forced" else []]).encode())
+    digest.update(json.dumps([path, layers, max_len, shard_size, max_new_tokens,
+                              list(map(int, eos_ids)), model.hidden_size,
+                              model.vocab_size]).encode())
+    fingerprint = digest.hexdigest()[:32]
+    shards = _resume(out_dir, fingerprint)
+    chunks = range(len(shards) * shard_size, len(kept), shard_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(kept), initial=min(len(shards) * shard_size, len(kept)),
+                   unit="seq", desc=f"corpus ({path})", dynamic_ncols=True)
+    try:
+        for start in chunks:
+            t0 = time.time()
+            part = kept[start:start + shard_size]
+            prompts = [p for p, _ in part]
+            if path == "regenerated":
+                answers = _respond(model, params, prompts, max_new_tokens, eos_ids,
+                                   gen_batch_size)
+            else:
+                answers = [r for _, r in part]
+            seqs = [(p + a)[:max_len] for p, a in zip(prompts, answers)]
+            gen_s = time.time() - t0
+            rows = _forward_rows(model, params, seqs, layers)
+            width = _width(max(len(s) for s in seqs))
+            n, fw = len(seqs), rows[0][1].shape[-1]
+            tokens = np.zeros((n, width), np.int32)
+            labels = np.zeros((n, width), np.int32)
+            feats = np.zeros((n, width, fw), np.uint16)
+            for i, (s, (lab, f)) in enumerate(zip(seqs, rows)):
+                tokens[i, :len(s)], labels[i, :len(s)], feats[i, :len(s)] = s, lab, f
+            lengths = np.array([len(s) for s in seqs], np.int32)
+            name = f"shard-{len(shards):05d}.npz"
+            _save_npz_atomic(os.path.join(out_dir, name), tokens=tokens, labels=labels,
+                             features=feats, lengths=lengths,
+                             prompt_lengths=np.array([min(len(p), len(s)) for p, s in
+                                                      zip(prompts, seqs)], np.int32))
+            shards.append({"file": name, "num_records": n, "width": width,
+                           "positions": int(lengths.sum()),
+                           "response_positions": int(sum(len(s) - len(p) for p, s in
+                                                         zip(prompts, seqs))),
+                           "generate_s": round(gen_s, 2),
+                           "forward_s": round(time.time() - t0 - gen_s, 2)})
+            write_text_atomic(os.path.join(out_dir, PROGRESS), json.dumps(
+                {"fingerprint": fingerprint, "shards": shards}, indent=1) + "\n")
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+    positions = sum(s["positions"] for s in shards)
+    forward_s = sum(s["forward_s"] for s in shards)
+    gen_s = sum(s["generate_s"] for s in shards)
+    manifest = {
+        "format": FORMAT, "model": model_name, "hidden_size": int(model.hidden_size),
+        "vocab_size": int(model.vocab_size), "num_layers": int(model.num_layers),
+        "layers": list(layers), "path": path, "max_len": max_len,
+        "max_new_tokens": max_new_tokens if path == "regenerated" else None,
+        "num_records": sum(s["num_records"] for s in shards), "positions": positions,
+        "response_positions": sum(s["response_positions"] for s in shards),
+        "skipped_long_prompts": len(examples) - len(kept),
+        "forward_positions_per_s": round(positions / max(forward_s, 1e-9), 1),
+        "generated_tokens_per_s": (round(sum(s["response_positions"] for s in shards)
+                                         / max(gen_s, 1e-9), 1) if path == "regenerated"
+                                   else None),
+        "source": source, "command": command, "shards": shards}
+    write_text_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    os.unlink(os.path.join(out_dir, PROGRESS))
+    return manifest
+
+
+def _save_npz_atomic(path: str, **arrays) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_atomic(path, write)
+
+
+def _resume(out_dir: str, fingerprint: str) -> list:
+    path = os.path.join(out_dir, PROGRESS)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            done = json.load(f)
+        shards, same = list(done["shards"]), done["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorpusError(f"{path} is damaged: delete {out_dir} and start again") from None
+    if not same or not all(os.path.exists(os.path.join(out_dir, s["file"])) for s in shards):
+        raise CorpusError(f"{out_dir} holds an interrupted corpus with other inputs or "
+                          "settings: resume it with the same ones, or pick a new directory")
+    return shards
+
+
+# Reading -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Records in memory (numpy, right-padded to the widest ``W``).
+
+    Attributes:
+      tokens, labels: int32[N, W]; lengths, prompt_lengths: int32[N];
+      features: uint16[N, W, F] (bf16 bit patterns; :meth:`batch` converts);
+      manifest: the first directory's manifest (``sources`` lists every directory's).
+    """
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+    features: np.ndarray
+    manifest: dict
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def layers(self) -> tuple:
+        return tuple(self.manifest["layers"])
+
+    def subset(self, idx) -> "Corpus":
+        return Corpus(self.tokens[idx], self.labels[idx], self.lengths[idx],
+                      self.prompt_lengths[idx], self.features[idx], self.manifest)
+
+    def split(self, eval_fraction: float, seed: int = 0) -> tuple["Corpus", "Corpus"]:
+        """``(train, held_out)`` by whole records (a seeded shuffle; one of each at least)."""
+        n = len(self)
+        perm = np.random.default_rng(seed).permutation(n)
+        n_eval = min(max(int(round(n * eval_fraction)), 1), n - 1) if n >= 2 else 0
+        return self.subset(np.sort(perm[n_eval:])), self.subset(np.sort(perm[:n_eval]))
+
+    def windows(self, seq_len: int, response_only: bool = True) -> np.ndarray:
+        """``int64[M, 2]`` (record, start) of every window of ``seq_len`` positions, non-
+        overlapping, that holds at least one labelled position (response positions when
+        ``response_only``); a window may run past the record's end (masked in :meth:`batch`)."""
+        out = []
+        for r in range(len(self)):
+            first = max(int(self.prompt_lengths[r]) - 1, 0) if response_only else 0
+            last = int(self.lengths[r]) - 1
+            for s in range(0, last, seq_len):
+                if s + seq_len > first:
+                    out.append((r, s))
+        return np.asarray(out, np.int64).reshape(-1, 2)
+
+    def batch(self, windows: np.ndarray, seq_len: int, response_only: bool = True) -> dict:
+        """Windows as arrays: ``tokens int32[B, L + 1]`` (``tokens[:, s]`` sits at position
+        ``start + s``), ``labels int32[B, L]`` (the target's next token after position
+        ``start + s``), ``features float32[B, L, F]``, ``positions int32[B, L]``, ``valid
+        bool[B, L]`` (inside the record) and ``label_mask bool[B, L]`` (valid, and a response
+        position when ``response_only``)."""
+        b = len(windows)
+        w = self.tokens.shape[1]
+        idx = windows[:, 1:2] + np.arange(seq_len + 1)[None, :]  # [B, L+1]
+        rows = windows[:, :1]
+        inside = idx < self.lengths[rows]
+        safe = np.minimum(idx, w - 1)
+        tokens = np.where(inside, self.tokens[rows, safe], 0).astype(np.int32)
+        valid = inside[:, :seq_len]
+        labels = np.where(valid, self.labels[rows, safe[:, :seq_len]], 0).astype(np.int32)
+        feats = self.features[rows, safe[:, :seq_len]]
+        feats = np.where(valid[..., None], feats, 0).view(jnp.bfloat16).astype(np.float32)
+        label_mask = valid.copy()
+        if response_only:
+            label_mask &= idx[:, :seq_len] >= self.prompt_lengths[rows] - 1
+        return {"tokens": tokens, "labels": labels, "features": feats,
+                "positions": idx[:, :seq_len].astype(np.int32), "valid": valid,
+                "label_mask": label_mask}
+
+
+def read_manifest(corpus_dir: str) -> dict:
+    path = os.path.join(corpus_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise CorpusError(f"no {MANIFEST} in {corpus_dir!r}: not a (complete) corpus; build it "
+                          "with python -m experiments.build_corpus")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        raise CorpusError(f"{path} is damaged: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise CorpusError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def load(corpus_dirs: Sequence[str], target=None, layers: Optional[Sequence[int]] = None
+         ) -> Corpus:
+    """Every shard of every directory, checked against ``target`` (sizes) and ``layers``."""
+    if isinstance(corpus_dirs, str):
+        corpus_dirs = [corpus_dirs]
+    parts, manifests = [], []
+    for d in corpus_dirs:
+        m = read_manifest(d)
+        if target is not None and (m["hidden_size"], m["vocab_size"]) != (
+                target.hidden_size, target.vocab_size):
+            raise CorpusError(f"{d} was made with a target of hidden size {m['hidden_size']} / "
+                              f"vocabulary {m['vocab_size']}, this target has "
+                              f"{target.hidden_size} / {target.vocab_size}")
+        if layers is not None and tuple(m["layers"]) != tuple(layers):
+            raise CorpusError(f"{d} holds the features of layers {m['layers']}, the drafter "
+                              f"reads {list(layers)}: rebuild the corpus with --layers")
+        if manifests and tuple(m["layers"]) != tuple(manifests[0]["layers"]):
+            raise CorpusError(f"{d} and {corpus_dirs[0]} hold features of different layers")
+        for s in m["shards"]:
+            p = os.path.join(d, s["file"])
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    parts.append({k: z[k] for k in ("tokens", "labels", "features", "lengths",
+                                                    "prompt_lengths")})
+            except Exception as e:  # OSError, BadZipFile, ValueError, KeyError, EOFError
+                raise CorpusError(f"shard {p} is missing or damaged ({e}); rebuild the corpus"
+                                  ) from None
+        manifests.append(m)
+    if not parts:
+        raise CorpusError("the corpus holds no records")
+    w = max(p["tokens"].shape[1] for p in parts)
+
+    def cat(key):
+        arrs = []
+        for p in parts:
+            a = p[key]
+            if a.ndim >= 2:
+                a = np.pad(a, [(0, 0), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+            arrs.append(a)
+        return np.concatenate(arrs)
+
+    manifest = dict(manifests[0], sources=[m.get("source") for m in manifests],
+                    paths=[m.get("path") for m in manifests])
+    return Corpus(cat("tokens"), cat("labels"), cat("lengths"), cat("prompt_lengths"),
+                  cat("features"), manifest)

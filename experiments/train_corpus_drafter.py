@@ -1,0 +1,233 @@
+"""Train a feature drafter (``eagle3``, ``block_diffusion``) on a distillation corpus.
+
+  python -m experiments.train_corpus_drafter --drafter=eagle3 \
+      --corpus_dir=/work/corpus/sharegpt-tf-0 --steps=2000 --ckpt_dir=/work/ckpt/eagle3 \
+      --output=drafters/weights/smollm2-135m/eagle3.safetensors
+
+The corpus (``experiments/build_corpus.py``, format in ``drafters/corpus.py``) holds the
+target's greedy labels and the taps of the drafter's ``feature_layers``. The draft vocabulary
+is the ``--draft_vocab`` most frequent labels of the training records
+(``drafters/draft_vocab.py``). Records are split into training and held-out ones
+(``--eval_fraction``, seeded); every ``--eval_every`` steps the held-out top-1 accuracy per
+draft depth is printed (the drafter's own earlier predictions fed back, as when decoding).
+Training checkpoints every ``--ckpt_every`` steps to ``--ckpt_dir``: an interrupted run (Ctrl-C,
+SIGTERM, a kill) resumes there when rerun with the same flags. The end writes the bf16 weights
+(``--output``) and a summary with the training throughput (``--metrics_json``).
+
+Each drafter's training is ``drafters/<name>_train.py``: ``make_trainer(target, vocab_map,
+**options)``; ``--trainer_options=key=value,...`` passes its own options (e.g.
+``block_size=8``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from experiments import common, method_flags
+
+DRAFTERS = ("eagle3", "block_diffusion")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("drafter", None, list(DRAFTERS), "The drafter to train.")
+flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
+flags.DEFINE_string("corpus_dir", None, "Corpus directories, comma-separated.")
+flags.DEFINE_integer("draft_vocab", 8192, "Draft vocabulary: the N most frequent labels.",
+                     lower_bound=1)
+flags.DEFINE_string("trainer_options", "", "The drafter's own training options, "
+                    "comma-separated key=value (see drafters/<drafter>_train.py).")
+flags.DEFINE_integer("steps", 1000, "Optimizer steps.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 8, "Windows per step.", lower_bound=1)
+flags.DEFINE_float("lr", 1e-3, "Peak learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("warmup", 100, "Linear warmup steps.", lower_bound=0)
+flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.", lower_bound=0.0)
+flags.DEFINE_integer("seed", 0, "Init, split and data-order seed.")
+flags.DEFINE_float("eval_fraction", 0.05, "Held-out share of the records.")
+flags.DEFINE_integer("eval_windows", 32, "Held-out windows evaluated (at most).", lower_bound=1)
+flags.DEFINE_string("ckpt_dir", None, "Orbax checkpoints (resumed from when present).")
+flags.DEFINE_integer("ckpt_every", 200, "Checkpoint every N steps (0 = only at the end).",
+                     lower_bound=0)
+flags.DEFINE_integer("eval_every", 200, "Held-out accuracy every N steps (0 = at the end).",
+                     lower_bound=0)
+flags.DEFINE_string("output", None, "Final bf16 weights (.safetensors).")
+flags.DEFINE_string("metrics_json", None, "Eval history, accuracy and throughput (JSON).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+method_flags.define_model_flags()
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def trainer_options(text: str) -> dict:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}``; UserError on a malformed entry."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise common.UserError(f"--trainer_options entry {item!r} is not key=value")
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+def _hits(trainer, params, frozen, corpus, windows, seq_len):
+    import numpy as np
+    hits = counts = 0
+    for s in range(0, len(windows), FLAGS.batch_size):
+        chunk = windows[s:s + FLAGS.batch_size]
+        keep = len(chunk)
+        if keep < FLAGS.batch_size:  # a fixed batch shape: repeat, then mask the repeats
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], FLAGS.batch_size - keep, 0)])
+        batch = corpus.batch(chunk, seq_len)
+        batch["label_mask"][keep:] = False
+        h, c = trainer.depth_hits(params, batch, frozen)
+        hits, counts = hits + np.asarray(h), counts + np.asarray(c)
+    return hits / np.maximum(counts, 1)
+
+
+def main(argv):
+    common.start(argv, quiet=False)
+    with common.user_errors():
+        if not FLAGS.drafter:
+            raise common.UserError(f"--drafter is required: one of {', '.join(DRAFTERS)}")
+        if not FLAGS.corpus_dir:
+            raise common.UserError("--corpus_dir is required (build one with python -m "
+                                   "experiments.build_corpus)")
+        if not 0.0 < FLAGS.eval_fraction < 1.0:
+            raise common.UserError("--eval_fraction must be in (0, 1)")
+        options = trainer_options(FLAGS.trainer_options)
+        common.check_outputs(FLAGS, "output", "metrics_json",
+                             dirs=("ckpt_dir",) if FLAGS.ckpt_dir else ())
+        dirs = [d for d in FLAGS.corpus_dir.split(",") if d]
+        from drafters import corpus as corpus_lib
+        for d in dirs:  # before the slow load
+            try:
+                corpus_lib.read_manifest(d)
+            except corpus_lib.CorpusError as e:
+                raise common.UserError(str(e)) from None
+        method_flags.model_config(FLAGS)
+        import jax
+        import numpy as np
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)
+        from drafters import draft_vocab
+        from specjax import train
+
+        loaded = method_flags.load_model(FLAGS)
+        module = importlib.import_module(f"drafters.{FLAGS.drafter}")
+        training = importlib.import_module(f"drafters.{FLAGS.drafter}_train")
+        try:
+            data = corpus_lib.load(dirs, loaded.model)
+        except corpus_lib.CorpusError as e:
+            raise common.UserError(str(e)) from None
+        train_set, eval_set = data.split(FLAGS.eval_fraction, FLAGS.seed)
+        col = np.arange(train_set.tokens.shape[1])[None, :]
+        mask = (col >= train_set.prompt_lengths[:, None] - 1) & (col < train_set.lengths[:, None])
+        vocab_map = draft_vocab.frequent_ids(train_set.labels, mask, FLAGS.draft_vocab,
+                                             loaded.model.vocab_size)
+        try:
+            trainer = training.make_trainer(loaded.model, vocab_map, **options)
+        except (TypeError, ValueError) as e:
+            raise common.UserError(f"--trainer_options: {e}") from None
+        layers = tuple(trainer.drafter.feature_layers)
+        if tuple(data.layers) != layers:
+            raise common.UserError(f"the corpus holds the taps of layers {list(data.layers)}, "
+                                   f"{FLAGS.drafter} reads {list(layers)}: rebuild it with "
+                                   f"--layers={','.join(map(str, layers))}")
+        seq_len = trainer.seq_len
+        train_windows = train_set.windows(seq_len)
+        eval_windows = eval_set.windows(seq_len)[:FLAGS.eval_windows]
+        if not len(train_windows) or not len(eval_windows):
+            raise common.UserError(f"{FLAGS.corpus_dir} has too few records to train on")
+        cover = draft_vocab.coverage(vocab_map, train_set.labels, mask)
+        _say(f"{FLAGS.drafter}: {len(train_set)} training records ({len(train_windows)} windows "
+             f"of {seq_len}), {len(eval_set)} held out; draft vocabulary {FLAGS.draft_vocab} "
+             f"covers {cover:.1%} of the training labels")
+
+        frozen = trainer.frozen(loaded.params)
+        tx = train.make_optimizer(FLAGS.lr, FLAGS.warmup, FLAGS.steps, FLAGS.weight_decay)
+        state = train.TrainState.create(trainer.init_params(jax.random.key(FLAGS.seed)), tx)
+        step_fn = train.make_train_step(trainer.loss_fn, tx)
+        n = len(train_windows)
+
+        def get_batch(step):
+            idx = train.batch_indices(FLAGS.seed, step, n, FLAGS.batch_size)
+            return train_set.batch(train_windows[idx], seq_len)
+
+        history = []
+
+        def eval_fn(st):
+            acc = _hits(trainer, st.params, frozen, eval_set, eval_windows, seq_len)
+            return {f"eval_acc_{k + 1}": float(a) for k, a in enumerate(acc)}
+
+        def log_fn(step, metrics):
+            history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+            accs = " ".join(f"{v:.3f}" for k, v in sorted(metrics.items())
+                            if k.startswith("eval_acc_"))
+            _say(f"step {step}: loss {float(metrics['loss']):.3f}  held-out top-1 per depth: "
+                 f"{accs}")
+
+        meta = {"drafter": FLAGS.drafter, "model": loaded.name, "seed": FLAGS.seed,
+                "batch_size": FLAGS.batch_size, "lr": FLAGS.lr, "warmup": FLAGS.warmup,
+                "steps": FLAGS.steps, "draft_vocab": FLAGS.draft_vocab, "options": options,
+                "corpus": ",".join(os.path.abspath(d) for d in dirs)}
+        ckpt = train.Checkpointer(FLAGS.ckpt_dir, FLAGS.ckpt_every, meta) \
+            if FLAGS.ckpt_dir else None
+        start_step = 0
+        t = time.time()
+        try:
+            if ckpt is not None:
+                state = ckpt.restore_or(state)
+                start_step = int(state.step)
+                if start_step:
+                    _say(f"resumed from {FLAGS.ckpt_dir} at step {start_step}")
+            state = train.train_loop(state, step_fn, get_batch, frozen, FLAGS.steps,
+                                     checkpointer=ckpt, eval_fn=eval_fn,
+                                     eval_every=FLAGS.eval_every or FLAGS.steps, log_fn=log_fn,
+                                     progress=FLAGS.progress)
+        except train.TrainCheckpointError as e:
+            raise common.UserError(str(e)) from None
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+        wall = time.time() - t
+        steps_run = int(state.step) - start_step
+        positions = steps_run * FLAGS.batch_size * seq_len
+        acc = _hits(trainer, state.params, frozen, eval_set, eval_windows, seq_len)
+        _say(f"done: {int(state.step)} steps ({steps_run} here) in {wall:.0f} s, "
+             f"{positions / max(wall, 1e-9):.0f} window positions/s; held-out top-1 per depth: "
+             + " ".join(f"{a:.3f}" for a in acc))
+        summary = {"drafter": FLAGS.drafter, "steps": int(state.step), "train_wall_s": wall,
+                   "window_positions_per_s": positions / max(wall, 1e-9),
+                   "held_out_top1": [float(a) for a in acc], "draft_vocab": FLAGS.draft_vocab,
+                   "draft_vocab_coverage": cover, "history": history,
+                   "train_records": len(train_set), "held_out_records": len(eval_set),
+                   "options": options, "corpus": data.manifest.get("sources")}
+        if FLAGS.output:
+            dparams = trainer.decode_params(state.params, vocab_map)
+            module.save_weights(FLAGS.output, trainer.drafter, dparams, target_name=loaded.name,
+                                extra={k: summary[k] for k in ("steps", "held_out_top1",
+                                                               "draft_vocab", "options")})
+            _say(f"wrote {FLAGS.output} ({os.path.getsize(FLAGS.output) / 1e6:.1f} MB)")
+        if FLAGS.metrics_json:
+            common.write_json_atomic(FLAGS.metrics_json, summary)
+        print(json.dumps({k: summary[k] for k in ("drafter", "steps", "held_out_top1",
+                                                  "window_positions_per_s")}))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=common.parse_flags)

@@ -1,0 +1,178 @@
+"""The distillation corpus (drafters/corpus.py) and the draft vocabulary (drafters/draft_vocab.py):
+labels and features equal a direct forward, both data paths, resume after an interruption,
+window batches, damaged input."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tinymodels as kit
+from drafters import corpus, draft_vocab
+from specjax.decode import DecodeConfig, generate
+from tinymodels import PROMPTS
+
+LAYERS = (0, 1)
+RESPONSES = [[3, 9, 27, 81 % 128, 5], [6, 6, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [100]]
+EXAMPLES = list(zip(PROMPTS, RESPONSES))
+
+
+@pytest.fixture(scope="module")
+def built(target, tmp_path_factory):
+    model, params = target
+    out = str(tmp_path_factory.mktemp("corpus") / "tf")
+    manifest = corpus.build(model, params, EXAMPLES, out, layers=LAYERS, shard_size=3)
+    return out, manifest
+
+
+def _direct(model, params, seq):
+    out = kit.full_forward(model, params, np.asarray([seq]), hidden_layers=LAYERS)
+    labels = np.argmax(np.asarray(out.logits)[0], -1)
+    feats = np.concatenate([np.asarray(out.taps)[i, 0] for i in range(len(LAYERS))], -1)
+    return labels, feats
+
+
+def test_labels_and_features_equal_a_direct_forward(target, built):
+    model, params = target
+    out, manifest = built
+    data = corpus.load([out], model, LAYERS)
+    assert len(data) == 4 and manifest["num_records"] == 4 and len(manifest["shards"]) == 2
+    assert manifest["positions"] == sum(len(p) + len(r) for p, r in EXAMPLES)
+    assert manifest["response_positions"] == sum(map(len, RESPONSES))
+    for i, (p, r) in enumerate(EXAMPLES):
+        seq = p + r
+        n = len(seq)
+        assert data.lengths[i] == n and data.prompt_lengths[i] == len(p)
+        assert data.tokens[i, :n].tolist() == seq and not data.tokens[i, n:].any()
+        labels, feats = _direct(model, params, seq)
+        assert data.labels[i, :n].tolist() == labels.tolist()
+        stored = data.features[i, :n].view(jnp.bfloat16).astype(np.float32)
+        assert stored.shape == (n, 2 * model.hidden_size)
+        # Stored as bfloat16: equal to the direct forward up to bf16 rounding (8 mantissa bits).
+        np.testing.assert_allclose(stored, feats, rtol=2 ** -7, atol=1e-6)
+
+
+def test_regenerated_path_holds_the_targets_own_answers(target, tmp_path):
+    model, params = target
+    out = str(tmp_path / "regen")
+    manifest = corpus.build(model, params, [(p, []) for p in PROMPTS], out, path="regenerated",
+                            layers=LAYERS, max_new_tokens=6, gen_batch_size=2, eos_ids=(13,))
+    answers = kit.rows_of(generate(model, params, PROMPTS, DecodeConfig(max_new_tokens=6,
+                                                                         eos_ids=(13,))))
+    data = corpus.load(out)
+    assert manifest["path"] == "regenerated" and manifest["generated_tokens_per_s"] > 0
+    for i, (p, a) in enumerate(zip(PROMPTS, answers)):
+        n = len(p) + len(a)
+        assert data.tokens[i, :n].tolist() == p + a
+        # Inside the answer the label is the next token: the target chose it.
+        assert data.labels[i, len(p) - 1:n - 1].tolist() == a
+
+
+def test_an_interrupted_build_resumes_to_the_same_corpus(target, built, tmp_path, monkeypatch):
+    model, params = target
+    out = str(tmp_path / "resume")
+    calls = {"n": 0}
+    real = corpus._forward_rows
+
+    def dies_on_second_shard(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(corpus, "_forward_rows", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build(model, params, EXAMPLES, out, layers=LAYERS, shard_size=3)
+    assert not os.path.exists(os.path.join(out, corpus.MANIFEST))
+    with pytest.raises(corpus.CorpusError, match="no manifest.json"):
+        corpus.load(out)
+    with pytest.raises(corpus.CorpusError, match="other inputs"):
+        corpus.build(model, params, EXAMPLES[:3], out, layers=LAYERS, shard_size=3)
+    corpus.build(model, params, EXAMPLES, out, layers=LAYERS, shard_size=3)
+    assert calls["n"] == 3  # the first shard was not recomputed
+    a, b = corpus.load(out), corpus.load(built[0])
+    for field in ("tokens", "labels", "lengths", "prompt_lengths", "features"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_window_batches_line_up(target, built):
+    model, _ = target
+    data = corpus.load([built[0]], model)
+    windows = data.windows(8)
+    # Non-overlapping windows that hold a response position: record 1 (prompt of 10, 3 answer
+    # tokens) has none in its first window.
+    assert [tuple(w) for w in windows] == [(0, 0), (0, 8), (1, 8), (2, 0), (2, 8), (3, 0)]
+    batch = data.batch(windows, 8)
+    for k, (r, s) in enumerate(windows):
+        n = int(data.lengths[r])
+        for j in range(8):
+            pos = s + j
+            assert batch["valid"][k, j] == (pos < n)
+            if pos < n:
+                assert batch["tokens"][k, j] == data.tokens[r, pos]
+                assert batch["labels"][k, j] == data.labels[r, pos]
+                assert batch["positions"][k, j] == pos
+                assert batch["label_mask"][k, j] == (pos >= data.prompt_lengths[r] - 1)
+            else:
+                assert not batch["features"][k, j].any() and not batch["label_mask"][k, j]
+        nxt = s + 8
+        assert batch["tokens"][k, 8] == (data.tokens[r, nxt] if nxt < n else 0)
+
+
+def test_damaged_or_mismatched_corpora_are_refused(target, built, tmp_path):
+    model, params = target
+    out = built[0]
+    with pytest.raises(corpus.CorpusError, match="layers"):
+        corpus.load([out], model, layers=(1,))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    manifest = json.load(open(os.path.join(out, corpus.MANIFEST)))
+    manifest["hidden_size"] += 1
+    (copy / corpus.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(corpus.CorpusError, match="hidden size"):
+        corpus.load([str(copy)], model)
+    manifest["hidden_size"] -= 1
+    (copy / corpus.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(corpus.CorpusError, match="missing or damaged"):
+        corpus.load([str(copy)], model)  # the manifest names shards that are not there
+    with pytest.raises(FileExistsError, match="already holds a corpus"):
+        corpus.build(model, params, EXAMPLES, out, layers=LAYERS)
+    with pytest.raises(ValueError, match="layers must be in"):
+        corpus.build(model, params, EXAMPLES, str(tmp_path / "x"), layers=(99,))
+    with pytest.raises(ValueError, match="path must be one of"):
+        corpus.build(model, params, EXAMPLES, str(tmp_path / "y"), path="dreamed")
+
+
+def test_frequent_ids_and_coverage():
+    labels = np.array([[5, 5, 5, 2, 2, 9], [9, 9, 7, 0, 0, 0]])
+    mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
+    ids = draft_vocab.frequent_ids(labels, mask, 5, 12)
+    # 5 and 9 three times (lower id first), 2 twice, 7 once, then the lowest unseen id: 0.
+    assert ids.tolist() == [5, 9, 2, 7, 0] and ids.dtype == np.int32
+    assert draft_vocab.coverage(ids[:2], labels, mask) == pytest.approx(6 / 9)
+    head = jnp.arange(3 * 12, dtype=jnp.float32).reshape(3, 12)
+    np.testing.assert_array_equal(draft_vocab.head_rows(head, jnp.asarray(ids)),
+                                  np.asarray(head)[:, ids])
+    np.testing.assert_array_equal(draft_vocab.to_target(jnp.asarray(ids), jnp.array([[1, 4]])),
+                                  [[9, 0]])
+    with pytest.raises(ValueError, match="draft vocabulary size"):
+        draft_vocab.frequent_ids(labels, mask, 13, 12)
+
+
+def test_sharegpt_first_turns_from_a_cut_file():
+    from experiments import sharegpt
+    convs = [{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                           {"from": "gpt", "value": "hello"}]},
+             {"id": "b", "conversations": [{"from": "gpt", "value": "starts with the model"},
+                                           {"from": "human", "value": "x"}]},
+             {"id": "c", "conversations": [{"from": "human", "value": "  "},
+                                           {"from": "gpt", "value": "blank question"}]},
+             {"id": "d", "conversations": [{"from": "human", "value": "q, with [brackets]"},
+                                           {"from": "gpt", "value": 'a "quoted" ]'}]}]
+    text = json.dumps(convs, indent=2)
+    cut = text[:len(text) - 40]  # the file ends inside the last conversation
+    assert list(sharegpt.first_turns(text)) == [("a", "hi", "hello"),
+                                                ("d", "q, with [brackets]", 'a "quoted" ]')]
+    assert [c["id"] for c in sharegpt.conversations(cut)] == ["a", "b", "c"]
