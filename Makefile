@@ -25,8 +25,15 @@ demo: setup
 # load once); 2 suits the 2-core CI machine.
 TEST_WORKERS ?= 2
 
+# XLA programs are cached on disk for the run (JAX's persistent compilation cache), so a program
+# compiled again (in a later test module after the per-module cache clear, in another worker, in
+# a binary run as a subprocess) is loaded instead; the cache starts empty on every run.
+JAX_CACHE := $(CURDIR)/.jax_cache
+
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	rm -rf $(JAX_CACHE)
+	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache build dist
+	rm -rf $(VENV) $(JAX_CACHE) *.egg-info .pytest_cache build dist

@@ -15,11 +15,10 @@ Two ways to get the sequences (both batched forwards of the target, see
 * **regenerated**: the target answers the prompts greedily (:func:`specjax.decode.generate`),
   then one forward over prompt + answer; there ``labels[t] == tokens[t + 1]`` inside the answer.
 
-On disk (``out_dir``): ``shard-00000.npz`` ... (``tokens``, ``labels`` int32[n, W],
-``lengths``, ``prompt_lengths`` int32[n], ``features`` uint16[n, W, n_layers * E], the bf16 bit
-pattern), each written atomically, one per chunk of ``shard_size`` input sequences in input
-order; ``progress.json`` (complete shards and a fingerprint of the inputs: a rerun with the same
-inputs resumes after the last complete shard) and finally ``manifest.json`` (counts, timing,
+On disk (``out_dir``): ``shard-00000.npz`` ... (``tokens``, ``labels`` int32[n, W], ``lengths``,
+``prompt_lengths`` int32[n], ``features`` uint16[n, W, n_layers * E]: bf16 bits), one per
+``shard_size`` input sequences, atomically; ``progress.json`` (complete shards, a fingerprint of
+the inputs: a rerun with the same inputs resumes) and last ``manifest.json`` (counts, timing,
 the command; a directory without one is incomplete).
 
 Axis glossary: N records, B batch, W sequence width, E target width, V vocabulary.
@@ -40,12 +39,13 @@ import numpy as np
 
 from specjax import masks
 from specjax.decode import DecodeConfig, generate
-from specjax.files import write_atomic, write_text_atomic
+from drafters import shards as shard_io
+from specjax.files import write_text_atomic
 
 FORMAT = "specjax-corpus-v1"
-MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
+MANIFEST, PROGRESS = shard_io.MANIFEST, shard_io.PROGRESS
 PATHS = ("teacher_forced", "regenerated")
+FIELDS = ("tokens", "labels", "lengths", "prompt_lengths", "features")  # of a shard
 # Positions per forward call: the batch is ``POSITIONS_PER_CALL // W`` rows of width ``W``.
 POSITIONS_PER_CALL = 2048
 WIDTH_STEP = 64
@@ -55,13 +55,13 @@ class CorpusError(ValueError):
     """A corpus directory that is missing, incomplete, damaged or made with another target."""
 
 
-def default_layers(num_layers: int) -> tuple[int, int, int]:
+def default_layers(num_layers: int) -> tuple[int, ...]:
     """EAGLE-3's low, middle and high taps (0-based: the output of layer ``i``):
-    ``(2, L // 2, L - 3)``."""
-    if num_layers < 4:
-        return (0, num_layers // 2, num_layers - 1) if num_layers >= 3 else \
-            tuple(range(num_layers))
-    return (2, num_layers // 2, num_layers - 3)
+    ``(2, L // 2, L - 3)``; ``(0, L // 2, L - 1)`` below 4 layers, all of them below 3."""
+    if num_layers < 3:
+        return tuple(range(num_layers))
+    return (0, num_layers // 2, num_layers - 1) if num_layers < 4 else \
+        (2, num_layers // 2, num_layers - 3)
 
 
 # The forward -------------------------------------------------------------------------------
@@ -166,12 +166,12 @@ def build(model, params, examples: Sequence[tuple[Sequence[int], Sequence[int]]]
                               list(map(int, eos_ids)), model.hidden_size,
                               model.vocab_size]).encode())
     fingerprint = digest.hexdigest()[:32]
-    shards = _resume(out_dir, fingerprint)
-    chunks = range(len(shards) * shard_size, len(kept), shard_size)
+    done = shard_io.complete_shards(out_dir, fingerprint, CorpusError, "corpus")
+    chunks = range(len(done) * shard_size, len(kept), shard_size)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(kept), initial=min(len(shards) * shard_size, len(kept)),
+        bar = tqdm(total=len(kept), initial=min(len(done) * shard_size, len(kept)),
                    unit="seq", desc=f"corpus ({path})", dynamic_ncols=True)
     try:
         for start in chunks:
@@ -194,66 +194,43 @@ def build(model, params, examples: Sequence[tuple[Sequence[int], Sequence[int]]]
             for i, (s, (lab, f)) in enumerate(zip(seqs, rows)):
                 tokens[i, :len(s)], labels[i, :len(s)], feats[i, :len(s)] = s, lab, f
             lengths = np.array([len(s) for s in seqs], np.int32)
-            name = f"shard-{len(shards):05d}.npz"
-            _save_npz_atomic(os.path.join(out_dir, name), tokens=tokens, labels=labels,
+            name = f"shard-{len(done):05d}.npz"
+            shard_io.save_npz_atomic(os.path.join(out_dir, name), tokens=tokens, labels=labels,
                              features=feats, lengths=lengths,
                              prompt_lengths=np.array([min(len(p), len(s)) for p, s in
                                                       zip(prompts, seqs)], np.int32))
-            shards.append({"file": name, "num_records": n, "width": width,
+            done.append({"file": name, "num_records": n, "width": width,
                            "positions": int(lengths.sum()),
                            "response_positions": int(sum(len(s) - len(p) for p, s in
                                                          zip(prompts, seqs))),
                            "generate_s": round(gen_s, 2),
                            "forward_s": round(time.time() - t0 - gen_s, 2)})
             write_text_atomic(os.path.join(out_dir, PROGRESS), json.dumps(
-                {"fingerprint": fingerprint, "shards": shards}, indent=1) + "\n")
+                {"fingerprint": fingerprint, "shards": done}, indent=1) + "\n")
             if bar is not None:
                 bar.update(n)
     finally:
         if bar is not None:
             bar.close()
-    positions = sum(s["positions"] for s in shards)
-    forward_s = sum(s["forward_s"] for s in shards)
-    gen_s = sum(s["generate_s"] for s in shards)
+    positions = sum(s["positions"] for s in done)
+    forward_s = sum(s["forward_s"] for s in done)
+    gen_s = sum(s["generate_s"] for s in done)
     manifest = {
         "format": FORMAT, "model": model_name, "hidden_size": int(model.hidden_size),
         "vocab_size": int(model.vocab_size), "num_layers": int(model.num_layers),
         "layers": list(layers), "path": path, "max_len": max_len,
         "max_new_tokens": max_new_tokens if path == "regenerated" else None,
-        "num_records": sum(s["num_records"] for s in shards), "positions": positions,
-        "response_positions": sum(s["response_positions"] for s in shards),
+        "num_records": sum(s["num_records"] for s in done), "positions": positions,
+        "response_positions": sum(s["response_positions"] for s in done),
         "skipped_long_prompts": len(examples) - len(kept),
         "forward_positions_per_s": round(positions / max(forward_s, 1e-9), 1),
-        "generated_tokens_per_s": (round(sum(s["response_positions"] for s in shards)
+        "generated_tokens_per_s": (round(sum(s["response_positions"] for s in done)
                                          / max(gen_s, 1e-9), 1) if path == "regenerated"
                                    else None),
-        "source": source, "command": command, "shards": shards}
+        "source": source, "command": command, "shards": done}
     write_text_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     os.unlink(os.path.join(out_dir, PROGRESS))
     return manifest
-
-
-def _save_npz_atomic(path: str, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    write_atomic(path, write)
-
-
-def _resume(out_dir: str, fingerprint: str) -> list:
-    path = os.path.join(out_dir, PROGRESS)
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            done = json.load(f)
-        shards, same = list(done["shards"]), done["fingerprint"] == fingerprint
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CorpusError(f"{path} is damaged: delete {out_dir} and start again") from None
-    if not same or not all(os.path.exists(os.path.join(out_dir, s["file"])) for s in shards):
-        raise CorpusError(f"{out_dir} holds an interrupted corpus with other inputs or "
-                          "settings: resume it with the same ones, or pick a new directory")
-    return shards
 
 
 # Reading -----------------------------------------------------------------------------------
@@ -313,7 +290,6 @@ class Corpus:
         ``start + s``), ``features float32[B, L, F]``, ``positions int32[B, L]``, ``valid
         bool[B, L]`` (inside the record) and ``label_mask bool[B, L]`` (valid, and a response
         position when ``response_only``)."""
-        b = len(windows)
         w = self.tokens.shape[1]
         idx = windows[:, 1:2] + np.arange(seq_len + 1)[None, :]  # [B, L+1]
         rows = windows[:, :1]
@@ -333,18 +309,8 @@ class Corpus:
 
 
 def read_manifest(corpus_dir: str) -> dict:
-    path = os.path.join(corpus_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise CorpusError(f"no {MANIFEST} in {corpus_dir!r}: not a (complete) corpus; build it "
-                          "with python -m experiments.build_corpus")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except ValueError as e:
-        raise CorpusError(f"{path} is damaged: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise CorpusError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
-    return manifest
+    return shard_io.read_manifest(corpus_dir, FORMAT, CorpusError, "not a (complete) corpus; "
+                                "build it with python -m experiments.build_corpus")
 
 
 def load(corpus_dirs: Sequence[str], target=None, layers: Optional[Sequence[int]] = None
@@ -366,29 +332,12 @@ def load(corpus_dirs: Sequence[str], target=None, layers: Optional[Sequence[int]
         if manifests and tuple(m["layers"]) != tuple(manifests[0]["layers"]):
             raise CorpusError(f"{d} and {corpus_dirs[0]} hold features of different layers")
         for s in m["shards"]:
-            p = os.path.join(d, s["file"])
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    parts.append({k: z[k] for k in ("tokens", "labels", "features", "lengths",
-                                                    "prompt_lengths")})
-            except Exception as e:  # OSError, BadZipFile, ValueError, KeyError, EOFError
-                raise CorpusError(f"shard {p} is missing or damaged ({e}); rebuild the corpus"
-                                  ) from None
+            parts.append(shard_io.read_shard(os.path.join(d, s["file"]), FIELDS, CorpusError,
+                                              "rebuild the corpus"))
         manifests.append(m)
     if not parts:
         raise CorpusError("the corpus holds no records")
-    w = max(p["tokens"].shape[1] for p in parts)
-
-    def cat(key):
-        arrs = []
-        for p in parts:
-            a = p[key]
-            if a.ndim >= 2:
-                a = np.pad(a, [(0, 0), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
-            arrs.append(a)
-        return np.concatenate(arrs)
-
     manifest = dict(manifests[0], sources=[m.get("source") for m in manifests],
                     paths=[m.get("path") for m in manifests])
-    return Corpus(cat("tokens"), cat("labels"), cat("lengths"), cat("prompt_lengths"),
-                  cat("features"), manifest)
+    return Corpus(**{k: shard_io.concat_padded([p[k] for p in parts]) for k in FIELDS},
+                  manifest=manifest)

@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drafters import shards as shard_io
+from drafters.shards import complete_shards, concat_padded, read_shard, save_npz_atomic
 from specjax import masks
 from specjax.decode import DecodeConfig, generate
-from specjax.files import write_atomic, write_text_atomic
+from specjax.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -69,13 +71,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _save_npz_atomic(path: str, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    write_atomic(path, write)
-
-
 def _write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
@@ -109,7 +104,8 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
     fingerprint = hashlib.sha256(json.dumps([kept, max_new_tokens, list(config.eos_ids), dtype,
                                              shard_size, model.hidden_size, model.vocab_size]
                                             ).encode()).hexdigest()[:32]
-    shards = _resume(out_dir, fingerprint)  # the complete shards of an interrupted run
+    # The complete shards of an interrupted run.
+    shards = complete_shards(out_dir, fingerprint, DistillDataError, "run")
     total = sum(s["num_records"] for s in shards)
     pending: list[tuple[list[int], list[int], np.ndarray]] = []
     bar = None
@@ -133,7 +129,7 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
         else:
             hidden_out = hidden
         name = f"shard-{len(shards):05d}.npz"
-        _save_npz_atomic(os.path.join(out_dir, name), tokens=tokens, hidden=hidden_out,
+        save_npz_atomic(os.path.join(out_dir, name), tokens=tokens, hidden=hidden_out,
                          lengths=np.array([len(p) + len(r) for p, r, _ in rows], np.int32),
                          prompt_lengths=np.array([len(p) for p, _, _ in rows], np.int32))
         shards.append({"file": name, "num_records": n, "width": width})
@@ -182,23 +178,6 @@ def _respond(model, params, batch, config: DecodeConfig, batch_size: int) -> lis
     return [(batch[i], responses[i], hidden[i]) for i in range(real)]
 
 
-def _resume(out_dir: str, fingerprint: str) -> list:
-    """The complete shards an interrupted run left in ``out_dir`` (``[]`` for a fresh one)."""
-    path = os.path.join(out_dir, PROGRESS)
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            done = json.load(f)
-        shards, same = list(done["shards"]), done["fingerprint"] == fingerprint
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DistillDataError(f"{path} is damaged: delete {out_dir} and start again") from None
-    if not same or not all(os.path.exists(os.path.join(out_dir, s["file"])) for s in shards):
-        raise DistillDataError(f"{out_dir} holds an interrupted run with other prompts or "
-                               "settings: resume it with the same ones, or pick a new directory")
-    return shards
-
-
 # Reading -----------------------------------------------------------------------------------------
 
 
@@ -227,19 +206,9 @@ class Records:
 
 
 def read_manifest(data_dir: str) -> dict:
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise DistillDataError(f"no {MANIFEST} in {data_dir!r}: not a (complete) distillation "
-                               "data directory; generate it with experiments/train_drafter.py "
-                               "--prompts=...")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except ValueError as e:
-        raise DistillDataError(f"{path} is damaged: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise DistillDataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
-    return manifest
+    return shard_io.read_manifest(data_dir, FORMAT, DistillDataError,
+                                "not a (complete) distillation data directory; generate it "
+                                "with experiments/train_drafter.py --prompts=...")
 
 
 def load_records(data_dir: str, target=None) -> Records:
@@ -259,12 +228,8 @@ def load_records(data_dir: str, target=None) -> Records:
     parts = []
     for shard in manifest["shards"]:
         path = os.path.join(data_dir, shard["file"])
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                part = {k: z[k] for k in ("tokens", "hidden", "lengths", "prompt_lengths")}
-        except Exception as e:  # OSError, BadZipFile, ValueError, KeyError, EOFError, ...
-            raise DistillDataError(f"shard {path} is missing or damaged ({e}); regenerate the "
-                                   "data") from None
+        part = read_shard(path, ("tokens", "hidden", "lengths", "prompt_lengths"),
+                          DistillDataError, "regenerate the data")
         if manifest["dtype"] == "bfloat16":
             part["hidden"] = part["hidden"].view(jnp.bfloat16).astype(np.float32)
         if part["tokens"].shape[0] != shard["num_records"]:
@@ -273,18 +238,8 @@ def load_records(data_dir: str, target=None) -> Records:
         parts.append(part)
     if not parts:
         raise DistillDataError(f"{data_dir} holds no records")
-    width = max(p["tokens"].shape[1] for p in parts)
-
-    def pad(a, axis_len):
-        widths = [(0, 0)] * a.ndim
-        widths[1] = (0, axis_len - a.shape[1])
-        return np.pad(a, widths)
-
-    return Records(tokens=np.concatenate([pad(p["tokens"], width) for p in parts]),
-                   lengths=np.concatenate([p["lengths"] for p in parts]),
-                   prompt_lengths=np.concatenate([p["prompt_lengths"] for p in parts]),
-                   hidden=np.concatenate([pad(p["hidden"], width) for p in parts]),
-                   manifest=manifest)
+    return Records(**{k: concat_padded([p[k] for p in parts]) for k in
+                      ("tokens", "lengths", "prompt_lengths", "hidden")}, manifest=manifest)
 
 
 def concat_records(parts: Sequence[Records]) -> Records:
@@ -299,18 +254,9 @@ def concat_records(parts: Sequence[Records]) -> Records:
                                                                    first["vocab_size"]):
             raise DistillDataError("data sets made with different targets cannot be combined: "
                                    f"{r.manifest.get('model')} vs {first.get('model')}")
-    width = max(r.tokens.shape[1] for r in parts)
-
-    def pad(a):
-        widths = [(0, 0)] * a.ndim
-        widths[1] = (0, width - a.shape[1])
-        return np.pad(a, widths)
-
     manifest = dict(first, sources=[r.manifest.get("source") for r in parts])
-    return Records(tokens=np.concatenate([pad(r.tokens) for r in parts]),
-                   lengths=np.concatenate([r.lengths for r in parts]),
-                   prompt_lengths=np.concatenate([r.prompt_lengths for r in parts]),
-                   hidden=np.concatenate([pad(r.hidden) for r in parts]), manifest=manifest)
+    return Records(**{k: concat_padded([getattr(r, k) for r in parts]) for k in
+                      ("tokens", "lengths", "prompt_lengths", "hidden")}, manifest=manifest)
 
 
 def split_records(records: Records, eval_fraction: float, seed: int = 0

@@ -31,6 +31,25 @@ def frequent_ids(labels: np.ndarray, mask: np.ndarray, size: int, vocab_size: in
     return order[:size].astype(np.int32)
 
 
+def check_map(vocab_map, vocab_size: int, size=None) -> np.ndarray:
+    """``vocab_map`` as ``int32[N]``; ValueError unless it holds ``size`` (when given)
+    distinct target ids in ``0..vocab_size - 1`` (siblings drafted from it must stay distinct
+    tokens after the mapping)."""
+    vocab_map = np.asarray(vocab_map)
+    if vocab_map.ndim != 1 or not vocab_map.size or \
+            not np.issubdtype(vocab_map.dtype, np.integer) or \
+            (size is not None and vocab_map.shape != (size,)):
+        raise ValueError(f"vocab_map must be {size or 'N'} integer ids (target ids, int[N]), "
+                         f"got {vocab_map.dtype} {vocab_map.shape}")
+    if vocab_map.max() >= vocab_size:
+        raise ValueError(f"vocab_map must hold distinct target ids in 0..{vocab_size - 1}: it "
+                         f"holds ids up to {vocab_map.max()}; build it for this target")
+    if vocab_map.min() < 0 or len(np.unique(vocab_map)) != vocab_map.size:
+        raise ValueError(f"vocab_map must hold distinct target ids in 0..{vocab_size - 1} "
+                         "(drafters.draft_vocab.frequent_ids makes one)")
+    return vocab_map.astype(np.int32)
+
+
 def coverage(vocab_map: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
     """The share of ``labels[mask]`` inside the draft vocabulary (the ceiling of depth-1
     acceptance for drafts from it)."""

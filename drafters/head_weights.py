@@ -15,6 +15,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from drafters.heads import HeadDrafter
@@ -40,7 +41,9 @@ def _unflatten(flat: dict) -> dict:
 def save_weights(path: str | os.PathLike, drafter: HeadDrafter, params, *,
                  target_name: str = "", dtype: str = "bfloat16",
                  extra: Optional[dict] = None) -> str:
-    """Writes the head params (only) to a safetensors file, atomically.
+    """Writes the drafter's params (only: no embedding / LM head of the target) to a
+    safetensors file, atomically: floating leaves as ``dtype``, integer leaves (a draft
+    vocabulary map) as they are.
 
     Returns:
       the absolute path.
@@ -48,7 +51,8 @@ def save_weights(path: str | os.PathLike, drafter: HeadDrafter, params, *,
     from safetensors.flax import save_file
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    flat = {k: jnp.asarray(v, dtype) for k, v in _flatten(jax.device_get(params)).items()}
+    flat = {k: v if np.issubdtype(v.dtype, np.integer) else jnp.asarray(v, dtype)
+            for k, v in _flatten(jax.device_get(params)).items()}
     meta = {"format": WEIGHTS_FORMAT, "config": json.dumps(drafter.config_dict()),
             "target": target_name, "extra": json.dumps(extra or {})}
     return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))

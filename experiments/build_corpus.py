@@ -86,29 +86,44 @@ def _check_source() -> None:
                                "use --path=regenerated")
 
 
-def _examples(tokenizer):
-    """``[(prompt ids, response ids)]`` and a description of the source."""
+def _examples(tokenizer, vocab_size: int):
+    """``[(prompt ids, response ids)]`` and a description of the source (chat template and
+    tokenizer; UTF-8 bytes for a model without a tokenizer)."""
     from experiments import sharegpt, spec_bench
     lo, hi = FLAGS.offset, FLAGS.offset + FLAGS.num_examples
+    vocab = vocab_size
+    if tokenizer is None:  # a model without a tokenizer (tests' tiny models): UTF-8 bytes
+        def prompt_ids(text):
+            return spec_bench.encode_prompt(None, text, vocab)
+
+        def response_ids(text):
+            return [b % vocab for b in text.encode("utf-8")]
+    else:
+        def prompt_ids(text):
+            return spec_bench.encode_prompts(tokenizer, [text])[0]
+
+        end = tokenizer.id_to_token(tokenizer.eos_id) or ""
+
+        def response_ids(text):
+            return tokenizer.encode(text + end, add_special_tokens=False)
     if FLAGS.source == "sharegpt":
         try:
             pairs = [(p, r) for _, p, r in sharegpt.first_turns()][lo:hi]
         except sharegpt.ShareGPTUnavailable as e:
             raise common.UserError(str(e)) from None
-        end = tokenizer.id_to_token(tokenizer.eos_id) or ""
-        examples = [(spec_bench.encode_prompts(tokenizer, [p])[0],
-                     tokenizer.encode(r + end, add_special_tokens=False)) for p, r in pairs]
+        examples = [(prompt_ids(p), response_ids(r)) for p, r in pairs]
     else:
         try:
             texts = spec_bench.read_prompt_texts(FLAGS.source, FLAGS.num_examples, FLAGS.offset)
         except (OSError, ValueError) as e:
             raise common.UserError(str(e)) from None
-        examples = [(p, []) for p in spec_bench.encode_prompts(tokenizer, texts)]
+        examples = [(prompt_ids(t), []) for t in texts]
     if not examples:
         raise common.UserError(f"--source={FLAGS.source} gave no examples at --offset="
                                f"{FLAGS.offset}")
-    examples = [e for e in examples if len(e[0]) <= FLAGS.max_prompt_len]
-    return examples, f"{FLAGS.source} [{lo}:{hi}]"
+    kept = [e for e in examples if len(e[0]) <= FLAGS.max_prompt_len]
+    return kept, (f"{FLAGS.source} [{lo}:{hi}], {len(kept)} of {len(examples)} with prompts of "
+                  f"at most {FLAGS.max_prompt_len} tokens")
 
 
 def main(argv):
@@ -121,19 +136,17 @@ def main(argv):
         config = method_flags.model_config(FLAGS)
         layers = _layers(config.num_layers)
         loaded = method_flags.load_model(FLAGS)
-        if loaded.tokenizer is None:
-            raise common.UserError(f"model {FLAGS.model!r} has no tokenizer")
         from drafters import corpus
-        examples, source = _examples(loaded.tokenizer)
+        examples, source = _examples(loaded.tokenizer, loaded.model.vocab_size)
         _say(f"{len(examples)} examples from {source} ({FLAGS.path})")
         t = time.time()
         try:
             manifest = corpus.build(
                 loaded.model, loaded.params, examples, FLAGS.out_dir, path=FLAGS.path,
                 layers=layers, max_len=FLAGS.max_len, shard_size=FLAGS.shard_size,
-                max_new_tokens=FLAGS.max_new_tokens, eos_ids=loaded.tokenizer.eos_ids,
+                max_new_tokens=FLAGS.max_new_tokens, eos_ids=loaded.tokenizer.eos_ids if loaded.tokenizer else (),
                 gen_batch_size=FLAGS.gen_batch_size, model_name=loaded.name, source=source,
-                command="python -m experiments.build_corpus " + " ".join(argv[1:]),
+                command="python -m experiments.build_corpus " + " ".join(sys.argv[1:]),
                 progress=FLAGS.progress)
         except (corpus.CorpusError, FileExistsError, ValueError) as e:
             raise common.UserError(str(e)) from None

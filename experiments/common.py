@@ -49,6 +49,30 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+# An exception raised while the interpreter runs a garbage-collection callback or a __del__
+# (jax registers one) is printed as "Exception ignored in ..." and DROPPED, so a Ctrl-C or
+# SIGTERM landing there would be lost (seen: a run went on to the end). Such a dropped
+# interruption is raised again from a SIGALRM a moment later, and nothing is printed for it.
+_DROPPED: list = []
+
+
+def _keep_dropped_interruptions(unraisable, default=sys.unraisablehook):
+    import signal
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, Interrupted)):
+        _DROPPED.append(getattr(unraisable.exc_value, "signum", signal.SIGINT))
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    default(unraisable)
+
+
+def _raise_dropped(signum, frame):
+    del signum, frame
+    if _DROPPED:
+        sig = _DROPPED.pop()
+        import signal
+        raise KeyboardInterrupt if sig == signal.SIGINT else Interrupted(sig)
+
+
 def start(argv, quiet: bool = True) -> None:
     """The start of every binary's ``main``: no positional arguments (absl's usage error
     otherwise), absl logging at WARNING unless ``--verbosity`` was given (``quiet``), and
@@ -61,6 +85,8 @@ def start(argv, quiet: bool = True) -> None:
     if quiet and not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGALRM, _raise_dropped)
+    sys.unraisablehook = _keep_dropped_interruptions
 
 
 @contextlib.contextmanager
@@ -118,6 +144,30 @@ def check_outputs(FLAGS, *files: str, dirs: tuple[str, ...] = ()) -> None:
     for flag in dirs:
         if FLAGS[flag].value:
             check_writable_dir(FLAGS[flag].value, f"--{flag}")
+
+
+def run_training(FLAGS, state, step_fn, get_batch, frozen, meta: dict, eval_fn, log_fn):
+    """The training binaries' loop (``specjax.train.train_resumable``) driven by their shared
+    flags (``--steps``, ``--ckpt_dir``, ``--ckpt_every``, ``--eval_every``, ``--progress``): a
+    resumed run says so on stderr, a checkpoint of another run is a :class:`UserError`.
+
+    Returns:
+      ``(state, start_step, wall_s)``.
+    """
+    import time
+
+    from specjax import train
+    t = time.time()
+    try:
+        state, start = train.train_resumable(
+            state, step_fn, get_batch, frozen, FLAGS.steps, FLAGS.ckpt_dir, FLAGS.ckpt_every,
+            meta, on_resume=lambda step: print(f"resumed from {FLAGS.ckpt_dir} at step {step}",
+                                               file=sys.stderr, flush=True),
+            eval_fn=eval_fn, eval_every=FLAGS.eval_every or FLAGS.steps, log_fn=log_fn,
+            progress=FLAGS.progress)
+    except train.TrainCheckpointError as e:
+        raise UserError(str(e)) from None
+    return state, start, time.time() - t
 
 
 def check_text(text: str, what: str) -> str:

@@ -16,7 +16,7 @@ SIGTERM, a kill) resumes there when rerun with the same flags. The end writes th
 
 Each drafter's training is ``drafters/<name>_train.py``: ``make_trainer(target, vocab_map,
 **options)``; ``--trainer_options=key=value,...`` passes its own options (e.g.
-``block_size=8``).
+``block_size=8``; a list inside a value takes colons: ``feature_layers=2:15:27``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import importlib
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -140,7 +139,7 @@ def main(argv):
         vocab_map = draft_vocab.frequent_ids(train_set.labels, mask, FLAGS.draft_vocab,
                                              loaded.model.vocab_size)
         try:
-            trainer = training.make_trainer(loaded.model, vocab_map, **options)
+            trainer = training.make_trainer(loaded, vocab_map, **options)
         except (TypeError, ValueError) as e:
             raise common.UserError(f"--trainer_options: {e}") from None
         layers = tuple(trainer.drafter.feature_layers)
@@ -166,7 +165,8 @@ def main(argv):
 
         def get_batch(step):
             idx = train.batch_indices(FLAGS.seed, step, n, FLAGS.batch_size)
-            return train_set.batch(train_windows[idx], seq_len)
+            # The step lets a drafter vary what it draws from a window (anchors) across epochs.
+            return {**train_set.batch(train_windows[idx], seq_len), "step": np.int32(step)}
 
         history = []
 
@@ -185,26 +185,8 @@ def main(argv):
                 "batch_size": FLAGS.batch_size, "lr": FLAGS.lr, "warmup": FLAGS.warmup,
                 "steps": FLAGS.steps, "draft_vocab": FLAGS.draft_vocab, "options": options,
                 "corpus": ",".join(os.path.abspath(d) for d in dirs)}
-        ckpt = train.Checkpointer(FLAGS.ckpt_dir, FLAGS.ckpt_every, meta) \
-            if FLAGS.ckpt_dir else None
-        start_step = 0
-        t = time.time()
-        try:
-            if ckpt is not None:
-                state = ckpt.restore_or(state)
-                start_step = int(state.step)
-                if start_step:
-                    _say(f"resumed from {FLAGS.ckpt_dir} at step {start_step}")
-            state = train.train_loop(state, step_fn, get_batch, frozen, FLAGS.steps,
-                                     checkpointer=ckpt, eval_fn=eval_fn,
-                                     eval_every=FLAGS.eval_every or FLAGS.steps, log_fn=log_fn,
-                                     progress=FLAGS.progress)
-        except train.TrainCheckpointError as e:
-            raise common.UserError(str(e)) from None
-        finally:
-            if ckpt is not None:
-                ckpt.close()
-        wall = time.time() - t
+        state, start_step, wall = common.run_training(FLAGS, state, step_fn, get_batch, frozen,
+                                                      meta, eval_fn, log_fn)
         steps_run = int(state.step) - start_step
         positions = steps_run * FLAGS.batch_size * seq_len
         acc = _hits(trainer, state.params, frozen, eval_set, eval_windows, seq_len)

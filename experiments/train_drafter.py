@@ -115,25 +115,9 @@ def _make_data(loaded, data_dir: str):
 
 def _run_training(loaded, drafter, state, step_fn, get_batch, eval_fn, log_fn, meta):
     """The shared loop: checkpoints / resume, periodic evaluation; returns (state, wall_s)."""
-    from specjax import train
-    ckpt = train.Checkpointer(FLAGS.ckpt_dir, FLAGS.ckpt_every, meta) if FLAGS.ckpt_dir \
-        else None
-    t = time.time()
-    try:
-        if ckpt is not None:
-            state = ckpt.restore_or(state)
-            if int(state.step):
-                _say(f"resumed from {FLAGS.ckpt_dir} at step {int(state.step)}")
-        state = train.train_loop(state, step_fn, get_batch, loaded.params, FLAGS.steps,
-                                 checkpointer=ckpt, eval_fn=eval_fn,
-                                 eval_every=FLAGS.eval_every or FLAGS.steps, log_fn=log_fn,
-                                 progress=FLAGS.progress)
-    except train.TrainCheckpointError as e:
-        raise common.UserError(str(e)) from None
-    finally:
-        if ckpt is not None:
-            ckpt.close()
-    return state, time.time() - t
+    state, _, wall = common.run_training(FLAGS, state, step_fn, get_batch, loaded.params, meta,
+                                         eval_fn, log_fn)
+    return state, wall
 
 
 def _train_eagle(loaded, records, train_rec, eval_rec):

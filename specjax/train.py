@@ -293,6 +293,35 @@ def train_loop(state: TrainState, step_fn, get_batch: Callable[[int], Any], froz
     return state
 
 
+def train_resumable(state: TrainState, step_fn, get_batch: Callable[[int], Any], frozen,
+                    num_steps: int, ckpt_dir: Optional[str] = None, ckpt_every: int = 0,
+                    meta: Optional[Mapping] = None,
+                    on_resume: Optional[Callable[[int], None]] = None, **loop_kwargs
+                    ) -> tuple[TrainState, int]:
+    """:func:`train_loop` with checkpoints in ``ckpt_dir`` (none when None): resumes from the
+    newest one (``on_resume(step)`` is told), saves every ``ckpt_every`` steps and at the end,
+    and closes the checkpointer however the run ends. ``loop_kwargs`` go to
+    :func:`train_loop` (``eval_fn``, ``eval_every``, ``log_fn``, ``progress``).
+
+    Returns:
+      ``(state, start_step)``: the final state and the step this run started from.
+    """
+    ckpt = Checkpointer(ckpt_dir, ckpt_every, meta) if ckpt_dir else None
+    start = int(state.step)
+    try:
+        if ckpt is not None:
+            state = ckpt.restore_or(state)
+            start = int(state.step)
+            if start and on_resume is not None:
+                on_resume(start)
+        state = train_loop(state, step_fn, get_batch, frozen, num_steps, checkpointer=ckpt,
+                           **loop_kwargs)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return state, start
+
+
 def _run_steps(state, step_fn, get_batch, frozen, num_steps, checkpointer, eval_fn, eval_every,
                log_fn, bar, stop_after, interrupts):
     start = int(state.step)

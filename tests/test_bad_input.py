@@ -273,3 +273,32 @@ def test_sigint_during_training_then_the_rerun_resumes(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed from" in rerun.stderr and weights.exists()
+
+
+def test_an_interruption_dropped_inside_a_gc_callback_is_raised_again(monkeypatch):
+    """Python drops an exception raised in a garbage-collection callback ("Exception ignored
+    in ..."): a Ctrl-C landing in jax's GC callback was lost and the run went on to the end.
+    The binaries' hook raises it again a moment later, without printing it."""
+    import gc
+    from experiments import common
+    previous = signal.signal(signal.SIGALRM, common._raise_dropped)
+    monkeypatch.setattr(sys, "unraisablehook", common._keep_dropped_interruptions)
+    state = {"raised": False}
+
+    def callback(phase, info):
+        if phase == "start" and not state["raised"]:
+            state["raised"] = True
+            raise KeyboardInterrupt
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()  # the callback's KeyboardInterrupt is dropped here...
+            end = time.time() + 5
+            while time.time() < end:  # ...and raised again by SIGALRM
+                sum(range(1000))
+        assert state["raised"]
+    finally:
+        gc.callbacks.remove(callback)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -88,7 +88,7 @@ def test_an_interrupted_build_resumes_to_the_same_corpus(target, built, tmp_path
     assert not os.path.exists(os.path.join(out, corpus.MANIFEST))
     with pytest.raises(corpus.CorpusError, match="no manifest.json"):
         corpus.load(out)
-    with pytest.raises(corpus.CorpusError, match="other inputs"):
+    with pytest.raises(corpus.CorpusError, match="other prompts or settings"):
         corpus.build(model, params, EXAMPLES[:3], out, layers=LAYERS, shard_size=3)
     corpus.build(model, params, EXAMPLES, out, layers=LAYERS, shard_size=3)
     assert calls["n"] == 3  # the first shard was not recomputed
@@ -176,3 +176,60 @@ def test_sharegpt_first_turns_from_a_cut_file():
     assert list(sharegpt.first_turns(text)) == [("a", "hi", "hello"),
                                                 ("d", "q, with [brackets]", 'a "quoted" ]')]
     assert [c["id"] for c in sharegpt.conversations(cut)] == ["a", "b", "c"]
+
+
+# The binaries, as a user runs them ---------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", *args, "--progress=false"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A regenerated corpus of ``tiny-gqa`` (byte prompts) written by experiments.build_corpus."""
+    base = tmp_path_factory.mktemp("binaries")
+    prompts = base / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}: say something\n" for i in range(8)))
+    out = str(base / "corpus")
+    _run("experiments.build_corpus", "--model=tiny-gqa", f"--out_dir={out}",
+         f"--source={prompts}", "--path=regenerated", "--max_new_tokens=16",
+         "--gen_batch_size=4", "--shard_size=4")
+    return base, out
+
+
+@pytest.mark.parametrize("drafter", ["block_diffusion", "eagle3"])
+def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
+    import importlib
+
+    from models import registry as models
+    from specjax.speculative import speculative_generate
+    base, out = tiny_corpus
+    manifest = corpus.read_manifest(out)
+    assert manifest["num_records"] == 8 and manifest["path"] == "regenerated"
+    weights, metrics = str(base / f"{drafter}.safetensors"), str(base / f"{drafter}.json")
+    options = ("seq_len=64,anchors_per_seq=4" if drafter == "block_diffusion"
+               else "seq_len=32,num_steps=2")
+    proc = _run("experiments.train_corpus_drafter", "--model=tiny-gqa", f"--drafter={drafter}",
+                f"--corpus_dir={out}", "--draft_vocab=48", "--steps=3", "--batch_size=2",
+                "--eval_fraction=0.25", "--eval_every=0", f"--trainer_options={options}",
+                f"--output={weights}", f"--metrics_json={metrics}")
+    summary = json.load(open(metrics))
+    assert summary["steps"] == 3 and summary["train_records"] == 6
+    assert len(summary["held_out_top1"]) >= 2 and summary["window_positions_per_s"] > 0
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["drafter"] == drafter
+    lm = models.load("tiny-gqa")
+    dr, dparams = importlib.import_module(f"drafters.{drafter}").load_shipped(lm, path=weights)
+    assert dparams["vocab_map"].shape == (48,)
+    config = DecodeConfig(max_new_tokens=12)
+    ref = kit.rows_of(generate(lm.model, lm.params, PROMPTS, config))
+    got = speculative_generate(lm.model, lm.params, dr, dparams, PROMPTS, config)
+    assert kit.rows_of(got) == ref

@@ -280,6 +280,14 @@ def reference_forward(model: LlamaModel, params, tokens, start_position: int = 0
 # References for drafter data structures ---------------------------------------------------
 
 
+def truncate_file(path) -> None:
+    """Cuts a file to its first half (a damaged download)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+
+
 def noisy_params(drafter, seed: int = 1, scale: float = 0.3):
     """A drafter's init params plus Gaussian noise (heads whose drafts differ from the target's
     own LM head; any drafter with ``init_params(key)``)."""
