@@ -50,12 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from drafters import heads, registry
+from drafters import heads
 from drafters.target_readout import TargetReadout
 from models import decoder_block as block
 from specjax import masks
 from specjax.cache import KVCache
-from specjax.drafter import DrafterBase, Proposal
+from specjax.drafter import DrafterBase, Proposal, features_of
 from specjax.tree import DraftTree, select_top_nodes
 
 TREES = ("static", "dynamic")
@@ -155,16 +155,16 @@ class EagleDrafter(TargetReadout, DrafterBase):
     def create(cls, target, tree: str = "static",
                choices: Optional[Sequence[Sequence[int]]] = None, top_k: int = DEFAULT_TOP_K,
                depth: int = DEFAULT_DEPTH, budget: int = DEFAULT_BUDGET,
-               max_nodes: Optional[int] = DEFAULT_MAX_NODES, draft_vocab: int = 0
-               ) -> "EagleDrafter":
+               max_nodes: Optional[int] = DEFAULT_MAX_NODES, draft_vocab: int = 0,
+               **fields) -> "EagleDrafter":
         """A static tree from Medusa-style ``choices`` (default :data:`DEFAULT_CHOICES`) or a
         dynamic tree of ``budget`` nodes; ``ValueError`` when over ``max_nodes`` (root
-        included) or for impossible settings."""
+        included) or for impossible settings. ``fields``: a subclass's own fields."""
         if tree not in TREES:
             raise ValueError(f"unknown EAGLE tree {tree!r}; choose one of {', '.join(TREES)}")
         if tree == "static":
             return cls(target, heads.make_tree(choices, DEFAULT_CHOICES, max_nodes), "static",
-                       draft_vocab=draft_vocab)
+                       draft_vocab=draft_vocab, **fields)
         if choices is not None:
             raise ValueError("choices apply to the static tree only; the dynamic tree is set "
                              "by top_k, depth and budget")
@@ -183,7 +183,7 @@ class EagleDrafter(TargetReadout, DrafterBase):
         chain = [1] + list(range(width + 1, width + d - 1)) if d > 1 else []
         shape = DraftTree.from_parents([-1] + [0] * width + chain)
         assert shape.max_depth == d and shape.num_nodes == budget + 1
-        return cls(target, shape, "dynamic", top_k, depth, budget, draft_vocab)
+        return cls(target, shape, "dynamic", top_k, depth, budget, draft_vocab, **fields)
 
     def __post_init__(self):
         if self.mode not in TREES:
@@ -220,6 +220,24 @@ class EagleDrafter(TargetReadout, DrafterBase):
     def param_shapes(self) -> dict:
         return jax.eval_shape(self.init_params, jax.random.key(0))
 
+    # Hooks: what a subclass (EAGLE-3, drafters/eagle3.py) changes; identities for EAGLE-1 ---
+
+    def layer_params(self, params):
+        """The :class:`EagleLayer` params within the drafter's params."""
+        return params
+
+    def input_features(self, params, hidden: jax.Array) -> jax.Array:
+        """The layer's input ``[..., E]`` from the target's features at committed positions."""
+        return hidden
+
+    def draft_scores(self, params, target_params, features: jax.Array) -> jax.Array:
+        """What drafts are ranked by: ``float32[..., N]`` from predicted features."""
+        return self.draft_logits(target_params, features)
+
+    def target_ids(self, params, draft_ids: jax.Array) -> jax.Array:
+        """Target token ids of drafted ids (indices into :meth:`draft_scores`)."""
+        return draft_ids
+
     # One layer step (embed, logits, draft_logits, check_compatible: TargetReadout's) --------------
 
     def step(self, params, target_params, cache: KVCache, features, tokens, positions, slots,
@@ -239,8 +257,8 @@ class EagleDrafter(TargetReadout, DrafterBase):
             return block.attention(q, kc[0], vc[0], mask), (kc, vc)
 
         emb = self.embed(target_params, tokens)
-        out, (kc, vc) = self.module.apply({"params": params}, features, emb, positions,
-                                          write_and_attend, method=EagleLayer.run)
+        out, (kc, vc) = self.module.apply({"params": self.layer_params(params)}, features, emb,
+                                          positions, write_and_attend, method=EagleLayer.run)
         return out, cache.replace(k=kc, v=vc)
 
     # Drafter contract --------------------------------------------------------------------------
@@ -248,20 +266,23 @@ class EagleDrafter(TargetReadout, DrafterBase):
     def init(self, params, ctx, prompt_tokens, prompt_lengths):
         """Prefills the draft cache with the prompt's pairs ``(f_s, x_{s+1})``, the features
         being the prefill's (``ctx.prompt_hidden``; recomputed by one extra prompt forward
-        when a caller gives none)."""
+        when a caller gives none), through :meth:`input_features`."""
         b, p = prompt_tokens.shape
         pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
         hidden = ctx.prompt_hidden
         if hidden is None:
             tcache = self.target.init_cache(b, p)
-            hidden = self.target.forward(ctx.target_params, prompt_tokens, pos, tcache,
-                                         masks.causal_mask(tcache.lengths, p, p),
-                                         logits_at=jnp.zeros((b, 1), jnp.int32)).hidden
+            out = self.target.forward(ctx.target_params, prompt_tokens, pos, tcache,
+                                      masks.causal_mask(tcache.lengths, p, p),
+                                      hidden_layers=self.feature_layers,
+                                      logits_at=jnp.zeros((b, 1), jnp.int32))
+            hidden = features_of(out, self.feature_layers)
         nxt = ctx.history[:, 1:p + 1]  # x_{s+1}; the pending token sits at prompt_lengths
         c = self.target.config
         cache = KVCache.init(1, b, c.num_kv_heads, ctx.cache.num_slots + self.pool_size + 1,
                              c.head_dim, jnp.dtype(c.dtype))
-        out, cache = self.step(params, ctx.target_params, cache, hidden, nxt, pos, pos,
+        out, cache = self.step(params, ctx.target_params, cache,
+                               self.input_features(params, hidden), nxt, pos, pos,
                                masks.causal_mask(cache.lengths, p, cache.num_slots))
         last = jnp.maximum(prompt_lengths - 1, 0)[:, None, None]
         return EagleState(cache=cache.replace(lengths=jnp.asarray(prompt_lengths, jnp.int32)),
@@ -274,7 +295,8 @@ class EagleDrafter(TargetReadout, DrafterBase):
         acc = info.num_accepted
         path = info.path[:, :width]
         nodes = jnp.maximum(path, 0)
-        feats = jnp.take_along_axis(info.verify_hidden, nodes[:, :, None], axis=1)
+        feats = self.input_features(
+            params, jnp.take_along_axis(info.verify_hidden, nodes[:, :, None], axis=1))
         idx = jnp.arange(width, dtype=jnp.int32)[None, :]
         child = jnp.concatenate([nodes[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         toks = jnp.where(idx < acc[:, None],
@@ -314,9 +336,9 @@ class EagleDrafter(TargetReadout, DrafterBase):
                     jnp.broadcast_to(length[:, None] - 1 + d, slots.shape), slots,
                     masks.block_mask(length, vis, cache.num_slots))
                 feats = feats.at[:, expand].set(out)
-            logits = self.draft_logits(ctx.target_params, feats[:, expand])  # [B, Q, V]
+            logits = self.draft_scores(params, ctx.target_params, feats[:, expand])  # [B,Q,N]
             _, top = jax.lax.top_k(logits, int(rank.max()) + 1)
-            tokens = tokens.at[:, kids].set(top[:, slot, rank])
+            tokens = tokens.at[:, kids].set(self.target_ids(params, top[:, slot, rank]))
         return Proposal(tokens=tokens)
 
     def _propose_dynamic(self, params, state, ctx):
@@ -324,9 +346,9 @@ class EagleDrafter(TargetReadout, DrafterBase):
         b, m = ctx.pending.shape[0], self.pool_size
         rows = jnp.arange(b)[:, None]
         length = state.cache.lengths
-        logp = jax.nn.log_softmax(self.draft_logits(ctx.target_params, state.next_feature), -1)
-        score, tok = jax.lax.top_k(logp, k)  # [B, K]
-        pool_tok = jnp.zeros((b, m), jnp.int32).at[:, :k].set(tok)
+        scores = self.draft_scores(params, ctx.target_params, state.next_feature)
+        score, tok = jax.lax.top_k(jax.nn.log_softmax(scores, -1), k)  # [B, K]
+        pool_tok = jnp.zeros((b, m), jnp.int32).at[:, :k].set(self.target_ids(params, tok))
         pool_par = jnp.full((b, m), -1, jnp.int32)
         pool_score = jnp.full((b, m), -jnp.inf, jnp.float32).at[:, :k].set(score)
         # Expanded frontier: pool index, input feature, visibility over pool slots.
@@ -340,8 +362,9 @@ class EagleDrafter(TargetReadout, DrafterBase):
             out, cache = self.step(params, ctx.target_params, cache, front_feat,
                                    pool_tok[rows, front], pos, length[:, None] + front,
                                    masks.block_mask(length, vis, cache.num_slots))
-            logp = jax.nn.log_softmax(self.draft_logits(ctx.target_params, out), -1)  # [B,K,V]
+            logp = jax.nn.log_softmax(self.draft_scores(params, ctx.target_params, out), -1)
             child_lp, child_tok = jax.lax.top_k(logp, k)  # [B, K, K]
+            child_tok = self.target_ids(params, child_tok)
             cum = pool_score[rows, front][:, :, None] + child_lp
             span = slice(base, base + k * k)
             pool_tok = pool_tok.at[:, span].set(child_tok.reshape(b, k * k))
@@ -358,31 +381,3 @@ class EagleDrafter(TargetReadout, DrafterBase):
         nodes, parents, valid = select_top_nodes(pool_score, pool_par, self.budget)
         tokens = jnp.concatenate([ctx.pending[:, None], pool_tok[rows, nodes]], axis=1)
         return Proposal(tokens=tokens, parents=parents, valid=valid)
-
-
-
-# The method -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class EagleOptions(registry.Options):
-    tree: str = registry.option(
-        "static", "static: the EAGLE-1 tree tuned for the shipped layer; tunedN: its best "
-        "N-node tree; generic: the built-in tree; dynamic: EAGLE-2 (top-k expansion per depth, "
-        "reranked to a node budget).", choices=("static", "dynamic", "tunedN", "generic"),
-        patterns=heads.TUNED_N)
-    draft_vocab: Optional[int] = registry.option(
-        None, "Draft from token ids < N only (0 = all; default: the tuned tree file's).",
-        minimum=0)
-
-
-def build(ctx: registry.BuildContext, options: EagleOptions):
-    from drafters import eagle_weights
-    kwargs = {} if options.draft_vocab is None else {"draft_vocab": options.draft_vocab}
-    return eagle_weights.load_shipped(ctx.lm, tree=options.tree, **kwargs)
-
-
-registry.register(registry.Method(
-    "eagle", EagleOptions, build,
-    "EAGLE: one decoder layer drafts in the target's feature space (static or dynamic trees)",
-    weights="eagle", order=90))

@@ -1,16 +1,18 @@
 """EAGLE layer weights: safetensors files in the head drafters' format
 (``drafters/head_weights.py``: the layer's params only, bf16 by default, JSON metadata validated
-against the target on load), the shipped SmolLM2 layer, and random params for tests.
+against the target on load), the shipped SmolLM2 layer, random params for tests, and the
+registered ``eagle`` method (its options build the drafter from the shipped weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import jax
 
-from drafters import head_weights
+from drafters import head_weights, heads, registry
 from drafters.eagle import EagleDrafter
 
 
@@ -95,3 +97,29 @@ def random_params(drafter: EagleDrafter, seed: int = 0, scale: float = 1.0) -> d
             std = scale / math.sqrt(fan_in.get(name, e))
             out[name] = std * jax.random.normal(key, leaf.shape)
     return out
+
+
+# The method -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleOptions(registry.Options):
+    tree: str = registry.option(
+        "static", "static: the EAGLE-1 tree tuned for the shipped layer; tunedN: its best "
+        "N-node tree; generic: the built-in tree; dynamic: EAGLE-2 (top-k expansion per depth, "
+        "reranked to a node budget).", choices=("static", "dynamic", "tunedN", "generic"),
+        patterns=heads.TUNED_N)
+    draft_vocab: Optional[int] = registry.option(
+        None, "Draft from token ids < N only (0 = all; default: the tuned tree file's).",
+        minimum=0)
+
+
+def build(ctx: registry.BuildContext, options: EagleOptions):
+    kwargs = {} if options.draft_vocab is None else {"draft_vocab": options.draft_vocab}
+    return load_shipped(ctx.lm, tree=options.tree, **kwargs)
+
+
+registry.register(registry.Method(
+    "eagle", EagleOptions, build,
+    "EAGLE: one decoder layer drafts in the target's feature space (static or dynamic trees)",
+    weights="eagle", order=90))

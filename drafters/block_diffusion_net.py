@@ -1,0 +1,116 @@
+"""The network of the block drafter (:mod:`drafters.block_diffusion`): tap norms and fusion,
+the mask embedding, ``num_layers`` decoder layers at the target's width whose attention covers
+the context entries and the block, the output norm and the head over the draft vocabulary.
+
+Axis glossary: B batch, Q queries (block slots), S context slots, n feature taps, E width,
+H query heads, Kh kv heads, Dh head dim, N draft vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models import decoder_block as block
+
+# The network ---------------------------------------------------------------------------------
+
+
+class DraftLayer(nn.Module):
+    """One decoder layer at the target's width (its params named as the target's, unstacked,
+    without qkv biases), with the attention supplied by the caller."""
+
+    config: Any  # the target's LlamaConfig
+
+    def setup(self):
+        self.p = {name: self.param(name, init, shape, jnp.float32)
+                  for name, (shape, _, init) in block.param_specs(self.config).items()}
+
+    def __call__(self, x, positions, attend):
+        """``x [B, Q, E]`` -> ``[B, Q, E]``; ``attend(q, k, v) -> attn [B, Q, H, Dh]``."""
+        return block.decoder_block(self.p, x, positions, self.config,
+                                   lambda q, k, v: (attend(q, k, v), None))[0]
+
+    def context_kv(self, c, positions):
+        """Context keys / values ``[B, S, Kh, Dh]`` of fused features ``c [B, S, E]``."""
+        _, k, v = block.attention_inputs(self.p, c, positions, self.config)
+        return k, v
+
+
+class BlockNet(nn.Module):
+    """Tap norms + fusion, mask embedding, ``num_layers`` decoder layers, output norm, head."""
+
+    config: Any
+    num_taps: int
+    num_layers: int
+    vocab: int  # N
+
+    def setup(self):
+        e = self.config.hidden_size
+        dense = nn.initializers.normal(0.02)
+        self.tap_norm = self.param("tap_norm", nn.initializers.ones, (self.num_taps, e),
+                                   jnp.float32)
+        self.fc = self.param("fc", dense, (self.num_taps * e, e), jnp.float32)
+        self.mask_embedding = self.param("mask_embedding", dense, (e,), jnp.float32)
+        self.layers = [DraftLayer(self.config) for _ in range(self.num_layers)]
+        self.out_norm = self.param("out_norm", nn.initializers.ones, (e,), jnp.float32)
+        self.head = self.param("head", dense, (e, self.vocab), jnp.float32)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.config.dtype)
+
+    def fuse(self, features):
+        """``[..., n * E]`` taps -> ``c [..., E]`` (each tap RMS-normalised first)."""
+        c, dt = self.config, self.dtype
+        taps = features.astype(dt).reshape(features.shape[:-1] + (self.num_taps, -1))
+        normed = block.rms_norm(taps, self.tap_norm.astype(dt), c.rms_norm_eps)
+        return normed.reshape(features.shape) @ self.fc.astype(dt)
+
+    def context_kv(self, features, positions):
+        """Per layer ``(k, v)``, each ``[B, S, Kh, Dh]``, of features ``[B, S, n*E]``."""
+        c = self.fuse(features)
+        return [layer.context_kv(c, positions) for layer in self.layers]
+
+    def block_inputs(self, first_emb, block_size: int):
+        """``[..., K, E]``: ``first_emb [..., E]`` then ``K - 1`` mask embeddings."""
+        dt = self.dtype
+        first = first_emb.astype(dt)[..., None, :]
+        rest = jnp.broadcast_to(self.mask_embedding.astype(dt),
+                                first.shape[:-2] + (block_size - 1, first.shape[-1]))
+        return jnp.concatenate([first, rest], axis=-2)
+
+    def run(self, x, positions, attend):
+        """The layers on block slots ``x [B, Q, E]`` at ``positions int32[B, Q]``, then the
+        output norm; ``attend(i, q, k, v) -> attn`` is layer ``i``'s attention (rope applied)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, functools.partial(attend, i))
+        return block.rms_norm(x, self.out_norm.astype(self.dtype), self.config.rms_norm_eps)
+
+    def logits(self, h):
+        """``float32[..., N]`` draft-vocabulary logits of normed outputs ``h [..., E]``."""
+        return jnp.einsum("...e,en->...n", h, self.head.astype(h.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, features, positions, first_emb, block_size: int):
+        """Every slot of one block after the whole context (parameter init, simple uses):
+        ``features [B, S, n*E]``, ``positions int32[B, S]``, ``first_emb [B, E]`` ->
+        ``float32[B, K, N]``; the block sits at positions ``S .. S + K - 1``."""
+        b, s = positions.shape
+        kv = self.context_kv(features, positions)
+        mask = jnp.ones((b, block_size, s + block_size), bool)
+        attend = functools.partial(attend_with_context, kv, mask=mask)
+        pos = jnp.broadcast_to(s + jnp.arange(block_size, dtype=jnp.int32), (b, block_size))
+        return self.logits(self.run(self.block_inputs(first_emb, block_size), pos, attend))
+
+
+def attend_with_context(context_kv, i, q, k, v, *, mask):
+    """Layer ``i``'s attention of queries ``q [B, Q, H, Dh]`` over its context entries
+    ``context_kv[i] = (k, v)``, each ``[B, S, Kh, Dh]``, then the ``Q`` new keys / values ``k``,
+    ``v [B, Q, Kh, Dh]``; ``mask bool[B, Q, S + Q]`` (context slots first)."""
+    keys = jnp.concatenate([context_kv[i][0], k], axis=1).transpose(0, 2, 1, 3)
+    vals = jnp.concatenate([context_kv[i][1], v], axis=1).transpose(0, 2, 1, 3)
+    return block.attention(q, keys, vals, mask)
