@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from drafters.target_readout import fuse_taps
 from models import decoder_block as block
 
 # The network ---------------------------------------------------------------------------------
@@ -65,10 +66,8 @@ class BlockNet(nn.Module):
 
     def fuse(self, features):
         """``[..., n * E]`` taps -> ``c [..., E]`` (each tap RMS-normalised first)."""
-        c, dt = self.config, self.dtype
-        taps = features.astype(dt).reshape(features.shape[:-1] + (self.num_taps, -1))
-        normed = block.rms_norm(taps, self.tap_norm.astype(dt), c.rms_norm_eps)
-        return normed.reshape(features.shape) @ self.fc.astype(dt)
+        return fuse_taps(features.astype(self.dtype), self.tap_norm, self.fc,
+                         self.config.rms_norm_eps)
 
     def context_kv(self, features, positions):
         """Per layer ``(k, v)``, each ``[B, S, Kh, Dh]``, of features ``[B, S, n*E]``."""

@@ -39,6 +39,7 @@ import numpy as np
 
 from specjax import masks
 from specjax.decode import DecodeConfig, generate
+from specjax.drafter import features_of
 from drafters import shards as shard_io
 from specjax.files import write_text_atomic
 
@@ -74,7 +75,7 @@ def _labels_and_features(model, params, tokens, layers):
     out = model.forward(params, tokens, positions, cache, masks.causal_mask(cache.lengths, w, w),
                         hidden_layers=layers)
     labels = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
-    feats = jnp.concatenate([out.taps[i] for i in range(len(layers))], axis=-1)
+    feats = features_of(out, layers)
     return labels, feats.astype(jnp.bfloat16)
 
 

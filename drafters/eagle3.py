@@ -52,9 +52,9 @@ import numpy as np
 from drafters import draft_vocab as vocab_lib
 from drafters import head_weights, heads, registry
 from drafters.corpus import default_layers
+from drafters.target_readout import fuse_taps
 from drafters.eagle import (DEFAULT_BUDGET, DEFAULT_DEPTH, DEFAULT_TOP_K, EagleDrafter,
                             EagleLayer)
-from models.decoder_block import rms_norm
 
 STEM = "eagle3"  # drafters/weights/<model>/eagle3.safetensors
 TRAIN_COMMAND = ("python -m experiments.train_corpus_drafter --drafter=eagle3 "
@@ -64,9 +64,8 @@ TRAIN_COMMAND = ("python -m experiments.train_corpus_drafter --drafter=eagle3 "
 def fuse_features(params, taps: jax.Array, num_taps: int, eps: float) -> jax.Array:
     """``taps [..., n * E]`` (the target's layer outputs, concatenated) -> ``[..., E]``: each
     tap RMS-normalised with its weights ``params["fuse_norm"][i]``, then ``params["fuse"]``."""
-    x = taps.reshape(taps.shape[:-1] + (num_taps, taps.shape[-1] // num_taps))
-    x = rms_norm(x, params["fuse_norm"].astype(taps.dtype), eps)
-    return x.reshape(taps.shape) @ params["fuse"].astype(taps.dtype)
+    del num_taps  # the shape of params["fuse_norm"]
+    return fuse_taps(taps, params["fuse_norm"], params["fuse"], eps)
 
 
 @dataclasses.dataclass(frozen=True)

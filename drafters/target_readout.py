@@ -20,6 +20,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models.decoder_block import rms_norm
+
+
+def fuse_taps(taps: jax.Array, norms: jax.Array, fc: jax.Array, eps: float) -> jax.Array:
+    """The target's layer outputs ``taps [..., n * E]`` (concatenated, as a drafter with
+    ``feature_layers`` receives them) to one feature ``[..., E']``: each tap RMS-normalised with
+    its own weights ``norms [n, E]`` (residual-stream magnitudes differ a lot between layers),
+    then ``fc [n * E, E']`` (EAGLE-3's fusion; the block drafter's context features)."""
+    x = taps.reshape(taps.shape[:-1] + norms.shape)
+    x = rms_norm(x, norms.astype(taps.dtype), eps)
+    return x.reshape(taps.shape) @ fc.astype(taps.dtype)
+
 
 class TargetReadout:
     """Embedding, LM head and compatibility check of a drafter on a frozen target.
