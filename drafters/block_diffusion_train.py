@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any
 
 import jax
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drafters import draft_vocab
+from drafters.corpus import parse_layers
 from drafters.block_diffusion import (DEFAULT_BLOCK_SIZE, BlockDiffusionDrafter,
                                       check_vocab_map, decode_params)
 from drafters.block_diffusion_net import BlockNet, attend_with_context
@@ -221,9 +221,8 @@ def make_trainer(target, vocab_map: np.ndarray, *, target_params=None,
         raise ValueError(f"unknown block_diffusion training option {', '.join(unknown)}; "
                          f"known: {', '.join(DEFAULTS)}")
     o = {**DEFAULTS, **options}
-    if isinstance(o["feature_layers"], (int, str)):  # from a command line: "2:15:27" or 2
-        o["feature_layers"] = [int(i) for i in re.split(r"[^0-9]+", str(o["feature_layers"]))
-                               if i]
+    if o["feature_layers"] is not None:  # a sequence, or text from a command line: "2:15:27"
+        o["feature_layers"] = parse_layers(o["feature_layers"])
     vocab_map = check_vocab_map(vocab_map, target.vocab_size)
     if o["seq_len"] < 2 or not 1 <= o["anchors_per_seq"] <= o["seq_len"]:
         raise ValueError(f"need seq_len >= 2 and 1 <= anchors_per_seq <= seq_len, got "

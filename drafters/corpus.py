@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Optional, Sequence
 
@@ -63,6 +64,20 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
     return (0, num_layers // 2, num_layers - 1) if num_layers < 4 else \
         (2, num_layers // 2, num_layers - 3)
+
+
+def parse_layers(value) -> tuple:
+    """``feature_layers`` from a sequence of ints or text such as ``"2:15:27"`` (``,`` ``:``
+    ``/`` or spaces between)."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(x) for x in re.split(r"[,:/ ]+", value.strip()) if x)
+        except ValueError:
+            raise ValueError(f"feature_layers: expected integers such as 2:15:27, got {value!r}"
+                             ) from None
+    if isinstance(value, (int, np.integer)):
+        return (int(value),)
+    return tuple(int(i) for i in value)
 
 
 # The forward -------------------------------------------------------------------------------

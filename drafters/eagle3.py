@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -306,15 +305,3 @@ registry.register(registry.Method(
     "draft vocabulary (static or dynamic trees)", weights=STEM, order=92))
 
 
-def parse_layers(value) -> tuple:
-    """``feature_layers`` from a sequence of ints or text such as ``"2:15:27"`` (``,`` ``:``
-    ``/`` or spaces between)."""
-    if isinstance(value, str):
-        try:
-            return tuple(int(x) for x in re.split(r"[,:/ ]+", value.strip()) if x)
-        except ValueError:
-            raise ValueError(f"feature_layers: expected integers such as 2:15:27, got {value!r}"
-                             ) from None
-    if isinstance(value, (int, np.integer)):
-        return (int(value),)
-    return tuple(int(i) for i in value)

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from drafters import draft_vocab
-from drafters.eagle3 import Eagle3Drafter, decode_params, parse_layers
+from drafters.corpus import parse_layers
+from drafters.eagle3 import Eagle3Drafter, decode_params
 from drafters.eagle_train import level_features, level_masks
 
 DEFAULT_SEQ_LEN, DEFAULT_NUM_STEPS, DEFAULT_STEP_DECAY = 256, 5, 0.8
