@@ -206,13 +206,20 @@ def _wait_for(predicate, timeout, proc):
     raise AssertionError("timed out waiting for the run to start")
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(args, signum, ready, tmp_path, timeout=600):
     """Starts ``python -m experiments.X args``, waits until ``ready(stdout_path, stderr_path)``,
     sends ``signum``; returns ``(returncode, stderr)``."""
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with open(out, "wb") as o, open(err, "wb") as e:
+        # As from a terminal: SIGINT at its default. A process started from a pytest-xdist
+        # worker inherits SIGINT ignored (seen: the Ctrl-C never arrived, the run finished),
+        # and Python keeps an inherited SIG_IGN.
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(), stdout=o,
-                                stderr=e)
+                                stderr=e, preexec_fn=_default_sigint)
         try:
             _wait_for(lambda: ready(out, err), timeout, proc)
             proc.send_signal(signum)
