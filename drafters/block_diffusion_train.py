@@ -21,20 +21,24 @@ of block ``m`` only.
 Labels: slot ``i`` of anchor ``a`` is labelled ``labels[a + i]`` (draft depth ``i + 1``), where
 ``a + i`` is inside the window and ``label_mask`` holds. On TEACHER-FORCED data the tokens
 after ``a`` are the data set's words, not the target's: the label of slot ``i > 0`` is the
-target's prediction after the DATA prefix ``tokens[..a+i]``, which is what greedy verification
-accepts only when the data's tokens ``a+1..a+i`` are the target's own. That is the accepted
-training signal here (on regenerated data the two coincide).
+target's prediction after the DATA prefix ``tokens[..a+i]``. The drafter never sees the tokens
+``a+1..a+i`` (they are mask slots), so that label is what decoding needs only when those data
+tokens are the target's own choices, ``tokens[p] == labels[p - 1]`` for ``p = a+1..a+i`` (the
+chain is *consistent*). Elsewhere it is noise: the target's continuation of words the drafter
+cannot see. With ``consistent_only`` (the default) the loss scores consistent slots only; the
+accuracies always count consistent slots only (on regenerated data every slot is consistent).
+Measured: see WORKSPACE "EAGLE-3 and the one-pass block drafter".
 
 Loss: cross-entropy over the draft vocabulary (labels outside it are left out of the loss and
 count as misses in the accuracy), slot ``i`` weighted ``weight_decay_per_depth ** i``,
 normalised by the weights' sum. Metrics ``acc_1..acc_K``: top-1 (mapped to target ids) equals
-the label, per depth.
+the label, per depth, among consistent slots.
 
 :meth:`BlockDiffusionTrainer.depth_hits` counts the same per-depth top-1 hits with EVERY
-labelled position as an anchor (groups of ``M``). A slot's drafts do not depend on the drafted
-tokens before it, so this is exactly the decode-time draft given the correct earlier tokens;
-the accepted chain length of a round still needs ALL earlier slots right (depth ``d`` is
-accepted only when depths ``1..d-1`` are).
+labelled position as an anchor (groups of ``M``), among consistent slots. A slot's drafts do
+not depend on the drafted tokens before it, so this is exactly the decode-time draft given the
+correct earlier tokens; the accepted chain length of a round still needs ALL earlier slots
+right (depth ``d`` is accepted only when depths ``1..d-1`` are).
 
 Axis glossary: B batch, W window positions, M anchors per row, K block slots, n taps, E width,
 Kh kv heads, Dh head dim, V target vocabulary, N draft vocabulary.
@@ -57,7 +61,8 @@ from drafters.block_diffusion import (DEFAULT_BLOCK_SIZE, BlockDiffusionDrafter,
 from drafters.block_diffusion_net import BlockNet, attend_with_context
 
 DEFAULTS = {"seq_len": 512, "anchors_per_seq": 32, "block_size": DEFAULT_BLOCK_SIZE,
-            "num_layers": 1, "feature_layers": None, "weight_decay_per_depth": 0.8}
+            "num_layers": 1, "feature_layers": None, "weight_decay_per_depth": 0.8,
+            "consistent_only": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,7 @@ class BlockDiffusionTrainer:
     seq_len: int
     anchors_per_seq: int
     weight_decay_per_depth: float
+    consistent_only: bool
     vocab_map: np.ndarray = dataclasses.field(compare=False, repr=False)
     target_params: Any = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -113,7 +119,9 @@ class BlockDiffusionTrainer:
         Args:
           anchors: ``int32[B, M]`` window positions; anchor_ok: ``bool[B, M]``.
         Returns:
-          ``(logits float32[B, M, K, N], labels int32[B, M, K], ok bool[B, M, K])``.
+          ``(logits float32[B, M, K, N], labels int32[B, M, K], ok bool[B, M, K],
+          consistent bool[B, M, K])``: ``ok`` where the slot has a label, ``consistent`` where
+          the data tokens between the anchor and the slot are the target's own.
         """
         drafter, net, k = self.drafter, self.drafter.module, self.drafter.block_size
         valid = batch["valid"]
@@ -137,7 +145,13 @@ class BlockDiffusionTrainer:
         safe = jnp.minimum(at, w - 1).reshape(b, m * k)
         labels = jnp.take_along_axis(batch["labels"], safe, axis=1).reshape(b, m, k)
         labelled = jnp.take_along_axis(batch["label_mask"], safe, axis=1).reshape(b, m, k)
-        return logits, labels, (at < w) & labelled & anchor_ok[:, :, None]
+        # Disagreements up to each window position: tokens[p] != labels[p - 1] for p >= 1.
+        off = batch["tokens"][:, 1:w] != batch["labels"][:, :w - 1]
+        seen = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
+                                jnp.cumsum(off.astype(jnp.int32), axis=1)], axis=1)  # [B, W]
+        before = jnp.take_along_axis(seen, anchors, axis=1)[:, :, None]
+        consistent = (jnp.take_along_axis(seen, safe, axis=1).reshape(b, m, k) == before)
+        return logits, labels, (at < w) & labelled & anchor_ok[:, :, None], consistent
 
     def anchors(self, batch):
         """``(anchors int32[B, M], anchor_ok bool[B, M])``: ``M`` distinct labelled positions
@@ -161,10 +175,10 @@ class BlockDiffusionTrainer:
         """``(loss, metrics)`` for :func:`specjax.train.make_train_step`."""
         batch = {name: jnp.asarray(a) for name, a in batch.items()}
         anchors, anchor_ok = self.anchors(batch)
-        logits, labels, ok = self.blocks(params, batch, frozen, self.context(params, batch),
-                                         anchors, anchor_ok)
+        logits, labels, ok, consistent = self.blocks(
+            params, batch, frozen, self.context(params, batch), anchors, anchor_ok)
         ids = frozen["draft_ids"][labels]
-        scored = ok & (ids >= 0)
+        scored = ok & (ids >= 0) & (consistent if self.consistent_only else True)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.maximum(ids, 0)[..., None], axis=-1)[..., 0]
         weight = scored.astype(jnp.float32)
@@ -173,8 +187,9 @@ class BlockDiffusionTrainer:
         depth_w = jnp.asarray([self.weight_decay_per_depth ** i for i in range(k)], jnp.float32)
         loss = jnp.sum(depth_w * ce) / jnp.sum(depth_w)
         top = draft_vocab.to_target(frozen["vocab_map"], jnp.argmax(logits, axis=-1))
-        count = jnp.maximum(ok.sum((0, 1)), 1)
-        acc = ((top == labels) & ok).sum((0, 1)) / count
+        counted = ok & consistent
+        count = jnp.maximum(counted.sum((0, 1)), 1)
+        acc = ((top == labels) & counted).sum((0, 1)) / count
         metrics = {f"acc_{d + 1}": acc[d] for d in range(k)}
         metrics |= {"ce": ce.mean(), "in_vocab": scored.sum() / jnp.maximum(ok.sum(), 1)}
         return loss, metrics
@@ -194,7 +209,8 @@ def _hits(trainer: BlockDiffusionTrainer, params, batch, frozen):
         idx = g * m + jnp.arange(m, dtype=jnp.int32)
         anchors = jnp.broadcast_to(jnp.minimum(idx, w - 1), (b, m))
         ok = (idx < w)[None, :] & jnp.take_along_axis(batch["label_mask"], anchors, axis=1)
-        logits, labels, valid = trainer.blocks(params, batch, frozen, kv, anchors, ok)
+        logits, labels, ok, consistent = trainer.blocks(params, batch, frozen, kv, anchors, ok)
+        valid = ok & consistent
         top = draft_vocab.to_target(frozen["vocab_map"], jnp.argmax(logits, axis=-1))
         return ((top == labels) & valid).sum((0, 1)), valid.sum((0, 1))
 
@@ -212,7 +228,8 @@ def make_trainer(target, vocab_map: np.ndarray, *, target_params=None,
     (int[N], distinct target ids). Options (defaults in :data:`DEFAULTS`): ``seq_len``,
     ``anchors_per_seq``, ``block_size``, ``num_layers``, ``feature_layers`` (None: the
     corpus's default taps; a sequence, or text such as ``"2:15:27"``),
-    ``weight_decay_per_depth``. ValueError for bad values."""
+    ``weight_decay_per_depth``, ``consistent_only`` (score only the slots whose data chain is
+    the target's own; see the module docstring). ValueError for bad values."""
     if hasattr(target, "model") and hasattr(target, "params"):  # a LoadedModel
         target_params = target.params if target_params is None else target_params
         target = target.model
@@ -230,8 +247,12 @@ def make_trainer(target, vocab_map: np.ndarray, *, target_params=None,
     if not 0 < o["weight_decay_per_depth"] <= 1:
         raise ValueError(f"weight_decay_per_depth must be in (0, 1], got "
                          f"{o['weight_decay_per_depth']}")
+    if not isinstance(o["consistent_only"], (bool, np.bool_)):
+        raise ValueError(f"consistent_only must be true or false, got {o['consistent_only']!r}")
     drafter = BlockDiffusionDrafter.create(
         target, "chain", block_size=o["block_size"], num_layers=o["num_layers"],
         feature_layers=o["feature_layers"], draft_vocab_size=len(vocab_map))
     return BlockDiffusionTrainer(drafter, int(o["seq_len"]), int(o["anchors_per_seq"]),
-                                 float(o["weight_decay_per_depth"]), vocab_map, target_params)
+                                 float(o["weight_decay_per_depth"]),
+                                 bool(o["consistent_only"]), vocab_map, target_params)
+

@@ -200,9 +200,13 @@ def test_anchors_are_labelled_distinct_and_deterministic(data):
 def test_depth_hits_match_decode_time_drafts(target, data, trained):
     """Every labelled anchor's block in the training forward has the logits of the decode-time
     block (``block_logits`` on a cache of the true features, ``lengths`` = the anchor), and
-    ``depth_hits`` counts its top-1 hits per depth."""
+    ``depth_hits`` counts its top-1 hits per depth over the consistent slots only (data tokens
+    between the anchor and the slot equal to the target's labels; some are broken here)."""
     model, params = target
     trainer, batch, vocab_map = data
+    tokens = batch["tokens"].copy()  # every 8th token no longer the target's choice
+    tokens[:, 3::8] = (tokens[:, 3::8] + 1) % model.vocab_size
+    batch = dict(batch, tokens=tokens)
     drafter = trainer.drafter  # a chain: the logits of every slot
     rng = np.random.default_rng(7)  # the fitted params, perturbed: some misses
     net = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
@@ -230,12 +234,15 @@ def test_depth_hits_match_decode_time_drafts(target, data, trained):
             np.testing.assert_allclose(train_logits[a], logits, atol=2e-4, rtol=2e-4)
             top = vocab_map[np.argmax(logits, axis=-1)]
             for i in range(k_slots):
-                if a + i < w and batch["label_mask"][r, a + i]:
+                chain = all(tokens[r, q] == batch["labels"][r, q - 1]
+                            for q in range(a + 1, a + i + 1))
+                if a + i < w and batch["label_mask"][r, a + i] and chain:
                     want_counts[i] += 1
                     want_hits[i] += int(top[i] == batch["labels"][r, a + i])
     np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_array_equal(hits, want_hits)
     assert 0 < hits.sum() < counts.sum()  # a meaningful comparison: some hits, some misses
+    assert 0 < counts[-1] < counts[0]  # deep slots counted, some left out as inconsistent
 
 
 # Weights and bad input -----------------------------------------------------------------------
@@ -319,6 +326,9 @@ def test_bad_options(target):
         bdt.make_trainer(model, vocab_map, seq_len=8, anchors_per_seq=9)
     with pytest.raises(ValueError, match="weight_decay_per_depth"):
         bdt.make_trainer(model, vocab_map, weight_decay_per_depth=0.0)
+    with pytest.raises(ValueError, match="consistent_only must be true or false"):
+        bdt.make_trainer(model, vocab_map, consistent_only="sometimes")
+    assert not bdt.make_trainer(model, vocab_map, consistent_only=False).consistent_only
     with pytest.raises(ValueError, match="distinct"):
         bdt.make_trainer(model, np.array([1, 2, 2]))
     with pytest.raises(ValueError, match="ids up to 200"):
