@@ -362,8 +362,17 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
                  max_nodes: Optional[int] = DEFAULT_MAX_NODES):
     """``(drafter, dparams)``: the trained block drafter for ``target`` (a ``LoadedModel`` or a
     ``LlamaModel``) from ``drafters/weights/<model_name>/block_diffusion.safetensors`` or
-    ``path``, its architecture read from the file; ``tree`` / ``choices`` as in
-    :meth:`BlockDiffusionDrafter.create`."""
+    ``path``, its architecture read from the file.
+
+    ``tree``: ``"static"`` (the tree tuned for these weights, ``block_diffusion.tree.json``
+    written by ``experiments/tune_tree.py``, when there is one, else :data:`DEFAULT_CHOICES`),
+    ``"tunedN"`` (the tuned file's best N-node tree), ``"generic"`` (:data:`DEFAULT_CHOICES`)
+    or ``"chain"`` (every slot's argmax); explicit ``choices`` go with ``"static"``.
+
+    Raises:
+      head_weights.HeadWeightsError: missing or unfitting weights.
+      ValueError / TunedTreeError: an unknown tree, or ``tunedN`` without a (valid) tree file.
+    """
     if hasattr(target, "model") and hasattr(target, "params"):  # a LoadedModel
         model_name = model_name or target.name
         target = target.model
@@ -374,8 +383,12 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
             f"no block_diffusion weights for {model_name} at {path}: train them with "
             f"{TRAIN_COMMAND}")
     config, _ = head_weights.read_weights(path)
-    drafter = _file_drafter(path, config, target, tree=tree, choices=choices,
-                            max_nodes=max_nodes)
+    if choices is not None and tree != "static":
+        raise ValueError(f"tree={tree!r} with explicit choices: use tree='static'")
+    if tree != "chain" and choices is None:
+        choices = head_weights.tuned_tree(None if tree == "static" else tree, path)[0]
+    drafter = _file_drafter(path, config, target, tree="chain" if tree == "chain" else "static",
+                            choices=choices, max_nodes=max_nodes)
     return drafter, load_weights(path, drafter)
 
 
@@ -385,8 +398,10 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
 @dataclasses.dataclass(frozen=True)
 class BlockDiffusionOptions(registry.Options):
     tree: str = registry.option(
-        "static", "static: a Medusa-style tree of the slots' top-k tokens; chain: every slot's "
-        "argmax (block_size deep).", choices=TREES)
+        "static", "static: the tree of the slots' top-k tokens tuned for the shipped drafter "
+        "(or the built-in one); tunedN: its best N-node tree; generic: the built-in tree; "
+        "chain: every slot's argmax (block_size deep).",
+        choices=("static", "chain", "tunedN", "generic"), patterns=heads.TUNED_N)
 
 
 def build(ctx: registry.BuildContext, options: BlockDiffusionOptions):

@@ -59,6 +59,7 @@ from drafters.corpus import parse_layers
 from drafters.block_diffusion import (DEFAULT_BLOCK_SIZE, BlockDiffusionDrafter,
                                       check_vocab_map, decode_params)
 from drafters.block_diffusion_net import BlockNet, attend_with_context
+from specjax import tree_tuning
 
 DEFAULTS = {"seq_len": 512, "anchors_per_seq": 32, "block_size": DEFAULT_BLOCK_SIZE,
             "num_layers": 1, "feature_layers": None, "weight_decay_per_depth": 0.8,
@@ -199,6 +200,14 @@ class BlockDiffusionTrainer:
         batch = {name: jnp.asarray(a) for name, a in batch.items() if name != "step"}
         return _depth_hits(self, params, batch, frozen)
 
+    def depth_ranks(self, params, batch, frozen):
+        """``int32[B, W, K]`` (jitted): per anchor (window position) and depth, the rank
+        (``jax.lax.top_k`` order over the draft vocabulary; ``N`` outside it) of the target's
+        token among the slot's logits, -1 where the slot is not counted (unlabelled, past the
+        window, or inconsistent): the input of :mod:`specjax.tree_tuning`."""
+        batch = {name: jnp.asarray(a) for name, a in batch.items() if name != "step"}
+        return _depth_ranks(self, params, batch, frozen)
+
 
 def _hits(trainer: BlockDiffusionTrainer, params, batch, frozen):
     kv = trainer.context(params, batch)
@@ -219,6 +228,27 @@ def _hits(trainer: BlockDiffusionTrainer, params, batch, frozen):
 
 
 _depth_hits = jax.jit(_hits, static_argnums=0)
+
+
+def _ranks(trainer: BlockDiffusionTrainer, params, batch, frozen):
+    kv = trainer.context(params, batch)
+    b, w = batch["valid"].shape
+    m = trainer.anchors_per_seq
+
+    def group(g):
+        idx = g * m + jnp.arange(m, dtype=jnp.int32)
+        anchors = jnp.broadcast_to(jnp.minimum(idx, w - 1), (b, m))
+        ok = (idx < w)[None, :] & jnp.take_along_axis(batch["label_mask"], anchors, axis=1)
+        logits, labels, ok, consistent = trainer.blocks(params, batch, frozen, kv, anchors, ok)
+        ids = frozen["draft_ids"][labels]
+        ranks = tree_tuning.label_ranks(logits, jnp.where(ids >= 0, ids, logits.shape[-1]))
+        return jnp.where(ok & consistent, ranks, -1)  # [B, M, K]
+
+    groups = jax.lax.map(group, jnp.arange(-(-w // m)))  # [G, B, M, K]
+    return jnp.moveaxis(groups, 0, 1).reshape(b, -1, trainer.drafter.block_size)[:, :w]
+
+
+_depth_ranks = jax.jit(_ranks, static_argnums=0)
 
 
 def make_trainer(target, vocab_map: np.ndarray, *, target_params=None,

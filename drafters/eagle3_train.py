@@ -50,6 +50,7 @@ from drafters import draft_vocab
 from drafters.corpus import parse_layers
 from drafters.eagle3 import Eagle3Drafter, decode_params
 from drafters.eagle_train import level_features, level_masks
+from specjax import tree_tuning
 
 DEFAULT_SEQ_LEN, DEFAULT_NUM_STEPS, DEFAULT_STEP_DECAY = 256, 5, 0.8
 
@@ -108,6 +109,18 @@ def _depth_hits(drafter, num_steps, params, batch, frozen):
     return jnp.stack(hits), jnp.stack(counts)
 
 
+@functools.partial(jax.jit, static_argnames=("drafter", "num_steps"))
+def _depth_ranks(drafter, num_steps, params, batch, frozen):
+    columns = []
+    for k, (scores, labels, _, count_mask) in enumerate(
+            depth_outputs(drafter, params, frozen, batch, num_steps)):
+        ids = jnp.take(frozen["draft_index"], labels)
+        ranks = tree_tuning.label_ranks(scores, jnp.where(ids >= 0, ids, scores.shape[-1]))
+        ranks = jnp.where(count_mask, ranks, -1)  # [B, L-1] at slot s = root + k
+        columns.append(jnp.concatenate([ranks[:, k:], jnp.full_like(ranks[:, :k], -1)], 1))
+    return jnp.stack(columns, axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Eagle3Trainer:
     """What the training binary needs (see :func:`make_trainer`). Not a jit argument: the
@@ -148,6 +161,14 @@ class Eagle3Trainer:
     def depth_hits(self, params, batch, frozen):
         """``(hits int32[D], counts int32[D])`` (jitted; see the module docstring)."""
         return _depth_hits(self.drafter, self.num_steps, params, batch, frozen)
+
+    def depth_ranks(self, params, batch, frozen):
+        """``int32[B, L-1, D]`` (jitted): per chain root (window slot) and depth, the rank
+        (``jax.lax.top_k`` order over the draft vocabulary; ``N`` outside it) of the target's
+        token among the drafts of the chain fed the true tokens, -1 where the chain is not
+        counted (past the window or the labels, or through a data token the target would not
+        pick): the input of :mod:`specjax.tree_tuning`. ``params`` may be decode params."""
+        return _depth_ranks(self.drafter, self.num_steps, params, batch, frozen)
 
     def decode_params(self, params, vocab_map) -> dict:
         return decode_params(self.drafter, params, vocab_map)

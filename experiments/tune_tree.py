@@ -1,11 +1,21 @@
-"""Tunes the static tree of trained Medusa / Hydra heads or the EAGLE layer; writes
-``<weights>.tree.json``.
+"""Tunes the static tree of trained Medusa / Hydra heads, the EAGLE layer, the EAGLE-3 drafter
+or the block drafter; writes ``<weights>.tree.json``.
 
   python -m experiments.tune_tree --drafter=medusa \\
       --data_dir=/tmp/sj/distill,/tmp/sj/distill_extra,/tmp/sj/distill_extra2
   python -m experiments.tune_tree --drafter=hydra --data_dir=... --sizes=4,8,12,16 \\
       --output=/tmp/hydra.tree.json
   python -m experiments.tune_tree --drafter=eagle --data_dir=... --draft_vocab=8192
+  python -m experiments.tune_tree --drafter=eagle3 --corpus_dir=/work/corpus/extra-regen-0 \\
+      --eval_fraction=1 --sizes=1,2,3,4,6,8
+
+The self-distillation drafters (medusa, hydra, eagle) read ``--data_dir`` (``train_drafter``'s
+data); the corpus drafters (eagle3, block_diffusion) read ``--corpus_dir``
+(``build_corpus``'s), whose held-out records are ``train_corpus_drafter``'s split (same
+``--eval_fraction`` / ``--seed``), or every record with ``--eval_fraction=1`` (a corpus the
+drafter never trained on, e.g. a regenerated one: there every drafted chain is the target's
+own, while on a teacher-forced corpus a chain through a data token the target would not pick
+counts as a miss from there on).
 
 Two steps:
 
@@ -43,13 +53,20 @@ from experiments import common, method_flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("drafter", "medusa", ["medusa", "hydra", "eagle"],
+CORPUS_DRAFTERS = ("eagle3", "block_diffusion")
+flags.DEFINE_enum("drafter", "medusa", ["medusa", "hydra", "eagle", *CORPUS_DRAFTERS],
                   "Drafter whose static tree to tune.")
 flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
 flags.DEFINE_string("weights", None, "Head weights (.safetensors); default: the shipped file.")
 flags.DEFINE_string("data_dir", None, "Self-distillation data (comma-separated directories), "
                     "as given to train_drafter.")
-flags.DEFINE_float("eval_fraction", 0.1, "Held-out share of the sequences (as in training).")
+flags.DEFINE_string("corpus_dir", None, "eagle3 / block_diffusion: distillation corpus "
+                    "(comma-separated directories), as built by build_corpus.")
+flags.DEFINE_float("eval_fraction", None, "Held-out share of the sequences, as in training "
+                   "(default 0.1 for --data_dir, 0.05 for --corpus_dir; 1 = every record of a "
+                   "corpus the drafter never trained on).")
+flags.DEFINE_integer("batch_size", 4, "Corpus windows per rank batch (corpus drafters).",
+                     lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Split seed (as in training).")
 flags.DEFINE_integer("max_nodes", 32, "Longest order stored (drafted nodes).", lower_bound=1)
 flags.DEFINE_integer("max_depth", 0, "Deepest tree (0 = the drafter's: heads K, eagle 5).",
@@ -133,18 +150,112 @@ def _load(loaded, weights, **kwargs):
         from drafters import eagle_weights
         return eagle_weights.load_shipped(loaded, path=weights, draft_vocab=FLAGS.draft_vocab,
                                           **kwargs)
+    if FLAGS.drafter in CORPUS_DRAFTERS:  # the draft vocabulary is the weights' own map
+        import importlib
+        module = importlib.import_module(f"drafters.{FLAGS.drafter}")
+        return module.load_shipped(loaded, path=weights, **kwargs)
     from drafters import head_weights
     return head_weights.load_shipped(FLAGS.drafter, loaded, path=weights,
                                      draft_vocab=FLAGS.draft_vocab, **kwargs)
 
 
+def _check_flags() -> float:
+    """The flags that need no model; returns the held-out share."""
+    corpus_drafter = FLAGS.drafter in CORPUS_DRAFTERS
+    source, other = ("corpus_dir", "data_dir") if corpus_drafter else ("data_dir", "corpus_dir")
+    if not getattr(FLAGS, source):
+        what = "distillation corpus (build_corpus)" if corpus_drafter else \
+            "training data (train_drafter)"
+        raise common.UserError(f"--{source} is required for --drafter={FLAGS.drafter} (its "
+                               f"{what})")
+    if getattr(FLAGS, other):
+        raise common.UserError(f"--{other} does not apply to --drafter={FLAGS.drafter}: use "
+                               f"--{source}")
+    if corpus_drafter and FLAGS.draft_vocab:
+        raise common.UserError(f"--draft_vocab does not apply to --drafter={FLAGS.drafter}: its "
+                               "draft vocabulary is the weights' own")
+    fraction = FLAGS.eval_fraction
+    if fraction is None:
+        fraction = 0.05 if corpus_drafter else 0.1
+    if corpus_drafter and not 0.0 < fraction <= 1.0:
+        raise common.UserError("--eval_fraction must be in (0, 1] (1 = every record)")
+    if not corpus_drafter and not 0.0 < fraction < 1.0:
+        raise common.UserError("--eval_fraction must be in (0, 1)")
+    return fraction
+
+
+def _self_distilled_ranks(loaded, drafter, params, fraction):
+    """``(ranks, depth, held-out prompts, description)`` from ``--data_dir``."""
+    from drafters import distill, heads
+    dirs = [d for d in FLAGS.data_dir.split(",") if d]
+    records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])
+    _, held_out = distill.split_records(records, fraction, FLAGS.seed)
+    if FLAGS.drafter == "eagle":
+        from drafters import eagle_train
+        depth = FLAGS.max_depth or DEFAULT_EAGLE_DEPTH
+        data = eagle_train.window_dataset(held_out, FLAGS.seq_len)
+        ranks = eagle_train.depth_ranks(drafter, params, loaded.params, data, depth)
+    else:
+        depth = FLAGS.max_depth or drafter.num_heads
+        if depth > drafter.num_heads:
+            raise common.UserError(f"--max_depth {depth} is over the {drafter.num_heads} heads")
+        data = distill.position_dataset(held_out, drafter.num_heads)
+        ranks = heads.true_ranks(drafter, params, loaded.params, data)
+    prompts = [held_out.tokens[r, :held_out.prompt_lengths[r]].tolist()
+               for r in range(min(FLAGS.measure_prompts, len(held_out)))]
+    return ranks, depth, prompts, f"{len(held_out)} sequences"
+
+
+def _corpus_ranks(loaded, drafter, params, fraction):
+    """``(ranks, depth, held-out prompts, description)`` from ``--corpus_dir``: every
+    held-out window through the trainer's ``depth_ranks``, one row per counted root."""
+    import importlib
+    import numpy as np
+    from drafters import corpus as corpus_lib
+    dirs = [d for d in FLAGS.corpus_dir.split(",") if d]
+    try:
+        data = corpus_lib.load(dirs, loaded.model, drafter.feature_layers)
+    except corpus_lib.CorpusError as e:
+        raise common.UserError(str(e)) from None
+    held_out = data if fraction >= 1.0 else data.split(fraction, FLAGS.seed)[1]
+    training = importlib.import_module(f"drafters.{FLAGS.drafter}_train")
+    vocab_map = np.asarray(params["vocab_map"])
+    if FLAGS.drafter == "eagle3":
+        depth = FLAGS.max_depth or DEFAULT_EAGLE_DEPTH
+        trainer = training.make_trainer(loaded, vocab_map, seq_len=FLAGS.seq_len,
+                                        num_steps=depth, feature_layers=drafter.feature_layers)
+        net = params
+    else:
+        depth = FLAGS.max_depth or drafter.block_size
+        if depth > drafter.block_size:
+            raise common.UserError(f"--max_depth {depth} is over the {drafter.block_size} slots "
+                                   "of a block")
+        trainer = training.make_trainer(
+            loaded, vocab_map, seq_len=FLAGS.seq_len, anchors_per_seq=min(32, FLAGS.seq_len),
+            block_size=drafter.block_size, num_layers=drafter.num_layers,
+            feature_layers=drafter.feature_layers)
+        net = params["net"]
+    frozen = trainer.frozen(loaded.params)
+    windows = held_out.windows(FLAGS.seq_len)
+    rows, size = [], FLAGS.batch_size
+    for s in range(0, len(windows), size):
+        chunk = windows[s:s + size]
+        keep = len(chunk)
+        if keep < size:  # a fixed batch shape: repeat the last window, drop the repeats
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - keep, 0)])
+        ranks = np.asarray(trainer.depth_ranks(net, held_out.batch(chunk, FLAGS.seq_len),
+                                               frozen))[:keep, :, :depth]
+        rows.append(ranks[ranks[..., 0] >= 0])
+    ranks = np.concatenate(rows) if rows else np.zeros((0, depth), np.int32)
+    prompts = [held_out.tokens[r, :held_out.prompt_lengths[r]].tolist()
+               for r in range(min(FLAGS.measure_prompts, len(held_out)))]
+    return ranks, depth, prompts, f"{len(held_out)} corpus records"
+
+
 def main(argv):
     common.start(argv)
     with common.user_errors():
-        if not FLAGS.data_dir:
-            raise common.UserError("--data_dir is required (the drafter's training data)")
-        if not 0.0 < FLAGS.eval_fraction < 1.0:
-            raise common.UserError("--eval_fraction must be in (0, 1)")
+        fraction = _check_flags()
         sizes = _sizes(FLAGS.max_nodes)
         if FLAGS.measure_prompts == 0 and not FLAGS.default_nodes:
             raise common.UserError("--measure_prompts=0 needs --default_nodes")
@@ -152,7 +263,14 @@ def main(argv):
             raise common.UserError("--default_nodes is over --max_nodes")
         common.check_outputs(FLAGS, "output")
         method_flags.model_config(FLAGS)  # an unknown or malformed model, before the load
-        from drafters import distill, head_weights, heads
+        if FLAGS.corpus_dir:
+            from drafters import corpus as corpus_lib
+            for d in filter(None, FLAGS.corpus_dir.split(",")):  # before the slow load
+                try:
+                    corpus_lib.read_manifest(d)
+                except corpus_lib.CorpusError as e:
+                    raise common.UserError(str(e)) from None
+        from drafters import head_weights
         from specjax import tree_tuning
 
         loaded = _plain_run().load()
@@ -160,32 +278,23 @@ def main(argv):
         output = FLAGS.output or head_weights.tree_file_of(weights)
         from specjax.files import check_writable
         check_writable(output, "the tree file")  # the default path too, before the long part
-        drafter, params = _load(loaded, weights, tree="generic")
-        dirs = [d for d in FLAGS.data_dir.split(",") if d]
-        records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])
-        _, held_out = distill.split_records(records, FLAGS.eval_fraction, FLAGS.seed)
+        try:
+            drafter, params = _load(loaded, weights, tree="generic")
+        except head_weights.HeadWeightsError as e:
+            raise common.UserError(str(e)) from None
         t = time.time()
-        if FLAGS.drafter == "eagle":
-            from drafters import eagle_train
-            depth = FLAGS.max_depth or DEFAULT_EAGLE_DEPTH
-            data = eagle_train.window_dataset(held_out, FLAGS.seq_len)
-            ranks = eagle_train.depth_ranks(drafter, params, loaded.params, data, depth)
-        else:
-            depth = FLAGS.max_depth or drafter.num_heads
-            if depth > drafter.num_heads:
-                raise common.UserError(f"--max_depth {depth} is over the {drafter.num_heads} "
-                                       "heads")
-            data = distill.position_dataset(held_out, drafter.num_heads)
-            ranks = heads.true_ranks(drafter, params, loaded.params, data)
+        find = _corpus_ranks if FLAGS.drafter in CORPUS_DRAFTERS else _self_distilled_ranks
+        ranks, depth, prompts, held_out = find(loaded, drafter, params, fraction)
+        source = FLAGS.corpus_dir or FLAGS.data_dir
         if ranks.shape[0] == 0:
-            raise common.UserError(f"{FLAGS.data_dir} has no held-out response positions")
+            raise common.UserError(f"{source} has no held-out response positions")
         order = tree_tuning.tuned_order(ranks, FLAGS.max_nodes, FLAGS.max_rank, depth)
         expected = tree_tuning.cumulative_expected(order, ranks)
         generic = [list(c) for c in drafter.tree.choice_of_node[1:]]  # with --draft_vocab
         generic_e = tree_tuning.expected_accepted(generic, ranks) \
             if drafter.tree.max_depth <= ranks.shape[1] else float("nan")
         _say(f"{FLAGS.drafter} (draft_vocab {FLAGS.draft_vocab or 'all'}): {ranks.shape[0]} "
-             f"held-out positions ({len(held_out)} sequences),"
+             f"held-out positions ({held_out}),"
              f" ranks in {time.time() - t:.0f} s; expected accepted drafted tokens per round: "
              f"generic {len(generic)}-node tree {generic_e:.3f}; tuned "
              + ", ".join(f"{n}: {expected[n - 1]:.3f}" for n in sizes if n <= len(order)))
@@ -194,8 +303,6 @@ def main(argv):
                                    f"data; use --sizes up to {len(order)}")
         measured = {}
         if FLAGS.measure_prompts:
-            prompts = [held_out.tokens[r, :held_out.prompt_lengths[r]].tolist()
-                       for r in range(min(FLAGS.measure_prompts, len(held_out)))]
             _say(f"timing {len(sizes)} sizes on {len(prompts)} held-out prompts x "
                  f"{FLAGS.max_new_tokens} tokens")
             measured = _measure(loaded, lambda n: _load(loaded, weights, choices=order[:n]),
@@ -209,14 +316,15 @@ def main(argv):
                  f"{measured[default_nodes][0] / measured[default_nodes][1] / ar_rate:.2f}x")
         info = {
             "drafter": FLAGS.drafter, "weights": os.path.basename(weights),
-            "data_dir": FLAGS.data_dir, "eval_fraction": FLAGS.eval_fraction,
-            "seed": FLAGS.seed, "held_out_positions": int(ranks.shape[0]),
-            "max_rank": FLAGS.max_rank,
+            "data_dir" if FLAGS.data_dir else "corpus_dir": source,
+            "eval_fraction": fraction, "seed": FLAGS.seed,
+            "held_out_positions": int(ranks.shape[0]), "max_rank": FLAGS.max_rank,
             "expected_accepted": [round(float(e), 4) for e in expected],
             "generic_expected_accepted": round(float(generic_e), 4),
             "measured": {str(n): {"tokens": tok, "wall_s": round(wall, 3), "target_calls": c}
                          for n, (tok, wall, c) in measured.items()},
             "measure_prompts": FLAGS.measure_prompts, "max_new_tokens": FLAGS.max_new_tokens,
+            "command": "python -m experiments.tune_tree " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
         }
         tree_tuning.save_tree_file(output, tree_tuning.TunedTree(

@@ -241,6 +241,10 @@ def test_depth_hits_match_decode_time_drafts(target, data, trained):
                     want_hits[i] += int(top[i] == batch["labels"][r, a + i])
     np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_array_equal(hits, want_hits)
+    ranks = np.asarray(trainer.depth_ranks(net, batch, frozen))  # per anchor, for tune_tree
+    assert ranks.shape == (b, w, k_slots)
+    np.testing.assert_array_equal((ranks == 0).sum((0, 1)), hits)  # rank 0 = a top-1 hit
+    np.testing.assert_array_equal((ranks >= 0).sum((0, 1)), counts)
     assert 0 < hits.sum() < counts.sum()  # a meaningful comparison: some hits, some misses
     assert 0 < counts[-1] < counts[0]  # deep slots counted, some left out as inconsistent
 
@@ -269,6 +273,19 @@ def test_weights_round_trip_and_errors(target, trained, tmp_path):
         assert str(f.get_tensor("net/head").dtype) == "bfloat16"
     np.testing.assert_array_equal(np.asarray(load_shipped(model, path=path)[1]["vocab_map"]),
                                   np.asarray(dparams["vocab_map"]))
+    from specjax import tree_tuning
+    with pytest.raises(tree_tuning.TunedTreeError):  # tunedN needs tune_tree's file
+        load_shipped(model, path=path, tree="tuned2")
+    with pytest.raises(ValueError, match="explicit choices"):
+        load_shipped(model, path=path, tree="generic", choices=[(0,)])
+    order = ((0,), (0, 0), (1,), (0, 0, 0))  # a tuned file: static reads its default size
+    tree_tuning.save_tree_file(head_weights.tree_file_of(path), tree_tuning.TunedTree(
+        order, 3, 0, {"drafter": "block_diffusion"}))
+    for tree, want in (("static", order[:3]), ("tuned2", order[:2]), ("tuned4", order)):
+        got = load_shipped(model, path=path, tree=tree)[0].tree.choice_of_node[1:]
+        assert sorted(got) == sorted(want), tree
+    generic = load_shipped(model, path=path, tree="generic")[0]
+    assert generic.tree.num_nodes == _drafter(model, "static").tree.num_nodes
     with pytest.raises(head_weights.HeadWeightsError, match="block_size"):
         load_weights(path, BlockDiffusionDrafter.create(model, block_size=4, num_layers=LAYERS,
                                                         draft_vocab_size=N))
@@ -314,7 +331,9 @@ def test_bad_options(target):
     with pytest.raises(ValueError, match="not all layers of a 2-layer target"):
         BlockDiffusionDrafter.create(model).check_compatible(shallow)
     method = registry.get("block_diffusion")
-    assert method.trees == (("static", "chain"), "static") and method.weights == "block_diffusion"
+    assert method.trees == (("static", "chain", "tunedN", "generic"), "static")
+    assert method.weights == "block_diffusion" and method.make_options(tree="tuned3").tree == \
+        "tuned3"
     with pytest.raises(ValueError, match="tree must be one of static, chain"):
         method.make_options(tree="dynamic")
     vocab_map = np.arange(10)

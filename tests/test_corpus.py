@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import tinymodels as kit
-from drafters import corpus, draft_vocab
+from drafters import corpus, draft_vocab, head_weights
+from specjax import tree_tuning
 from specjax.decode import DecodeConfig, generate
 from tinymodels import PROMPTS
 
@@ -183,10 +184,11 @@ def test_sharegpt_first_turns_from_a_cut_file():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args):
+def _run(*args, progress_flag=True):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", *args, "--progress=false"], cwd=ROOT,
+    quiet = ["--progress=false"] if progress_flag else []
+    proc = subprocess.run([sys.executable, "-m", *args, *quiet], cwd=ROOT,
                           capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -231,5 +233,19 @@ def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
     assert dparams["vocab_map"].shape == (48,)
     config = DecodeConfig(max_new_tokens=12)
     ref = kit.rows_of(generate(lm.model, lm.params, PROMPTS, config))
+    got = speculative_generate(lm.model, lm.params, dr, dparams, PROMPTS, config)
+    assert kit.rows_of(got) == ref
+    # A tuned tree from the corpus (every record: the held-out path of a fresh corpus), which
+    # the static tree then loads.
+    _run("experiments.tune_tree", "--model=tiny-gqa", f"--drafter={drafter}",
+         f"--weights={weights}", f"--corpus_dir={out}", "--eval_fraction=1", "--seq_len=32",
+         "--sizes=1,2", "--max_nodes=3", "--max_rank=3", "--measure_prompts=2",
+         "--max_new_tokens=8", progress_flag=False)
+    tuned = tree_tuning.load_tree_file(head_weights.tree_file_of(weights))
+    assert tuned.default_nodes in (1, 2) and tuned.info["corpus_dir"] == out
+    assert set(tuned.info["measured"]) == {"0", "1", "2"}
+    dr, dparams = importlib.import_module(f"drafters.{drafter}").load_shipped(lm, path=weights)
+    assert sorted(tuple(c) for c in dr.tree.choice_of_node[1:]) == sorted(
+        tuple(c) for c in tuned.order[:tuned.default_nodes])
     got = speculative_generate(lm.model, lm.params, dr, dparams, PROMPTS, config)
     assert kit.rows_of(got) == ref

@@ -271,6 +271,10 @@ def test_ttt_loss_decreases_and_depth_hits_match_decoding(target, data, fitted):
         assert hits.shape == counts.shape == (3,)
         direct = _teacher_forced_hits(trainer.drafter, p, params, batch)
         assert [(hits[d], counts[d]) for d in (0, 1)] == [tuple(map(int, x)) for x in direct]
+        ranks = np.asarray(trainer.depth_ranks(p, batch, frozen))  # per root, for tune_tree
+        assert ranks.shape == batch["labels"][:, 1:].shape + (3,)
+        np.testing.assert_array_equal((ranks == 0).sum((0, 1)), hits)  # rank 0 = a top-1 hit
+        np.testing.assert_array_equal((ranks >= 0).sum((0, 1)), counts)
     assert hits[0] > 0.5 * counts[0] > 0  # the trained drafter
 
 
