@@ -55,6 +55,18 @@ def markdown(result: dict) -> str:
                                         "round cost", "accept rate", "accept rate by depth",
                                         "mismatches",
                                         "compile s"], rows), ""]
+    parts = {n: m["round_breakdown"] for n, m in result["methods"].items()
+             if "round_breakdown" in m}
+    if parts:
+        probe = next(iter(parts.values()))
+        rows = [[name, _f(b["round_steps"]), _f(b["verify_steps"]), _f(b["drafting_steps"]),
+                 _f(1e3 * b["step_s"], 1)] for name, b in parts.items()]
+        out += ["## Round cost breakdown (plain decoding steps per round)", "",
+                f"One prompt (question {probe.get('question_id')}), medians of "
+                f"{probe['calls']} interleaved calls per loop: a round of the method, the same "
+                "round with a drafter that drafts the same tree shape at no cost (verify), and "
+                "a plain step; drafting = round - verify.", "",
+                md_table(["method", "round", "verify", "drafting", "plain step ms"], rows), ""]
     rows = []
     for name, m in result["methods"].items():
         cells = []

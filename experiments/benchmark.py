@@ -29,6 +29,11 @@ Metrics, per task group and overall:
     common one: ``ar``'s total wall time over the method's, on the same prompts.
   * ``accept_rate_by_depth[d]``: fraction of (row, round) pairs in which the draft token at depth
     d+1 was accepted.
+  * Round-cost breakdown (``--round_cost_calls``, :mod:`experiments.bench_round_cost`): on the
+    median-length prompt, one round of each draft-then-verify method, the same round with a
+    drafter that drafts the same tree shape at no cost, and a plain step, timed interleaved:
+    ``verify_steps`` (verification, acceptance, commit) and ``drafting_steps`` (the drafter's
+    own work) per round, in plain decoding steps.
   * Losslessness: every lossless method's tokens are compared with ``ar``'s token for token; a
     difference is a bug, reported on stderr, in both outputs, and by exit status 1.
   * Peer (``--peer``): transformers ``generate`` on the same GGUF (float32, batch 1, greedy, the
@@ -104,6 +109,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("output_md", None, "Write the Markdown tables here (atomically).", **d)
     flags.DEFINE_string("plots", None, "Write the benchmark's PNG plots into this directory "
                         "(experiments/bench_plots.py).", **d)
+    flags.DEFINE_integer("round_cost_calls", 8, "Timed calls per loop in the round-cost "
+                         "breakdown of each draft-then-verify method (0 = no breakdown).",
+                         lower_bound=0, **d)
     flags.DEFINE_bool("fail_on_mismatch", True, "Exit with status 1 when a lossless method's "
                       "output differs from ar's (after writing the outputs).", **d)
     method_flags.define_flags(multi=True, fv=fv)
@@ -190,7 +198,8 @@ def _run_method(name, runner, prompts, results, mismatches, bar) -> list[dict]:
 
 
 def measure(runs: dict[str, methods.Run], loaded, prompts, groups, bar=None,
-            after_ar: Optional[Callable[[dict], None]] = None) -> tuple[dict, list]:
+            after_ar: Optional[Callable[[dict], None]] = None,
+            round_cost_calls: int = 0) -> tuple[dict, list]:
     """Every run over every prompt, one method after the other, ``ar`` (which must be the first
     run) first; each output compared with ar's token for token.
 
@@ -199,9 +208,11 @@ def measure(runs: dict[str, methods.Run], loaded, prompts, groups, bar=None,
       prompts: Spec-Bench prompts (``experiments.spec_bench``) with ``ids`` set.
       groups: the task groups to summarise, in report order.
       bar: a tqdm bar to advance, or None; after_ar: called with ar's result when it is done.
+      round_cost_calls: timed calls per loop of the round-cost breakdown (0: none).
     Returns:
       ``(results, mismatches)``: per method its records, summaries (``overall``,
-      ``by_category``), compile time, options; and the lossless runs' differences from ar.
+      ``by_category``), compile time, options, ``round_breakdown`` (draft-then-verify methods,
+      with ``round_cost_calls``); and the lossless runs' differences from ar.
     """
     if next(iter(runs)) != "ar":
         raise ValueError("the first run must be ar (the reference)")
@@ -219,6 +230,19 @@ def measure(runs: dict[str, methods.Run], loaded, prompts, groups, bar=None,
                          "options": options, "draft_len": options.get("draft_len", 0)}
         if name == "ar" and after_ar is not None:
             after_ar(results["ar"])
+    if round_cost_calls:
+        from experiments import bench_round_cost
+        from specjax.speculative import SpecLoop
+        probe = sorted(prompts, key=lambda p: len(p.ids))[len(prompts) // 2]
+        plain = runners["ar"].engine.loop
+        for name, runner in runners.items():
+            loop = runner.engine.loop
+            if isinstance(loop, SpecLoop):
+                if bar is not None:
+                    bar.set_description(f"{name} round cost")
+                results[name]["round_breakdown"] = bench_round_cost.breakdown(
+                    loop, plain, loaded.params, runner.dparams, probe.ids, round_cost_calls) \
+                    | {"question_id": probe.question_id}
     ar_recs = results["ar"]["per_prompt"]
     for name, res in results.items():
         res |= summarize(res["per_prompt"], None if name == "ar" else ar_recs, groups)
@@ -275,7 +299,8 @@ def main(argv):
                  f"estimated remaining ~{remaining / 60:.1f} min")
 
         try:  # the bar ends its line however the run ends (an interrupt prints one line)
-            results, mismatches = measure(runs, loaded, prompts, groups, bar, after_ar)
+            results, mismatches = measure(runs, loaded, prompts, groups, bar, after_ar,
+                                          FLAGS.round_cost_calls)
             ar_recs = results["ar"]["per_prompt"]
             peer_result = None
             if peer is not None:
@@ -295,7 +320,8 @@ def main(argv):
                        "mesh": FLAGS.mesh, "adaptive_draft": FLAGS.adaptive_draft,
                        "options": {n: results[n]["options"] for n in names},
                        "peer": FLAGS.peer, "peer_draft_model": FLAGS.peer_draft_model,
-                       "peer_threads": FLAGS.peer_threads},
+                       "peer_threads": FLAGS.peer_threads,
+                       "round_cost_calls": FLAGS.round_cost_calls},
             "command": " ".join(["python -m experiments.benchmark"] + sys.argv[1:]),
             "environment": env_start | {"load_average_end": environment()["load_average"]},
             "definitions": {
@@ -304,7 +330,11 @@ def main(argv):
                 "speedup": "tokens_per_s / ar tokens_per_s (same run; Spec-Bench)",
                 "speedup_wall": "ar total wall seconds / method total wall seconds",
                 "round_cost": "tau / speedup: one round's cost in plain decoding steps",
-                "accept_rate_by_depth": "accepted drafts at depth d+1 / (row, round) pairs"},
+                "accept_rate_by_depth": "accepted drafts at depth d+1 / (row, round) pairs",
+                "round_breakdown": "one prompt, medians of interleaved calls: round_steps = "
+                                   "a round / a plain step; verify_steps = a round drafting "
+                                   "the same tree shape at no cost / a plain step; "
+                                   "drafting_steps = their difference"},
             "groups": groups, "num_prompts": len(prompts),
             "prompts": [{"question_id": p.question_id, "group": p.group,
                          "category": p.category, "prompt_len": len(p.ids)} for p in prompts],

@@ -81,9 +81,35 @@ def test_benchmark_smoke(tmp_path):
             if m["draft_len"]:  # jacobi / lookahead have a window, not a draft length
                 assert len(o["accept_rate_by_depth"]) == m["draft_len"]
             assert set(m["by_category"]) == {"translation", "qa"}
+    spec = [n for n, m in res["methods"].items() if "round_breakdown" in m]
+    assert {"prompt_lookup", "draft_model", "layer_skip"} <= set(spec) and "ar" not in spec
+    for name in spec:
+        b = res["methods"][name]["round_breakdown"]
+        assert b["calls"] == 8 and b["step_s"] > 0 and b["round_s"] > 0 and b["verify_s"] > 0
+        assert b["round_steps"] == pytest.approx(b["round_s"] / b["step_s"])
+        assert b["drafting_steps"] == pytest.approx(b["round_steps"] - b["verify_steps"])
     text = md.read_text()
     assert "| prompt_lookup |" in text and "Speedup / tau by task group" in text
+    assert "Round cost breakdown" in text
     assert "ar" in stdout and "speedup" in stdout
+
+
+def test_tree_shape_drafter_is_lossless_and_drafts_the_shape():
+    """The round-cost breakdown's no-cost drafter: any tree shape, output equal to plain
+    decoding's (so its rounds are real rounds)."""
+    import tinymodels as kit
+    from drafters.eagle import EagleDrafter
+    from experiments.bench_round_cost import TreeShapeDrafter
+    from specjax.decode import DecodeConfig, generate
+    from specjax.speculative import speculative_generate
+    model, params = kit.tiny_model("gqa")
+    like = EagleDrafter.create(model)  # a 2-level static tree
+    drafter = TreeShapeDrafter.like(like)
+    assert drafter.tree is like.tree and drafter.feature_layers == tuple(like.feature_layers)
+    config = DecodeConfig(max_new_tokens=10)
+    want = kit.rows_of(generate(model, params, kit.PROMPTS, config))
+    got = speculative_generate(model, params, drafter, (), kit.PROMPTS, config)
+    assert kit.rows_of(got) == want
 
 
 def test_benchmark_ar_smoke(tmp_path):
