@@ -30,9 +30,16 @@ TEST_WORKERS ?= 2
 # a binary run as a subprocess) is loaded instead; the cache starts empty on every run.
 JAX_CACHE := $(CURDIR)/.jax_cache
 
+# Tests check invariants, not speed, and most of their CPU time is XLA compiling small programs:
+# XLA's backend optimisation level 0 compiles them much faster (measured: tests/test_jacobi.py
+# 86 -> 53 CPU-s, tests/test_gguf_smollm2.py 225 -> 133) and changes no result. Benchmarks and
+# the demo compile at the default level.
+TEST_XLA_FLAGS := --xla_backend_optimization_level=0
+
 test: setup
 	rm -rf $(JAX_CACHE)
 	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
+		XLA_FLAGS="$(TEST_XLA_FLAGS) $(XLA_FLAGS)" \
 		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
