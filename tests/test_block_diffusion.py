@@ -249,6 +249,27 @@ def test_depth_hits_match_decode_time_drafts(target, data, trained):
     assert 0 < counts[-1] < counts[0]  # deep slots counted, some left out as inconsistent
 
 
+def test_consistent_only_scores_only_slots_the_target_would_reach(target, data):
+    """With ``consistent_only``, a batch whose data tokens are never the target's choices
+    scores slot 0 only (the deeper slots' labels follow tokens the drafter cannot see)."""
+    import dataclasses
+    model, params = target
+    trainer, batch, _ = data
+    tokens = batch["tokens"].copy()
+    tokens[:, 1:] = (batch["labels"] + 1) % model.vocab_size  # tokens[p] != labels[p - 1]
+    broken = dict(batch, tokens=tokens, step=np.int32(0))
+    frozen, net = trainer.frozen(params), trainer.init_params(jax.random.key(0))
+    k = trainer.drafter.block_size
+    weights = sum(trainer.weight_decay_per_depth ** i for i in range(k))
+    for only in (True, False):
+        loss, metrics = dataclasses.replace(trainer, consistent_only=only).loss_fn(
+            net, broken, frozen)
+        slot0_only = float(loss) == pytest.approx(float(metrics["ce"]) * k / weights,
+                                                  rel=1e-5)
+        assert slot0_only == only
+        assert [float(metrics[f"acc_{d}"]) for d in range(2, k + 1)] == [0.0] * (k - 1)
+
+
 # Weights and bad input -----------------------------------------------------------------------
 
 
