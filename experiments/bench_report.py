@@ -65,7 +65,8 @@ def markdown(result: dict) -> str:
                 f"One prompt (question {probe.get('question_id')}), medians of "
                 f"{probe['calls']} interleaved calls per loop: a round of the method, the same "
                 "round with a drafter that drafts the same tree shape at no cost (verify), and "
-                "a plain step; drafting = round - verify.", "",
+                "a plain step; drafting = round - verify. Drafters whose verify width follows "
+                "their drafts (prompt lookup, the adaptive wrapper) are left out.", "",
                 md_table(["method", "round", "verify", "drafting", "plain step ms"], rows), ""]
     rows = []
     for name, m in result["methods"].items():

@@ -14,7 +14,12 @@ multi-token forward, acceptance and the commit); ``drafting_steps`` = their diff
 drafter's ``propose`` and ``commit``: its forwards, its LM-head reads, its cache updates). The
 loop's per-round work outside the drafter is in ``verify_steps``. Prefill is excluded: the
 rounds run after the prompt is in the cache. Methods whose tree changes shape per round
-(dynamic trees, adaptive widths) get the shape-only round of their template tree.
+(dynamic trees) get the shape-only round of their template tree; drafters whose verification
+width follows their drafts (``verify_widths``) are not comparable this way (the shape-only
+drafter fills the whole tree) and the benchmark leaves them out.
+
+Per-call timings from Python can differ from the in-loop round cost (``tau / speedup``): on
+2026-11-30 up to 1.4x for 2-node trees. Read the split, not the absolute values.
 
 Axis glossary: B batch (1 here), T tree nodes.
 """

@@ -82,10 +82,11 @@ def test_benchmark_smoke(tmp_path):
                 assert len(o["accept_rate_by_depth"]) == m["draft_len"]
             assert set(m["by_category"]) == {"translation", "qa"}
     spec = [n for n, m in res["methods"].items() if "round_breakdown" in m]
-    assert {"prompt_lookup", "draft_model", "layer_skip"} <= set(spec) and "ar" not in spec
+    # prompt lookup verifies at the width of its drafts: not comparable, left out
+    assert {"draft_model", "layer_skip"} <= set(spec) and not {"ar", "prompt_lookup"} & set(spec)
     for name in spec:
         b = res["methods"][name]["round_breakdown"]
-        assert b["calls"] == 8 and b["step_s"] > 0 and b["round_s"] > 0 and b["verify_s"] > 0
+        assert b["calls"] == 16 and b["step_s"] > 0 and b["round_s"] > 0 and b["verify_s"] > 0
         assert b["round_steps"] == pytest.approx(b["round_s"] / b["step_s"])
         assert b["drafting_steps"] == pytest.approx(b["round_steps"] - b["verify_steps"])
     text = md.read_text()
