@@ -211,7 +211,10 @@ class BlockDiffusionTrainer:
         return _depth_ranks(self, params, batch, frozen)
 
 
-def _hits(trainer: BlockDiffusionTrainer, params, batch, frozen):
+def _every_anchor(trainer: BlockDiffusionTrainer, params, batch, frozen, measure):
+    """``measure(logits, labels, counted)`` of every window position as an anchor, in groups
+    of ``M`` anchors (``jax.lax.map``); ``counted = ok & consistent`` (see :meth:`blocks`).
+    Returns the per-group results stacked along a leading axis ``[G, ...]``."""
     kv = trainer.context(params, batch)
     b, w = batch["valid"].shape
     m = trainer.anchors_per_seq
@@ -221,11 +224,17 @@ def _hits(trainer: BlockDiffusionTrainer, params, batch, frozen):
         anchors = jnp.broadcast_to(jnp.minimum(idx, w - 1), (b, m))
         ok = (idx < w)[None, :] & jnp.take_along_axis(batch["label_mask"], anchors, axis=1)
         logits, labels, ok, consistent = trainer.blocks(params, batch, frozen, kv, anchors, ok)
-        valid = ok & consistent
-        top = draft_vocab.to_target(frozen["vocab_map"], jnp.argmax(logits, axis=-1))
-        return ((top == labels) & valid).sum((0, 1)), valid.sum((0, 1))
+        return measure(logits, labels, ok & consistent)
 
-    hits, counts = jax.lax.map(group, jnp.arange(-(-w // m)))
+    return jax.lax.map(group, jnp.arange(-(-w // m)))
+
+
+def _hits(trainer: BlockDiffusionTrainer, params, batch, frozen):
+    def measure(logits, labels, counted):
+        top = draft_vocab.to_target(frozen["vocab_map"], jnp.argmax(logits, axis=-1))
+        return ((top == labels) & counted).sum((0, 1)), counted.sum((0, 1))
+
+    hits, counts = _every_anchor(trainer, params, batch, frozen, measure)
     return hits.sum(0).astype(jnp.int32), counts.sum(0).astype(jnp.int32)
 
 
@@ -233,20 +242,13 @@ _depth_hits = jax.jit(_hits, static_argnums=0)
 
 
 def _ranks(trainer: BlockDiffusionTrainer, params, batch, frozen):
-    kv = trainer.context(params, batch)
-    b, w = batch["valid"].shape
-    m = trainer.anchors_per_seq
-
-    def group(g):
-        idx = g * m + jnp.arange(m, dtype=jnp.int32)
-        anchors = jnp.broadcast_to(jnp.minimum(idx, w - 1), (b, m))
-        ok = (idx < w)[None, :] & jnp.take_along_axis(batch["label_mask"], anchors, axis=1)
-        logits, labels, ok, consistent = trainer.blocks(params, batch, frozen, kv, anchors, ok)
+    def measure(logits, labels, counted):
         ids = frozen["draft_ids"][labels]
         ranks = tree_tuning.label_ranks(logits, jnp.where(ids >= 0, ids, logits.shape[-1]))
-        return jnp.where(ok & consistent, ranks, -1)  # [B, M, K]
+        return jnp.where(counted, ranks, -1)  # [B, M, K]
 
-    groups = jax.lax.map(group, jnp.arange(-(-w // m)))  # [G, B, M, K]
+    groups = _every_anchor(trainer, params, batch, frozen, measure)  # [G, B, M, K]
+    b, w = batch["valid"].shape
     return jnp.moveaxis(groups, 0, 1).reshape(b, -1, trainer.drafter.block_size)[:, :w]
 
 
