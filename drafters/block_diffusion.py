@@ -58,7 +58,7 @@ import numpy as np
 from flax import struct
 
 from drafters import corpus, draft_vocab, head_weights, heads, registry
-from drafters.block_diffusion_net import BlockNet
+from drafters.block_diffusion_net import BlockNet, init_block_net
 from drafters.target_readout import TargetReadout
 from models import decoder_block as block
 from specjax import cache as cache_lib
@@ -277,33 +277,13 @@ class BlockDiffusionDrafter(TargetReadout, DrafterBase):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(drafter: BlockDiffusionDrafter, key):
-    """The module's declared init (norm weights 1, everything else N(0, 0.02)) drawn as ONE
-    normal sample: with one PRNG call per parameter the jitted init took ~15 s to compile on
-    a busy 2-core CPU, one call ~1 s."""
-    e, n = drafter.hidden_size, len(drafter.feature_layers)
-    shapes = jax.eval_shape(lambda k: drafter.module.init(
-        k, jnp.zeros((1, 1, n * e)), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, e)),
-        drafter.block_size)["params"], key)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
-    noise = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
-    out, start = [], 0
-    for (path, leaf), size in zip(leaves, sizes):
-        is_norm = path[-1].key.endswith("norm")
-        out.append(jnp.ones(leaf.shape) if is_norm else
-                   noise[start:start + size].reshape(leaf.shape))
-        start += size
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def check_vocab_map(vocab_map, vocab_size: int = np.iinfo(np.int32).max) -> np.ndarray:
-    """``vocab_map`` as ``int32[N]`` (:func:`drafters.draft_vocab.check_map`)."""
-    return draft_vocab.check_map(vocab_map, vocab_size)
+    return init_block_net(drafter.module, drafter.block_size, key)
 
 
 def decode_params(net_params, vocab_map) -> dict:
     """The drafter's params: the trained ``BlockNet`` params and the vocabulary map."""
-    return {"net": net_params, "vocab_map": jnp.asarray(check_vocab_map(vocab_map))}
+    vocab_map = draft_vocab.check_map(vocab_map, np.iinfo(np.int32).max)
+    return {"net": net_params, "vocab_map": jnp.asarray(vocab_map)}
 
 
 # Weights files ---------------------------------------------------------------------------------

@@ -58,8 +58,7 @@ import numpy as np
 
 from drafters import draft_vocab
 from drafters.corpus import parse_layers
-from drafters.block_diffusion import (DEFAULT_BLOCK_SIZE, BlockDiffusionDrafter,
-                                      check_vocab_map, decode_params)
+from drafters.block_diffusion import DEFAULT_BLOCK_SIZE, BlockDiffusionDrafter, decode_params
 from drafters.block_diffusion_net import BlockNet, attend_with_context
 from specjax import tree_tuning
 
@@ -274,7 +273,7 @@ def make_trainer(target, vocab_map: np.ndarray, *, target_params=None,
     o = {**DEFAULTS, **options}
     if o["feature_layers"] is not None:  # a sequence, or text from a command line: "2:15:27"
         o["feature_layers"] = parse_layers(o["feature_layers"])
-    vocab_map = check_vocab_map(vocab_map, target.vocab_size)
+    vocab_map = draft_vocab.check_map(vocab_map, target.vocab_size)
     if o["seq_len"] < 2 or not 1 <= o["anchors_per_seq"] <= o["seq_len"]:
         raise ValueError(f"need seq_len >= 2 and 1 <= anchors_per_seq <= seq_len, got "
                          f"{o['seq_len']}, {o['anchors_per_seq']}")

@@ -144,7 +144,8 @@ def main(argv):
             manifest = corpus.build(
                 loaded.model, loaded.params, examples, FLAGS.out_dir, path=FLAGS.path,
                 layers=layers, max_len=FLAGS.max_len, shard_size=FLAGS.shard_size,
-                max_new_tokens=FLAGS.max_new_tokens, eos_ids=loaded.tokenizer.eos_ids if loaded.tokenizer else (),
+                max_new_tokens=FLAGS.max_new_tokens,
+                eos_ids=loaded.tokenizer.eos_ids if loaded.tokenizer else (),
                 gen_batch_size=FLAGS.gen_batch_size, model_name=loaded.name, source=source,
                 command="python -m experiments.build_corpus " + " ".join(sys.argv[1:]),
                 progress=FLAGS.progress)

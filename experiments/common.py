@@ -170,6 +170,19 @@ def run_training(FLAGS, state, step_fn, get_batch, frozen, meta: dict, eval_fn, 
     return state, start, time.time() - t
 
 
+def corpus_dirs(value: str) -> list[str]:
+    """The directories of a ``--corpus_dir`` flag (comma-separated), each checked to hold a
+    complete corpus before any slow load (UserError: what is wrong and how to build one)."""
+    from drafters import corpus as corpus_lib
+    dirs = [d for d in value.split(",") if d]
+    for d in dirs:
+        try:
+            corpus_lib.read_manifest(d)
+        except corpus_lib.CorpusError as e:
+            raise UserError(str(e)) from None
+    return dirs
+
+
 def check_text(text: str, what: str) -> str:
     """``text`` if it is valid Unicode text; UserError naming ``what`` and the first bad byte
     otherwise (command-line bytes that are not UTF-8 arrive as lone surrogates)."""

@@ -111,13 +111,8 @@ def main(argv):
         options = trainer_options(FLAGS.trainer_options)
         common.check_outputs(FLAGS, "output", "metrics_json",
                              dirs=("ckpt_dir",) if FLAGS.ckpt_dir else ())
-        dirs = [d for d in FLAGS.corpus_dir.split(",") if d]
+        dirs = common.corpus_dirs(FLAGS.corpus_dir)
         from drafters import corpus as corpus_lib
-        for d in dirs:  # before the slow load
-            try:
-                corpus_lib.read_manifest(d)
-            except corpus_lib.CorpusError as e:
-                raise common.UserError(str(e)) from None
         method_flags.model_config(FLAGS)
         import jax
         import numpy as np

@@ -30,6 +30,52 @@ import tinymodels  # noqa: E402
 from specjax.decode import DecodeConfig, generate  # noqa: E402
 
 
+# How hard XLA optimises the programs a test file compiles. Most files compile many small
+# programs and run each briefly: XLA's backend optimisation level 0 (JAX's
+# ``jax_disable_most_optimizations``) compiles them much faster and changes no result. A file
+# whose time goes into RUNNING the 30-layer SmolLM2 sets ``XLA_OPTIMIZE = True`` and keeps the
+# level ``XLA_FLAGS`` gives (1 in ``make test``, 2 by default), which runs that model ~2.5x
+# faster than level 0. The choice reaches the binaries a file starts as subprocesses through
+# ``JAX_DISABLE_MOST_OPTIMIZATIONS``. Measured per file in CPU seconds (WORKSPACE "Decisions"),
+# e.g. test_jacobi 54 -> 34 at level 0, test_notebook 442 at level 0 against 237 at level 2.
+_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _xla_optimisation_level(request):
+    optimise = bool(getattr(request.module, "XLA_OPTIMIZE", False))
+    before_config = jax.config.values["jax_disable_most_optimizations"]
+    before_env = os.environ.get(_OPT_ENV)
+    jax.config.update("jax_disable_most_optimizations", not optimise)
+    os.environ[_OPT_ENV] = "0" if optimise else "1"
+    yield
+    jax.config.update("jax_disable_most_optimizations", before_config)
+    if before_env is None:
+        os.environ.pop(_OPT_ENV, None)
+    else:
+        os.environ[_OPT_ENV] = before_env
+
+
+# The longest files start first (measured durations, 2026-11-30, two workers, seconds): with
+# ``--dist loadfile --no-loadscope-reorder`` a worker takes the next file in this order when it
+# runs short of work, so no long file is left to run alone at the end. The rest follow in
+# collection order.
+SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~380 (14 methods, both paths, SmolLM2)
+                    "test_notebook.py",  # ~240
+                    "test_sharding.py",  # ~155 (a subprocess on 8 fake devices)
+                    "test_gguf_smollm2.py",  # ~120 (the transformers reference)
+                    "test_speculative.py", "test_bad_input.py", "test_eagle.py",
+                    "test_experiments.py", "test_eagle3.py", "test_adaptive.py", "test_heads.py",
+                    "test_registry.py", "test_corpus.py", "test_accept.py", "test_lookahead.py",
+                    "test_block_diffusion.py", "test_packaging.py", "test_tree_attention.py",
+                    "test_token_recycling.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
     """Drops every compiled executable after each test module. Without this, the whole suite

@@ -1,6 +1,8 @@
 """Bad input to every binary: one ``error:`` line naming the problem, exit status 2, no traceback,
 no output file and no temporary file left; interruptions stop cleanly and leave nothing
-partial. Each case runs the binary as a user does (a subprocess); they run a few at a time.
+partial. Each case runs the binary in a process of its own, with its own exit status and
+stderr: forked from one that imported the binary once (``bad_input_driver.py``: the import is
+most of a case's CPU time); the interruption tests start ``python -m`` as a user does.
 
 Cases that need no model fail before any load. The few that need the real tokenizer (a prompt
 longer than the context, a tree size the tuned file lacks) load SmolLM2 from its disk cache and
@@ -162,31 +164,51 @@ CASES = {
     "fdt_options": ("train_corpus_drafter", ["--drafter=block_diffusion", "--corpus_dir={tmp}",
                                              "--trainer_options=block_size"],
                     "--trainer_options entry 'block_size' is not key=value"),
+    # Token Recycling's table and tree
+    "table_no_corpus": ("build_recycling_table", [], "--corpus_dir is required"),
+    "table_not_a_corpus": ("build_recycling_table", ["--corpus_dir={tmp}"], "no manifest.json"),
+    "table_width": ("build_recycling_table", ["--corpus_dir={tmp}", "--table_width=60000"],
+                    "--table_width 60000 is over the vocabulary (49152)"),
+    "tune_recycling_data_dir": ("tune_tree", ["--drafter=token_recycling", "--data_dir={tmp}"],
+                                "--corpus_dir is required for --drafter=token_recycling"),
     "plots_missing": ("bench_plots", ["--input=/nonexistent.json", "--plots={tmp}/p"],
                       "does not exist"),
 }
 
 
-def _run_case(name, base):
-    module, args, _ = CASES[name]
-    case_dir = os.path.join(base, name)
-    os.makedirs(case_dir)
-    files = _setup(case_dir)
-    before = set(os.listdir(case_dir))
-    argv = [a.format(**files) if isinstance(a, str) else a for a in args]
-    proc = subprocess.run([sys.executable.encode(), b"-m", f"experiments.{module}".encode()]
-                          + [a if isinstance(a, bytes) else a.encode() for a in argv],
-                          cwd=ROOT, env=_env(), capture_output=True, timeout=900)
-    left = set(os.listdir(case_dir)) - before
-    return proc.returncode, proc.stderr.decode("utf-8", "replace"), left
+def _run_binary(module, names, base):
+    """Every case of one binary: ``{name: (returncode, stderr, files left behind)}``. The cases
+    run in processes of their own, forked from one that imported the binary once
+    (``bad_input_driver.py``)."""
+    cases, dirs = [], {}
+    for name in names:
+        args = CASES[name][1]
+        case_dir = dirs[name] = os.path.join(base, name)
+        os.makedirs(case_dir)
+        files = _setup(case_dir)
+        argv = [a.format(**files) if isinstance(a, str) else a for a in args]
+        cases.append({"name": name, "argv": [(a if isinstance(a, bytes) else a.encode()).hex()
+                                             for a in argv]})
+    before = {name: set(os.listdir(d)) for name, d in dirs.items()}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bad_input_driver.py"),
+                           f"experiments.{module}"], input=json.dumps(cases).encode(), cwd=ROOT,
+                          env=_env(), capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    out = json.loads(proc.stdout)
+    return {name: (out[name][0], out[name][1], set(os.listdir(dirs[name])) - before[name])
+            for name in names}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("bad_input"))
+    by_binary = {}
+    for name, (module, _, _) in CASES.items():
+        by_binary.setdefault(module, []).append(name)
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(_run_case, name, base) for name in CASES}
-        return {name: f.result() for name, f in futures.items()}
+        futures = [pool.submit(_run_binary, module, names, base)
+                   for module, names in by_binary.items()]
+        return {name: r for f in futures for name, r in f.result().items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))

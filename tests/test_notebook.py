@@ -14,6 +14,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+XLA_OPTIMIZE = True  # its time is running SmolLM2, not compiling (tests/conftest.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 CELL_TIMEOUT_S = 900  # the benchmark cell: ~2.5 min on a busy 2-core CPU

@@ -16,6 +16,7 @@ from experiments.bench_runner import MethodRunner
 from models import registry as models
 from specjax.decode import DecodeConfig, generate as plain_generate
 
+XLA_OPTIMIZE = True  # its time is running SmolLM2, not compiling (tests/conftest.py)
 QUESTIONS = [
     "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox.",
     "What is 12 times 7? Explain step by step.",
