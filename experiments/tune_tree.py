@@ -1,5 +1,5 @@
-"""Tunes the static tree of trained Medusa / Hydra heads, the EAGLE layer, the EAGLE-3 drafter
-or the block drafter; writes ``<weights>.tree.json``.
+"""Tunes the static tree of trained Medusa / Hydra heads, the EAGLE layer, the EAGLE-3 drafter,
+the block drafter or Token Recycling's table walk; writes ``<weights>.tree.json``.
 
   python -m experiments.tune_tree --drafter=medusa \\
       --data_dir=/tmp/sj/distill,/tmp/sj/distill_extra,/tmp/sj/distill_extra2
@@ -8,6 +8,8 @@ or the block drafter; writes ``<weights>.tree.json``.
   python -m experiments.tune_tree --drafter=eagle --data_dir=... --draft_vocab=8192
   python -m experiments.tune_tree --drafter=eagle3 --corpus_dir=/work/corpus/extra-regen-0 \\
       --eval_fraction=1 --sizes=1,2,3,4,6,8
+  python -m experiments.tune_tree --drafter=token_recycling \\
+      --corpus_dir=/work/corpus/extra-regen-0 --sizes=2,4,6,8,12,16
 
 The self-distillation drafters (medusa, hydra, eagle) read ``--data_dir`` (``train_drafter``'s
 data); the corpus drafters (eagle3, block_diffusion) read ``--corpus_dir``
@@ -38,6 +40,12 @@ LM head): the ranks, the order and the timing all use it, and the file records i
 
 The file holds the whole order (up to ``--max_nodes``), so ``--tree=tunedN`` in ``generate``
 and ``benchmark`` picks any size later, plus the measured table under ``info``.
+
+``token_recycling`` has no weights: its corpus is split by records (``--eval_fraction``, default
+0.5), the first part builds the starting table (:func:`drafters.token_recycling.table_from_text`)
+and the held-out part gives the ranks (the table walked and updated along each response,
+:func:`drafters.token_recycling.walk_ranks`) and the timed prompts; the tree file goes beside
+the shipped table (``token_recycling.safetensors``, from ``build_recycling_table``).
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from absl import app, flags
 
 from experiments import common, method_flags
@@ -54,7 +64,8 @@ from experiments import common, method_flags
 FLAGS = flags.FLAGS
 
 CORPUS_DRAFTERS = ("eagle3", "block_diffusion")
-flags.DEFINE_enum("drafter", "medusa", ["medusa", "hydra", "eagle", *CORPUS_DRAFTERS],
+RECYCLING = "token_recycling"  # training-free: tuned on a corpus's text, no weights
+flags.DEFINE_enum("drafter", "medusa", ["medusa", "hydra", "eagle", *CORPUS_DRAFTERS, RECYCLING],
                   "Drafter whose static tree to tune.")
 flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
 flags.DEFINE_string("weights", None, "Head weights (.safetensors); default: the shipped file.")
@@ -64,7 +75,8 @@ flags.DEFINE_string("corpus_dir", None, "eagle3 / block_diffusion: distillation 
                     "(comma-separated directories), as built by build_corpus.")
 flags.DEFINE_float("eval_fraction", None, "Held-out share of the sequences, as in training "
                    "(default 0.1 for --data_dir, 0.05 for --corpus_dir; 1 = every record of a "
-                   "corpus the drafter never trained on).")
+                   "corpus the drafter never trained on). token_recycling: the share measured, "
+                   "the rest builds the starting table (default 0.5; 1 = a cold table).")
 flags.DEFINE_integer("batch_size", 4, "Corpus windows per rank batch (corpus drafters).",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Split seed (as in training).")
@@ -73,7 +85,8 @@ flags.DEFINE_integer("max_depth", 0, "Deepest tree (0 = the drafter's: heads K, 
                      lower_bound=0)
 flags.DEFINE_integer("seq_len", 192, "eagle: pairs per held-out window (as in training).",
                      lower_bound=2)
-flags.DEFINE_integer("max_rank", 10, "Candidates per head considered (top-k width).",
+flags.DEFINE_integer("max_rank", None, "Candidates per head considered (top-k width; default "
+                     "10, token_recycling: the table's width, 8).",
                      lower_bound=1)
 flags.DEFINE_list("sizes", ["2", "4", "6", "8", "10", "12", "16", "20"],
                   "Node counts timed against plain decoding.")
@@ -150,6 +163,11 @@ def _load(loaded, weights, **kwargs):
         from drafters import eagle_weights
         return eagle_weights.load_shipped(loaded, path=weights, draft_vocab=FLAGS.draft_vocab,
                                           **kwargs)
+    if FLAGS.drafter == RECYCLING:
+        from drafters import token_recycling
+        drafter = token_recycling.TokenRecyclingDrafter.create(
+            loaded.model.vocab_size, kwargs.get("choices"), _max_rank())
+        return drafter, {"table": _recycling_table(loaded, drafter)}
     if FLAGS.drafter in CORPUS_DRAFTERS:  # the draft vocabulary is the weights' own map
         import importlib
         module = importlib.import_module(f"drafters.{FLAGS.drafter}")
@@ -159,9 +177,16 @@ def _load(loaded, weights, **kwargs):
                                      draft_vocab=FLAGS.draft_vocab, **kwargs)
 
 
+def _max_rank() -> int:
+    if FLAGS.max_rank is not None:
+        return FLAGS.max_rank
+    from drafters import token_recycling
+    return token_recycling.DEFAULT_TOP_K if FLAGS.drafter == RECYCLING else 10
+
+
 def _check_flags() -> float:
     """The flags that need no model; returns the held-out share."""
-    corpus_drafter = FLAGS.drafter in CORPUS_DRAFTERS
+    corpus_drafter = FLAGS.drafter in CORPUS_DRAFTERS + (RECYCLING,)
     source, other = ("corpus_dir", "data_dir") if corpus_drafter else ("data_dir", "corpus_dir")
     if not getattr(FLAGS, source):
         what = "distillation corpus (build_corpus)" if corpus_drafter else \
@@ -172,11 +197,11 @@ def _check_flags() -> float:
         raise common.UserError(f"--{other} does not apply to --drafter={FLAGS.drafter}: use "
                                f"--{source}")
     if corpus_drafter and FLAGS.draft_vocab:
-        raise common.UserError(f"--draft_vocab does not apply to --drafter={FLAGS.drafter}: its "
-                               "draft vocabulary is the weights' own")
+        raise common.UserError(f"--draft_vocab does not apply to --drafter={FLAGS.drafter}: it "
+                               "drafts from its own vocabulary")
     fraction = FLAGS.eval_fraction
     if fraction is None:
-        fraction = 0.05 if corpus_drafter else 0.1
+        fraction = 0.5 if FLAGS.drafter == RECYCLING else 0.05 if corpus_drafter else 0.1
     if corpus_drafter and not 0.0 < fraction <= 1.0:
         raise common.UserError("--eval_fraction must be in (0, 1] (1 = every record)")
     if not corpus_drafter and not 0.0 < fraction < 1.0:
@@ -252,6 +277,68 @@ def _corpus_ranks(loaded, drafter, params, fraction):
     return ranks, depth, prompts, f"{len(held_out)} corpus records"
 
 
+_RECYCLING_SPLIT = {}  # (train, held_out) Corpus pair, loaded once
+
+
+def _recycling_split(loaded, fraction):
+    """The corpus split: the table learns from the first part, the ranks and the timed prompts
+    come from the held-out part (a table never built from the text it is measured on)."""
+    if not _RECYCLING_SPLIT:
+        from drafters import corpus as corpus_lib
+        dirs = [d for d in FLAGS.corpus_dir.split(",") if d]
+        try:
+            data = corpus_lib.load(dirs, loaded.model)
+        except corpus_lib.CorpusError as e:
+            raise common.UserError(str(e)) from None
+        if fraction >= 1.0:
+            _RECYCLING_SPLIT.update(train=data.subset(slice(0, 0)), held_out=data)
+        else:
+            _RECYCLING_SPLIT.update(zip(("train", "held_out"), data.split(fraction, FLAGS.seed)))
+    return _RECYCLING_SPLIT["train"], _RECYCLING_SPLIT["held_out"]
+
+
+def _texts(records):
+    return [records.tokens[r, :records.lengths[r]].tolist() for r in range(len(records))]
+
+
+_RECYCLING_TABLE = {}
+
+
+def _recycling_table(loaded, drafter):
+    """The starting table of the tuning runs: built from the training part (cold with
+    ``--eval_fraction=1``)."""
+    if "table" not in _RECYCLING_TABLE:
+        from drafters import token_recycling
+        train, _ = _recycling_split(loaded, _check_flags())
+        _RECYCLING_TABLE["table"] = token_recycling.table_from_text(
+            loaded.model, loaded.params, _texts(train), drafter.top_k)
+    return _RECYCLING_TABLE["table"]
+
+
+def _recycling_ranks(loaded, drafter, params, fraction):
+    """``(ranks, depth, held-out prompts, description)``: every held-out response read by the
+    target, the table walked and updated as :func:`drafters.token_recycling.walk_ranks` says,
+    each record starting from the training part's table (a request starts from the warm
+    table)."""
+    from drafters import token_recycling
+    _, held_out = _recycling_split(loaded, fraction)
+    depth = FLAGS.max_depth or DEFAULT_EAGLE_DEPTH
+    texts = _texts(held_out)
+    tops = token_recycling.text_top_k(loaded.model, loaded.params, texts, drafter.top_k)
+    rows = []
+    for r, (text, top) in enumerate(zip(texts, tops)):
+        n = len(text)
+        consistent = held_out.labels[r, :n - 1] == held_out.tokens[r, 1:n]
+        start = max(int(held_out.prompt_lengths[r]), 0)
+        rows.append(token_recycling.walk_ranks(np.array(params["table"]), text, top, start,
+                                               depth, consistent))
+    ranks = np.concatenate(rows) if rows else np.zeros((0, depth), np.int32)
+    ranks = ranks[ranks[:, 0] >= 0]
+    prompts = [held_out.tokens[r, :held_out.prompt_lengths[r]].tolist()
+               for r in range(min(FLAGS.measure_prompts, len(held_out)))]
+    return ranks, depth, prompts, f"{len(held_out)} corpus records"
+
+
 def main(argv):
     common.start(argv)
     with common.user_errors():
@@ -264,12 +351,7 @@ def main(argv):
         common.check_outputs(FLAGS, "output")
         method_flags.model_config(FLAGS)  # an unknown or malformed model, before the load
         if FLAGS.corpus_dir:
-            from drafters import corpus as corpus_lib
-            for d in filter(None, FLAGS.corpus_dir.split(",")):  # before the slow load
-                try:
-                    corpus_lib.read_manifest(d)
-                except corpus_lib.CorpusError as e:
-                    raise common.UserError(str(e)) from None
+            common.corpus_dirs(FLAGS.corpus_dir)  # before the slow load
         from drafters import head_weights
         from specjax import tree_tuning
 
@@ -283,12 +365,13 @@ def main(argv):
         except head_weights.HeadWeightsError as e:
             raise common.UserError(str(e)) from None
         t = time.time()
-        find = _corpus_ranks if FLAGS.drafter in CORPUS_DRAFTERS else _self_distilled_ranks
+        find = _recycling_ranks if FLAGS.drafter == RECYCLING else \
+            _corpus_ranks if FLAGS.drafter in CORPUS_DRAFTERS else _self_distilled_ranks
         ranks, depth, prompts, held_out = find(loaded, drafter, params, fraction)
         source = FLAGS.corpus_dir or FLAGS.data_dir
         if ranks.shape[0] == 0:
             raise common.UserError(f"{source} has no held-out response positions")
-        order = tree_tuning.tuned_order(ranks, FLAGS.max_nodes, FLAGS.max_rank, depth)
+        order = tree_tuning.tuned_order(ranks, FLAGS.max_nodes, _max_rank(), depth)
         expected = tree_tuning.cumulative_expected(order, ranks)
         generic = [list(c) for c in drafter.tree.choice_of_node[1:]]  # with --draft_vocab
         generic_e = tree_tuning.expected_accepted(generic, ranks) \
@@ -318,7 +401,7 @@ def main(argv):
             "drafter": FLAGS.drafter, "weights": os.path.basename(weights),
             "data_dir" if FLAGS.data_dir else "corpus_dir": source,
             "eval_fraction": fraction, "seed": FLAGS.seed,
-            "held_out_positions": int(ranks.shape[0]), "max_rank": FLAGS.max_rank,
+            "held_out_positions": int(ranks.shape[0]), "max_rank": _max_rank(),
             "expected_accepted": [round(float(e), 4) for e in expected],
             "generic_expected_accepted": round(float(generic_e), 4),
             "measured": {str(n): {"tokens": tok, "wall_s": round(wall, 3), "target_calls": c}

@@ -249,3 +249,33 @@ def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
         tuple(c) for c in tuned.order[:tuned.default_nodes])
     got = speculative_generate(lm.model, lm.params, dr, dparams, PROMPTS, config)
     assert kit.rows_of(got) == ref
+
+
+def test_recycling_table_and_tuned_tree_from_a_corpus_decode_losslessly(tiny_corpus):
+    from drafters.token_recycling import TokenRecyclingDrafter, load_table
+    from models import registry as models
+    from specjax.speculative import speculative_generate
+    base, out = tiny_corpus
+    table_path = str(base / "token_recycling.safetensors")
+    _run("experiments.build_recycling_table", "--model=tiny-gqa", f"--corpus_dir={out}",
+         f"--output={table_path}", "--table_width=4", progress_flag=False)
+    lm = models.load("tiny-gqa")
+    table = load_table(table_path, TokenRecyclingDrafter.create(lm.model.vocab_size, top_k=4))
+    data = corpus.load(out)
+    seen = np.unique(np.concatenate([data.tokens[r, :data.lengths[r]] for r in range(len(data))]))
+    cold = np.arange(4)
+    assert (table[seen] != cold).any(axis=1).all()  # every token read got the target's top-k
+    unseen = np.setdiff1d(np.arange(lm.model.vocab_size), seen)
+    assert (table[unseen] == cold).all()
+    # The tree: a table from half the records, ranks on the other half, sizes timed.
+    _run("experiments.tune_tree", "--model=tiny-gqa", "--drafter=token_recycling",
+         f"--weights={table_path}", f"--corpus_dir={out}", "--sizes=1,2", "--max_nodes=3",
+         "--max_rank=3", "--measure_prompts=2", "--max_new_tokens=8", progress_flag=False)
+    tuned = tree_tuning.load_tree_file(head_weights.tree_file_of(table_path))
+    assert tuned.default_nodes in (1, 2) and set(tuned.info["measured"]) == {"0", "1", "2"}
+    choices, _ = head_weights.tuned_tree("tuned", table_path)
+    drafter = TokenRecyclingDrafter.create(lm.model.vocab_size, choices, top_k=4)
+    config = DecodeConfig(max_new_tokens=12)
+    ref = kit.rows_of(generate(lm.model, lm.params, PROMPTS, config))
+    got = speculative_generate(lm.model, lm.params, drafter, {"table": table}, PROMPTS, config)
+    assert kit.rows_of(got) == ref

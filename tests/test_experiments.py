@@ -69,7 +69,7 @@ def test_benchmark_smoke(tmp_path):
     res = json.loads(js.read_text())
     # Every registered method runs by default (sjd only on request: it is jacobi when greedy).
     assert list(res["methods"]) == ["ar", "prompt_lookup", "draft_model", "layer_skip",
-                                    "jacobi", "lookahead"]
+                                    "jacobi", "lookahead", "token_recycling"]
     assert res["groups"] == ["translation", "qa"] and res["num_prompts"] == 2
     assert res["mismatches"] == []
     for name, m in res["methods"].items():
