@@ -59,6 +59,12 @@ DEFAULT_CHOICES = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1
 DEFAULT_MAX_NODES = 128
 
 
+def cold_table(vocab_size: int, top_k: int) -> np.ndarray:
+    """``int32[V, k]`` (C order, writable): every row ``0, 1, ..., k - 1``, the table before it
+    learned anything (distinct ids, so siblings stay distinct)."""
+    return np.tile(np.arange(top_k, dtype=np.int32), (vocab_size, 1))
+
+
 @struct.dataclass
 class RecyclingState:
     table: jax.Array  # int32[B, V, k]
@@ -106,8 +112,7 @@ class TokenRecyclingDrafter(DrafterBase):
 
     def cold_table(self) -> np.ndarray:
         """``int32[V, k]``: every row ``0, 1, ..., k - 1`` (distinct, never learned)."""
-        return np.broadcast_to(np.arange(self.top_k, dtype=np.int32),
-                               (self.vocab_size, self.top_k))
+        return cold_table(self.vocab_size, self.top_k)
 
     def check_table(self, table) -> np.ndarray:
         """``table`` as ``int32[V, k]`` of valid, row-wise distinct ids (ValueError otherwise)."""
@@ -206,8 +211,7 @@ def table_from_text(model, params, sequences: Sequence[Sequence[int]], top_k: in
     positions and sequences winning; rows never read keep ``start`` (default: the cold
     table)."""
     v = model.vocab_size
-    table = np.tile(np.arange(top_k, dtype=np.int32), (v, 1)) if start is None else \
-        np.array(start, np.int32, order="C")
+    table = cold_table(v, top_k) if start is None else np.array(start, np.int32, order="C")
     for s, top in zip(sequences, text_top_k(model, params, sequences, top_k, batch_size)):
         ids = np.asarray(s, np.int64)
         if ids.size:
