@@ -267,7 +267,7 @@ class BlockDiffusionDrafter(TargetReadout, DrafterBase):
     def commit(self, params, state: BlockState, ctx, info):
         """Context entries of the pending token and the accepted nodes (their true features),
         at slots ``L..L+D``; live rows advance by ``num_accepted + 1``."""
-        width = self.tree.max_depth + 1
+        width = info.path.shape[1]  # the verified tree's depth + 1 (composed: maybe deeper)
         nodes = jnp.maximum(info.path[:, :width], 0)  # entries past the accepted: scratch
         feats = jnp.take_along_axis(info.verify_hidden, nodes[:, :, None], axis=1)
         cache = self.write_context(params, state.cache, feats, state.cache.lengths)

@@ -98,7 +98,9 @@ class DraftModelDrafter(SampledChainDrafter):
         return Proposal(tokens=all_tokens, draft_probs=draft_probs), cache, ctx.cache
 
     # commit: the base class's (nothing to do: the next propose rolls back to the new committed
-    # length).
+    # length). Its cache then holds its own drafted tokens at the accepted positions, right only
+    # when it proposed what was verified: it cannot be composed.
+    commits_any_proposal = False
 
 
 def from_target_layers(target, target_params, num_layers: int):

@@ -290,7 +290,7 @@ class EagleDrafter(TargetReadout, DrafterBase):
 
     def commit(self, params, state: EagleState, ctx, info):
         """Writes the accepted path's pairs ``(f, x_next)`` with the target's true features."""
-        width = self.tree.max_depth + 1
+        width = info.path.shape[1]  # the verified tree's depth + 1 (composed: maybe deeper)
         b = info.num_accepted.shape[0]
         acc = info.num_accepted
         path = info.path[:, :width]

@@ -16,7 +16,9 @@ Methods: any registered method (``drafters.registry``) with its options (the opt
 ``NAME+adaptive``: the batch-size cap of ``specjax.adaptive.max_draft_len_for_batch``
 (``B * (k + 1) <= --token_budget`` tokens per verification; a cap of 0 runs plain decoding,
 which is what a server should do there) plus the per-row acceptance policy of
-``AdaptiveDraftLength``. Every method's tokens are compared with ``ar``'s at the same batch size
+``AdaptiveDraftLength``. A chain method drafts ``k`` tokens; a tree method (no ``draft_len``:
+token_recycling, rest, the compositions) keeps its nodes of depth ``<= k`` (all of its width
+there, so ``B * (k + 1)`` undercounts a tree's verified tokens). Every method's tokens are compared with ``ar``'s at the same batch size
 (a difference is a losslessness bug: reported, and exit status 1).
 
 Metrics per (method, B):
@@ -47,6 +49,9 @@ from experiments.spec_bench import encode_prompt, read_prompts
 
 FLAGS = flags.FLAGS
 ADAPTIVE_SUFFIX = "+adaptive"
+# Methods without a draft length (trees): +adaptive caps the drafted depth (at most the tree's
+# own); the tree's width at the depths kept is not capped.
+TREE_DEPTH_BOUND = 64
 DEFAULT_METHODS = ["ar", "prompt_lookup", "prompt_lookup+adaptive", "draft_model",
                    "draft_model+adaptive"]
 
@@ -124,13 +129,15 @@ def _run_for(method: str, batch_size: int) -> tuple[methods.Run, int]:
     run = methods.build_run(FLAGS, base, check=False)
     if not adaptive_variant:
         return run, -1
+    if base == "ar":
+        raise common.UserError(f"{method}: ar drafts nothing to adapt")
     default = run.options.draft_len if "draft_len" in run.options.fields() else 0
-    if not default:
-        raise common.UserError(f"{method}: {base} has no draft length to adapt; use a chain "
-                               "method such as prompt_lookup, draft_model or layer_skip")
-    cap = adaptive.max_draft_len_for_batch(batch_size, default, FLAGS.token_budget)
+    cap = adaptive.max_draft_len_for_batch(batch_size, default or TREE_DEPTH_BOUND,
+                                           FLAGS.token_budget)
     if cap == 0:
         return dataclasses.replace(run, method="ar", options=None, adaptive_draft="off"), 0
+    if not default:  # a tree without a draft length: the wrapper caps its depth
+        return dataclasses.replace(run, adaptive_draft="acceptance", max_draft_len=cap), cap
     # The inner drafter is built with the cap as its length (a draft model then drafts only k
     # tokens), and the wrapper adapts each row's length below it.
     options = dataclasses.replace(run.options, draft_len=cap)

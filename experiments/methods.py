@@ -67,6 +67,8 @@ class Run:
       spec: acceptance settings.
       seed: PRNG seed of the run.
       adaptive_draft: ``"off"`` or ``"acceptance"`` (wraps the drafter, lossless).
+      max_draft_len: with ``adaptive_draft``, the cap on the drafted depth (None: the
+        drafter's tree depth; larger values are cut to it).
       attention_impl, dtype, scan_layers: how the model is built (``models.registry.load``).
       plan: a ``ShardingPlan`` (params already placed) or None.
     """
@@ -78,6 +80,7 @@ class Run:
     spec: speculative.SpecConfig = speculative.SpecConfig()
     seed: int = 0
     adaptive_draft: str = "off"
+    max_draft_len: Optional[int] = None
     attention_impl: str = "xla"
     dtype: str = "float32"
     scan_layers: bool = True
@@ -116,7 +119,10 @@ class Run:
             return None, None
         if self.adaptive_draft != "off":
             from specjax.adaptive import AdaptiveDraftLength
-            drafter = AdaptiveDraftLength(drafter, policy=self.adaptive_draft)
+            cap = None if self.max_draft_len is None else min(self.max_draft_len,
+                                                              drafter.tree.max_depth)
+            drafter = AdaptiveDraftLength(drafter, policy=self.adaptive_draft,
+                                          max_draft_len=cap)
         return drafter, self._place(drafter, dparams)
 
     def flags_text(self) -> str:
@@ -231,6 +237,7 @@ def tree_for(method: str, tree: str, given: bool) -> str:
         return default
     try:
         return m.make_options(tree=tree).tree
-    except ValueError:
+    except ValueError as e:
+        why = "" if str(e).startswith("tree must be one of") else f": {e}"
         raise UserError(f"--tree must be one of {', '.join(choices)} for {method}, got "
-                        f"{tree!r}") from None
+                        f"{tree!r}{why}") from None

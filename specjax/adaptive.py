@@ -203,6 +203,10 @@ class AdaptiveDraftLength(DrafterBase):
     def feature_layers(self) -> tuple:
         return self.inner.feature_layers
 
+    @property
+    def commits_any_proposal(self) -> bool:
+        return self.inner.commits_any_proposal
+
     def check_compatible(self, target) -> None:
         self.inner.check_compatible(target)
 

@@ -141,6 +141,11 @@ class Drafter(Protocol):
         the target layers whose outputs the drafter reads (EAGLE-3's low / middle / high
         taps): the prefill and every verification forward then return those layers' outputs
         at every position, concatenated (:func:`features_of`).
+      commits_any_proposal: True when ``commit`` learns correctly from any verified proposal
+        (``CommitInfo.proposal`` may then be a combinator's, with other nodes, more of them and
+        a deeper path than the drafter's own tree: ``drafters.compose``); False when the
+        drafter's state assumes that it proposed what was verified (a draft model whose cache
+        holds its own drafted tokens).
     """
 
     tree: Any
@@ -149,6 +154,7 @@ class Drafter(Protocol):
     verify_widths: Optional[Any]
     reads_unoffered_outputs: bool
     feature_layers: tuple
+    commits_any_proposal: bool
 
     def check_compatible(self, target) -> None:
         """Raises ValueError (saying what to do) if this drafter cannot serve ``target``."""
@@ -170,7 +176,8 @@ class DrafterBase:
     A drafter is a frozen dataclass deriving from this class; it must give ``tree`` and
     ``propose`` and may override the rest: stateless ``init`` / ``commit``, point-mass drafts
     (``deterministic = True``) with distinct siblings, full-width verification, no reads of
-    unoffered nodes, and no compatibility condition on the target.
+    unoffered nodes, a ``commit`` that follows any verified proposal, and no compatibility
+    condition on the target.
     """
 
     deterministic = True
@@ -178,6 +185,7 @@ class DrafterBase:
     verify_widths = None
     reads_unoffered_outputs = False
     feature_layers = ()
+    commits_any_proposal = True
 
     def check_compatible(self, target) -> None:
         del target
@@ -214,7 +222,8 @@ class SampledChainDrafter(DrafterBase):
 
 
 CONTRACT_ATTRIBUTES = ("tree", "deterministic", "siblings", "verify_widths",
-                       "reads_unoffered_outputs", "feature_layers", "check_compatible", "init",
+                       "reads_unoffered_outputs", "feature_layers", "commits_any_proposal",
+                       "check_compatible", "init",
                        "propose", "commit")
 
 

@@ -162,7 +162,10 @@ class SpecLoop:
         n_acc = jnp.where(live, result.num_accepted, 0)
         cache = self.commit(out.cache, cand, result, n_acc, live)
         new_state = self.emit(state, result, n_acc, live, out.hidden, cache, key)
-        info = CommitInfo(proposal=cand.proposal, path=result.path, num_accepted=n_acc,
+        # Accepted paths are at most the drafter's max_depth deep (the contract's bound).
+        depth = self.drafter.tree.max_depth
+        info = CommitInfo(proposal=cand.proposal, path=result.path[:, :depth + 1],
+                          num_accepted=n_acc,
                           next_token=result.next_token, new_lengths=cache.lengths,
                           verify_hidden=out.hidden, live=live, verify_logits=out.logits)
         dstate = self.drafter.commit(dparams, dstate, draft_context(new_state, tparams), info)

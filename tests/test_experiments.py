@@ -69,7 +69,8 @@ def test_benchmark_smoke(tmp_path):
     res = json.loads(js.read_text())
     # Every registered method runs by default (sjd only on request: it is jacobi when greedy).
     assert list(res["methods"]) == ["ar", "prompt_lookup", "draft_model", "layer_skip",
-                                    "jacobi", "lookahead", "token_recycling"]
+                                    "jacobi", "lookahead", "token_recycling", "sam",
+                                    "first_of", "merge"]
     assert res["groups"] == ["translation", "qa"] and res["num_prompts"] == 2
     assert res["mismatches"] == []
     for name, m in res["methods"].items():

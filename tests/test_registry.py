@@ -142,7 +142,8 @@ def test_a_drafter_without_the_contract_is_refused_before_tracing(tiny):
             return Proposal(tokens=ctx.history[:, :3]), state, ctx.cache
 
     with pytest.raises(TypeError, match="missing deterministic, siblings, verify_widths, "
-                       "reads_unoffered_outputs, feature_layers, check_compatible, init, commit; "
+                       "reads_unoffered_outputs, feature_layers, commits_any_proposal, "
+                       "check_compatible, init, commit; "
                        "subclass "
                        "specjax.drafter.DrafterBase"):
         speculative_generate(tiny.model, tiny.params, Bare(), None, PROMPTS, CONFIG)
