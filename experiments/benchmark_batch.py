@@ -66,8 +66,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_new_tokens", 64, "Most new tokens per row.", lower_bound=2)
     flags.DEFINE_integer("max_prompt_len", 128, "Skip prompts longer than this many tokens "
                          "(keeps the prefill from dominating the batch).", lower_bound=1)
-    flags.DEFINE_integer("token_budget", 16, "+adaptive: verified tokens per forward B*(k+1) "
-                         "the batch-size cap allows (specjax/adaptive.py).", lower_bound=1)
+    flags.DEFINE_integer("token_budget", None, "+adaptive: verified tokens per forward B*(k+1) "
+                         "the batch-size cap allows (default: 8 on CPU, 16 on GPU / TPU; "
+                         "specjax/adaptive.py).", lower_bound=1)
     flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF directory or .gguf file.")
     flags.DEFINE_bool("warmup", True, "One untimed run per (method, batch size) before timing.")
     flags.DEFINE_string("output_json", None, "Write all results here (atomically).")
@@ -259,11 +260,13 @@ def main(argv):
                 print(f"  B={b:>2} {m:<24} {res['tokens_per_s']:7.1f} tok/s  "
                       f"tau {res['tau']:.2f}  wall {res['wall_s']:6.1f}s  compile "
                       f"{res['compile_s']:5.1f}s", file=sys.stderr)
+        from specjax import adaptive
         result = {
             "config": {"model": FLAGS.model, "prompts": FLAGS.prompts, "batch_sizes": sizes,
                        "methods": names, "max_new_tokens": FLAGS.max_new_tokens,
                        "max_prompt_len": FLAGS.max_prompt_len,
-                       "token_budget": FLAGS.token_budget, "warmup": FLAGS.warmup},
+                       "token_budget": FLAGS.token_budget or adaptive.default_token_budget(),
+                       "warmup": FLAGS.warmup},
             "command": " ".join(["python -m experiments.benchmark_batch"] + sys.argv[1:]),
             "environment": env | {"load_average_end": [round(x, 2) for x in os.getloadavg()]},
             "prompts": [{"question_id": p.question_id, "group": p.group,

@@ -39,14 +39,12 @@ def _say(msg: str) -> None:
 def main(argv):
     common.start(argv)
     with common.user_errors():
-        if not FLAGS.corpus_dir:
-            raise common.UserError("--corpus_dir is required (a corpus from build_corpus)")
-        common.check_outputs(FLAGS, "output")
-        config = method_flags.model_config(FLAGS)  # an unknown or malformed model, first
-        if FLAGS.table_width > config.vocab_size:
-            raise common.UserError(f"--table_width {FLAGS.table_width} is over the vocabulary "
-                                   f"({config.vocab_size})")
-        dirs = common.corpus_dirs(FLAGS.corpus_dir)
+        def check_width(config):
+            if FLAGS.table_width > config.vocab_size:
+                raise common.UserError(f"--table_width {FLAGS.table_width} is over the "
+                                       f"vocabulary ({config.vocab_size})")
+
+        _, dirs, _ = common.corpus_build_start(FLAGS, check_width)
         from drafters import corpus as corpus_lib
         from drafters import head_weights, token_recycling
         from specjax.files import check_writable

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import common, method_flags
+from experiments import common
 
 FLAGS = flags.FLAGS
 
@@ -67,14 +67,9 @@ def read_records(dirs, vocab_size: int, max_tokens=None) -> list:
 def main(argv):
     common.start(argv)
     with common.user_errors():
-        if not FLAGS.corpus_dir:
-            raise common.UserError("--corpus_dir is required (a corpus from build_corpus)")
-        common.check_outputs(FLAGS, "output")
-        config = method_flags.model_config(FLAGS)  # an unknown or malformed model, first
-        dirs = common.corpus_dirs(FLAGS.corpus_dir)
+        config, dirs, name = common.corpus_build_start(FLAGS)
         from drafters import head_weights, rest_datastore
         from specjax.files import check_writable
-        name = os.path.basename(FLAGS.model.rstrip("/"))  # the name models.registry.load gives
         output = FLAGS.output or head_weights.shipped_path(rest_datastore.NAME, name)
         check_writable(output, "the datastore file")
         t = time.time()

@@ -40,27 +40,15 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _model_name(name_or_path: str) -> str:
-    """The name ``models.registry.load`` gives the model (the shipped weights' directory)."""
-    from models import registry as models
-    if name_or_path in models.known_models():
-        return name_or_path
-    return os.path.basename(os.fspath(name_or_path).rstrip("/"))
-
-
 def main(argv):
     common.start(argv)
     with common.user_errors():
-        if not FLAGS.corpus_dir:
-            raise common.UserError("--corpus_dir is required (a corpus from build_corpus)")
-        common.check_outputs(FLAGS, "output")
-        config = method_flags.model_config(FLAGS)  # an unknown or malformed model, first
-        dirs = common.corpus_dirs(FLAGS.corpus_dir)
+        config, dirs, name = common.corpus_build_start(FLAGS)
         from drafters import corpus as corpus_lib
         from drafters import head_weights
         from drafters import suffix_automaton as sa
         from specjax.files import check_writable
-        output = FLAGS.output or head_weights.shipped_path(sa.NAME, _model_name(FLAGS.model))
+        output = FLAGS.output or head_weights.shipped_path(sa.NAME, name)
         check_writable(output, "the automaton file")
         sizes = types.SimpleNamespace(hidden_size=config.hidden_size,
                                       vocab_size=config.vocab_size)

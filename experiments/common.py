@@ -183,6 +183,23 @@ def corpus_dirs(value: str) -> list[str]:
     return dirs
 
 
+def corpus_build_start(FLAGS, check=None):
+    """The checks every binary that builds a drafter's file from a corpus makes first, before
+    any slow load (UserError each): ``--corpus_dir`` given, ``--output`` writable, the model
+    known (``check(config)`` then runs, e.g. on option values against its vocabulary), the
+    corpus directories complete. Returns ``(config, dirs, name)``: the model's config, the
+    directories, and the name its shipped files go under."""
+    from experiments import method_flags
+    from models import registry as models
+    if not FLAGS.corpus_dir:
+        raise UserError("--corpus_dir is required (a corpus from build_corpus)")
+    check_outputs(FLAGS, "output")
+    config = method_flags.model_config(FLAGS)  # an unknown or malformed model, first
+    if check is not None:
+        check(config)
+    return config, corpus_dirs(FLAGS.corpus_dir), models.model_name(FLAGS.model)
+
+
 def check_text(text: str, what: str) -> str:
     """``text`` if it is valid Unicode text; UserError naming ``what`` and the first bad byte
     otherwise (command-line bytes that are not UTF-8 arrive as lone surrogates)."""

@@ -235,6 +235,15 @@ def _unknown(name: str) -> str:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def model_name(name_or_path: str) -> str:
+    """The name :func:`load` gives the model (its shipped drafters' directory under
+    ``drafters/weights/``): a known name itself, else the path's last component."""
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path in TINY_CONFIGS or name_or_path == SMOLLM2:
+        return name_or_path
+    return os.path.basename(name_or_path.rstrip("/"))
+
+
 def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
          attention_impl: str = "xla") -> LoadedModel:
     """Loads a model by name (:func:`known_models`) or from a path.
@@ -264,5 +273,5 @@ def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
         config, params, tok = gguf_loader.load_gguf(name_or_path)
     else:
         raise ValueError(_unknown(name_or_path))
-    return _finish(config, params, tok, os.path.basename(name_or_path.rstrip("/")), dtype,
-                   scan_layers, attention_impl)
+    return _finish(config, params, tok, model_name(name_or_path), dtype, scan_layers,
+                   attention_impl)

@@ -26,12 +26,15 @@ longer runs); if a draft was rejected after ``n`` accepted tokens, ``k = min(k -
 stopped short of its cap on its own leave ``k`` unchanged. Always ``min_draft_len <= k <=
 max_draft_len``.
 
-Why the batch cap (:data:`DEFAULT_TOKEN_BUDGET` = 16 tokens per verification forward): on the
-2-core development CPU a SmolLM2-135M forward over n tokens costs about 60 / 61 / 78 / 126 / 136
+Why the batch cap (:func:`default_token_budget`: 8 tokens per verification forward on CPU, 16
+elsewhere): on the 2-core development CPU a SmolLM2-135M forward over n tokens costs about 60 / 61 / 78 / 126 / 136
 / 259 ms for n = 1 / 2 / 4 / 8 / 16 / 32 (PERF_NOTES.md): up to ~16 tokens the weights' memory
 traffic dominates and extra tokens are cheap, past it the cost grows linearly with n (compute
 bound), so verifying ``B * (k + 1)`` tokens only pays while it stays near 16. The batched
-benchmark (``experiments/benchmark_batch.py``, WORKSPACE.md "Batched serving") measures it.
+benchmark (``experiments/benchmark_batch.py``, WORKSPACE.md "Batched serving") measures it:
+at batch 8 a round verifying 2 tokens per row (16 in all) cost ~1.47 plain steps on that CPU
+(2026-11-30), so no drafter below tau ~1.5 gained there and the CPU default is 8 (batch 8 and
+up decode plainly). 16 for GPUs and TPUs is the earlier estimate, not measured on one.
 
 Axis glossary: B batch rows, T candidate nodes.
 """
@@ -49,7 +52,15 @@ from specjax import tree as tree_lib
 from specjax.drafter import CommitInfo, DraftContext, DrafterBase, Proposal
 
 POLICIES = ("acceptance", "static")
-DEFAULT_TOKEN_BUDGET = 16
+DEFAULT_TOKEN_BUDGET = 16  # GPU / TPU: not measured on one (the module docstring)
+CPU_TOKEN_BUDGET = 8  # measured on the 2-core development CPU
+
+
+def default_token_budget(backend: Optional[str] = None) -> int:
+    """The batch cap's default tokens per verification forward on ``backend`` (``"cpu"``,
+    ``"gpu"``, ``"tpu"``; default: ``jax.default_backend()``)."""
+    backend = jax.default_backend() if backend is None else backend
+    return CPU_TOKEN_BUDGET if backend == "cpu" else DEFAULT_TOKEN_BUDGET
 
 
 def default_verify_widths(num_nodes: int) -> tuple[int, ...]:
@@ -101,13 +112,15 @@ def verify_widths_of(drafter, num_nodes: int) -> tuple[int, ...]:
 
 
 def max_draft_len_for_batch(batch_size: int, draft_len: int,
-                            token_budget: int = DEFAULT_TOKEN_BUDGET) -> int:
+                            token_budget: Optional[int] = None) -> int:
     """Host-side static cap: the largest ``k <= draft_len`` with ``B * (k + 1) <= budget``.
 
-    With the default budget of 16: ``B = 1, 2, 4, 8, 16, 32 -> k <= 15, 7, 3, 1, 0, 0``. A cap of
+    ``token_budget`` None: :func:`default_token_budget`. With 16: ``B = 1, 2, 4, 8, 16, 32 -> k
+    <= 15, 7, 3, 1, 0, 0``; with 8 (CPU): ``k <= 7, 3, 1, 0, 0, 0``. A cap of
     0 means speculation does not pay at this batch size: run plain decoding (or the wrapper with
     ``max_draft_len=0``, which verifies one token per row per round).
     """
+    token_budget = default_token_budget() if token_budget is None else token_budget
     if batch_size < 1 or draft_len < 0 or token_budget < 1:
         raise ValueError(f"need batch_size >= 1, draft_len >= 0 and token_budget >= 1, got "
                          f"{batch_size}, {draft_len}, {token_budget}")
@@ -240,7 +253,7 @@ class AdaptiveDraftLength(DrafterBase):
         return state.replace(inner=inner, draft_len=k)
 
 
-def for_batch(inner, batch_size: int, token_budget: int = DEFAULT_TOKEN_BUDGET,
+def for_batch(inner, batch_size: int, token_budget: Optional[int] = None,
               policy: str = "acceptance", **kwargs) -> AdaptiveDraftLength:
     """:class:`AdaptiveDraftLength` with the batch-size cap :func:`max_draft_len_for_batch`."""
     cap = max_draft_len_for_batch(batch_size, inner.tree.max_depth, token_budget)

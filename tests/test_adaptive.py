@@ -183,7 +183,13 @@ def test_sequence_distribution_is_exact():
 
 
 def test_batch_cap_and_bad_input():
-    assert [max_draft_len_for_batch(b, 8) for b in (1, 2, 4, 8, 16, 32)] == [8, 7, 3, 1, 0, 0]
+    sizes = (1, 2, 4, 8, 16, 32)
+    assert [max_draft_len_for_batch(b, 8, 16) for b in sizes] == [8, 7, 3, 1, 0, 0]
+    assert [max_draft_len_for_batch(b, 8, 8) for b in sizes] == [7, 3, 1, 0, 0, 0]
+    assert adaptive.default_token_budget("cpu") == 8 and adaptive.default_token_budget("tpu") == 16
+    default = adaptive.default_token_budget()  # this backend's
+    assert [max_draft_len_for_batch(b, 8) for b in sizes] == [
+        max_draft_len_for_batch(b, 8, default) for b in sizes]
     assert max_draft_len_for_batch(4, 8, token_budget=64) == 8
     assert adaptive.default_verify_widths(9) == (1, 2, 4, 9)
     assert adaptive.default_verify_widths(8) == (1, 2, 4, 8)

@@ -137,3 +137,10 @@ def test_tiny_models_layout_and_determinism(name):
         assert got.shape == ref.shape and got.dtype == jnp.float32 and low.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.bfloat16)), np.asarray(low))
     assert a.tokenizer is None and b.model.config.scan_layers and b.model.config.dtype == "bfloat16"
+    assert a.name == registry.model_name(name) == name  # shipped drafters' directory
+
+
+def test_model_name_is_the_name_load_gives(tmp_path):
+    assert registry.model_name("smollm2-135m") == "smollm2-135m"
+    assert registry.model_name(str(tmp_path / "my-model") + "/") == "my-model"
+    assert registry.model_name("/x/y/model.gguf") == "model.gguf"
