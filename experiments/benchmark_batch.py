@@ -18,8 +18,9 @@ Methods: any registered method (``drafters.registry``) with its options (the opt
 which is what a server should do there) plus the per-row acceptance policy of
 ``AdaptiveDraftLength``. A chain method drafts ``k`` tokens; a tree method (no ``draft_len``:
 token_recycling, rest, the compositions) keeps its nodes of depth ``<= k`` (all of its width
-there, so ``B * (k + 1)`` undercounts a tree's verified tokens). Every method's tokens are compared with ``ar``'s at the same batch size
-(a difference is a losslessness bug: reported, and exit status 1).
+there, so ``B * (k + 1)`` undercounts a tree's verified tokens). Every method's tokens are
+compared with ``ar``'s at the same batch size (a difference is a losslessness bug: reported,
+and exit status 1).
 
 Metrics per (method, B):
   * ``tokens_per_s``: generated tokens of all rows / wall seconds (throughput);

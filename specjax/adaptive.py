@@ -27,10 +27,11 @@ stopped short of its cap on its own leave ``k`` unchanged. Always ``min_draft_le
 max_draft_len``.
 
 Why the batch cap (:func:`default_token_budget`: 8 tokens per verification forward on CPU, 16
-elsewhere): on the 2-core development CPU a SmolLM2-135M forward over n tokens costs about 60 / 61 / 78 / 126 / 136
-/ 259 ms for n = 1 / 2 / 4 / 8 / 16 / 32 (PERF_NOTES.md): up to ~16 tokens the weights' memory
-traffic dominates and extra tokens are cheap, past it the cost grows linearly with n (compute
-bound), so verifying ``B * (k + 1)`` tokens only pays while it stays near 16. The batched
+elsewhere): on the 2-core development CPU a SmolLM2-135M forward over n tokens costs about 60 /
+61 / 78 / 126 / 136 / 259 ms for n = 1 / 2 / 4 / 8 / 16 / 32 (PERF_NOTES.md): up to ~16 tokens
+the weights' memory traffic dominates and extra tokens are cheap, past it the cost grows
+linearly with n (compute bound), so verifying ``B * (k + 1)`` tokens only pays while it stays
+near 16. The batched
 benchmark (``experiments/benchmark_batch.py``, WORKSPACE.md "Batched serving") measures it:
 at batch 8 a round verifying 2 tokens per row (16 in all) cost ~1.47 plain steps on that CPU
 (2026-11-30), so no drafter below tau ~1.5 gained there and the CPU default is 8 (batch 8 and
