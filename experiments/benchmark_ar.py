@@ -1,18 +1,30 @@
-"""Plain autoregressive decoding, three ways, on the same model and prompts in one run:
+"""Plain autoregressive decoding on the same model and prompts in one run, several ways and
+weight formats:
 
 * ``generate``: specjax's on-device loop (prefill + ``lax.while_loop`` in one executable,
-  compiled ahead of time per prompt bucket, warmed up once);
+  compiled ahead of time per prompt bucket, warmed up once), for each weight format of
+  ``--weights_list`` (default: ``--weights`` only): e.g. ``float32,gguf,int8``;
 * ``stream``: the same jitted step driven from a Python loop (``specjax.decode.stream``: one
-  dispatch and one host sync per token; warmed up per bucket);
+  dispatch and one host sync per token; warmed up per bucket), first format only;
 * ``hf``: transformers ``model.generate`` on the same checkpoint (GGUF dequantized to float32,
-  torch threads = cores, warmed up once).
+  torch threads = cores, warmed up once);
+* ``llama_cpp``: llama.cpp (the ``llama-cpp-python`` package, optional) on the same GGUF file,
+  greedy, threads = cores; skipped with a message when the package is not installed or the
+  model is not a GGUF file.
 
-Batch 1, greedy, float32. Each prompt is timed once per way, prefill included; tokens/s is the
-mean over prompts of new tokens / seconds, and the ratios are between those means. The three
-token sequences are compared (``stream`` must equal ``generate`` exactly; ``hf`` may differ in
-rare near-ties of float32 arithmetic).
+Batch 1, greedy. Each prompt is timed once per way, prefill included; tokens/s is the mean over
+prompts of new tokens / seconds, and the ratios are between those means. Token sequences are
+compared with the first format's ``generate`` (``stream`` must equal it exactly; ``gguf`` holds
+the same numbers as ``float32`` and differs only where float summation order flips a near-tie;
+``int8`` is another model; ``hf`` and ``llama_cpp`` may differ in near-ties).
+
+Then the verify forward: one target forward of ``T`` new tokens over a cache of
+``--verify_cache_len`` filled slots, for each ``T`` of ``--verify_widths`` and each format
+(median of ``--verify_calls`` calls, in ms and relative to that format's ``T = 1``): what a
+speculative round's verification costs.
 
   python -m experiments.benchmark_ar                                # 3 prompts, 128 tokens
+  python -m experiments.benchmark_ar --weights_list=float32,gguf,int8 --max_new_tokens=64
   python -m experiments.benchmark_ar --num_prompts=1 --max_new_tokens=16 --nohf
 """
 
@@ -41,6 +53,15 @@ flags.DEFINE_integer("max_new_tokens", 128, "Most new tokens per prompt.", lower
 flags.DEFINE_bool("scan_layers", True, "Run the layer stack as a lax.scan.")
 flags.DEFINE_bool("hf", True, "Also time transformers generate on the same checkpoint.")
 flags.DEFINE_integer("hf_threads", 0, "torch threads (0 = the core count).", lower_bound=0)
+flags.DEFINE_list("weights_list", [], "Weight formats to time, in order (default: --weights); "
+                  "tokens are compared with the first.")
+flags.DEFINE_bool("llama_cpp", True, "Also time llama.cpp (llama-cpp-python) on the GGUF file "
+                  "when it is installed.")
+flags.DEFINE_list("verify_widths", ["1", "2", "3", "4", "8", "16"], "Verify-forward widths T "
+                  "(empty: skip the verify timing).")
+flags.DEFINE_integer("verify_cache_len", 256, "Filled cache slots in the verify timing.",
+                     lower_bound=0)
+flags.DEFINE_integer("verify_calls", 20, "Calls per verify timing (median).", lower_bound=1)
 flags.DEFINE_string("output_json", None, "Write the results here (atomically).")
 flags.DEFINE_string("output_md", None, "Write a Markdown table here (atomically).")
 method_flags.define_model_flags()
@@ -79,13 +100,83 @@ def _time_stream(model, params, batch, config, key, warmed):
     return gen, time.perf_counter() - t0, calls
 
 
+def _time_verify(model, params, widths, cache_len, calls):
+    """``{T: median ms}`` of one jitted forward of ``T`` new tokens over ``cache_len`` filled
+    cache slots (a speculative round's verification, chain mask)."""
+    import jax
+    import jax.numpy as jnp
+    from specjax import masks
+    out = {}
+    forward = jax.jit(model.forward)
+    for t in widths:
+        slots = cache_len + t
+        cache = model.init_cache(1, slots)
+        cache = cache.replace(lengths=jnp.full((1,), cache_len, jnp.int32))
+        tokens = jnp.ones((1, t), jnp.int32)
+        positions = cache_len + jnp.arange(t, dtype=jnp.int32)[None]
+        mask = masks.block_mask(cache.lengths, jnp.tril(jnp.ones((1, t, t), bool)), slots)
+        jax.block_until_ready(forward(params, tokens, positions, cache, mask))
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(forward(params, tokens, positions, cache, mask).logits)
+            times.append(time.perf_counter() - t0)
+        out[t] = 1e3 * float(np.median(times))
+    return out
+
+
+def _llama_cpp(model_name, num_threads):
+    """A llama.cpp ``Llama`` on the model's GGUF file, or ``(None, why)``."""
+    from models import registry as models
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, ("llama-cpp-python is not installed (optional: `pip install "
+                      "llama-cpp-python`, which builds llama.cpp with cmake)")
+    path = models.gguf_path(model_name) if model_name in models.known_models() else model_name
+    if not path or not str(path).endswith(".gguf"):
+        return None, f"{model_name} is not a GGUF file"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=num_threads,
+                          n_threads_batch=num_threads, verbose=False)
+    return llm, None
+
+
+def _time_llama_cpp(llm, ids, max_new_tokens, eos):
+    llm.reset()
+    gen, t0 = [], time.perf_counter()
+    for tok in llm.generate(list(map(int, ids)), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                            repeat_penalty=1.0, reset=True):
+        if tok in eos:
+            gen.append(int(tok))
+            break
+        gen.append(int(tok))
+        if len(gen) >= max_new_tokens:
+            break
+    return gen, time.perf_counter() - t0
+
+
 def main(argv):
     common.start(argv)
     t_start = time.perf_counter()
     with common.user_errors():
         env_start = environment()
         common.check_outputs(FLAGS, "output_json", "output_md")
-        method_flags.model_config(FLAGS)  # --max_new_tokens against the context, no weights
+        formats = list(FLAGS.weights_list) or [FLAGS.weights]
+        from models.packing import WEIGHTS
+        bad = [w for w in formats if w not in WEIGHTS]
+        if bad or len(set(formats)) != len(formats):
+            raise common.UserError(f"--weights_list: give distinct formats among "
+                                   f"{', '.join(WEIGHTS)}, got {','.join(formats)}")
+        try:
+            widths = sorted({int(t) for t in FLAGS.verify_widths})
+        except ValueError:
+            raise common.UserError(f"--verify_widths: give positive integers, got "
+                                   f"{','.join(FLAGS.verify_widths)}") from None
+        if any(t < 1 for t in widths):
+            raise common.UserError("--verify_widths: widths must be >= 1")
+        for w in formats:  # --max_new_tokens against the context, the kernel's build; no weights
+            FLAGS.weights = w
+            method_flags.model_config(FLAGS)
         import jax
         from specjax import decode
         from specjax.prompts import make_prompt_batch
@@ -93,55 +184,93 @@ def main(argv):
         if FLAGS.hf:
             from experiments import hf_peer
             hf_peer.resolve(FLAGS.model)
-        print(f"benchmark_ar: {len(prompts)} prompts x {FLAGS.max_new_tokens} tokens, "
-              f"generate / stream{' / hf' if FLAGS.hf else ''}", file=sys.stderr)
-        loaded = method_flags.load_model(FLAGS)
-        eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
-        config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens, eos_ids=tuple(eos))
+        print(f"benchmark_ar: {len(prompts)} prompts x {FLAGS.max_new_tokens} tokens, weights "
+              f"{', '.join(formats)}: generate / stream{' / hf' if FLAGS.hf else ''}",
+              file=sys.stderr)
         key = jax.random.key(0)
+        rows = [{"question_id": p.question_id, "group": p.group} for p in prompts]
+        verify, loaded, first = {}, None, formats[0]
+        for w in formats:
+            FLAGS.weights = w
+            loaded = method_flags.load_model(FLAGS)
+            eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
+            config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens, eos_ids=tuple(eos))
+            compiled, warmed = {}, set()
+            for p, row in zip(prompts, rows):
+                ids = spec_bench.encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
+                batch = make_prompt_batch([ids], vocab_size=loaded.model.vocab_size)
+                row |= {"prompt_len": len(ids), "bucket": int(batch.tokens.shape[1])}
+                g, wall, calls = _time_generate(loaded.model, loaded.params, batch, config, key,
+                                                compiled)
+                name = "generate" if w == first else f"generate_{w}"
+                row[name] = {"new_tokens": len(g), "wall_s": wall, "target_calls": calls,
+                             "tokens_per_s": len(g) / wall, "tokens": [int(t) for t in g]}
+                if w != first:
+                    ref = row["generate"]["tokens"]
+                    row[name] |= {"same_tokens_as_generate": g == ref,
+                                  "first_difference": first_mismatch(ref, g)}
+                else:
+                    s, wall, calls = _time_stream(loaded.model, loaded.params, batch, config, key,
+                                                  warmed)
+                    row["stream"] = {"new_tokens": len(s), "wall_s": wall, "target_calls": calls,
+                                     "tokens_per_s": len(s) / wall,
+                                     "same_tokens_as_generate": s == g}
+                    if s != g:
+                        print(f"BUG: stream and generate differ on question {p.question_id} at "
+                              f"token {first_mismatch(g, s)}", file=sys.stderr)
+                print(f"  q{p.question_id} ({p.group}, {len(ids)} tokens) {w}: "
+                      f"{row[name]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+            if widths:
+                verify[w] = _time_verify(loaded.model, loaded.params, widths,
+                                         FLAGS.verify_cache_len, FLAGS.verify_calls)
+                print(f"  verify {w}: " + ", ".join(
+                    f"T={t} {ms:.1f} ms" for t, ms in verify[w].items()), file=sys.stderr)
+            del compiled
         peer = None
         if FLAGS.hf:
             from experiments import hf_peer
             peer = hf_peer.Peer.load(FLAGS.model, eos_ids=eos, pad_id=loaded.tokenizer.pad_id,
                                      num_threads=FLAGS.hf_threads or None)
-        compiled, warmed, rows = {}, set(), []
-        for p in prompts:
+        llm, llama_cpp_note = (None, "not asked (--nollama_cpp)")
+        if FLAGS.llama_cpp:
+            from experiments import hf_peer
+            llm, llama_cpp_note = _llama_cpp(FLAGS.model, hf_peer.num_cores())
+            if llm is None:
+                print(f"  llama.cpp skipped: {llama_cpp_note}", file=sys.stderr)
+        for p, row in zip(prompts, rows):
             ids = spec_bench.encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
-            batch = make_prompt_batch([ids], vocab_size=loaded.model.vocab_size)
-            row = {"question_id": p.question_id, "group": p.group, "prompt_len": len(ids),
-                   "bucket": int(batch.tokens.shape[1])}
-            g, wall, calls = _time_generate(loaded.model, loaded.params, batch, config, key,
-                                            compiled)
-            row["generate"] = {"new_tokens": len(g), "wall_s": wall, "target_calls": calls,
-                               "tokens_per_s": len(g) / wall}
-            s, wall, calls = _time_stream(loaded.model, loaded.params, batch, config, key, warmed)
-            row["stream"] = {"new_tokens": len(s), "wall_s": wall, "target_calls": calls,
-                             "tokens_per_s": len(s) / wall, "same_tokens_as_generate": s == g}
-            if s != g:
-                print(f"BUG: stream and generate differ on question {p.question_id} at token "
-                      f"{first_mismatch(g, s)}", file=sys.stderr)
+            g = row["generate"]["tokens"]
             if peer is not None:
                 r = peer.generate(ids, FLAGS.max_new_tokens)
                 row["hf"] = {"new_tokens": len(r.generated), "wall_s": r.wall_s,
                              "target_calls": r.target_calls, "tokens_per_s": r.tokens_per_s,
                              "same_tokens_as_generate": r.generated == g,
                              "first_difference": first_mismatch(g, r.generated)}
-            rows.append(row)
-            print(f"  q{p.question_id} ({p.group}, {len(ids)} tokens): " + ", ".join(
-                f"{k} {row[k]['tokens_per_s']:.1f} tok/s" for k in ("generate", "stream", "hf")
-                if k in row), file=sys.stderr)
-        ways = ["generate", "stream"] + (["hf"] if peer is not None else [])
+            if llm is not None:
+                if p is prompts[0]:
+                    _time_llama_cpp(llm, ids, 4, set(eos))  # warm-up
+                lg, wall = _time_llama_cpp(llm, ids, FLAGS.max_new_tokens, set(eos))
+                row["llama_cpp"] = {"new_tokens": len(lg), "wall_s": wall,
+                                    "tokens_per_s": len(lg) / wall,
+                                    "same_tokens_as_generate": lg == g,
+                                    "first_difference": first_mismatch(g, lg)}
+        ways = ["generate", "stream"] + [f"generate_{w}" for w in formats[1:]] + (
+            ["hf"] if peer is not None else []) + (["llama_cpp"] if llm is not None else [])
         mean = {k: float(np.mean([r[k]["tokens_per_s"] for r in rows])) for k in ways}
-        ratios = {"generate/stream": mean["generate"] / mean["stream"]}
-        if peer is not None:
-            ratios |= {"generate/hf": mean["generate"] / mean["hf"],
-                       "stream/hf": mean["stream"] / mean["hf"]}
+        ratios = {f"{k}/generate": mean[k] / mean["generate"] for k in ways if k != "generate"}
+        if llm is not None:
+            ratios |= {f"{k}/llama_cpp": mean[k] / mean["llama_cpp"] for k in ways
+                       if k.startswith("generate")}
         env = env_start
         result = {"config": {"model": FLAGS.model, "max_new_tokens": FLAGS.max_new_tokens,
                              "num_prompts": len(rows), "scan_layers": FLAGS.scan_layers,
-                             "dtype": "float32", "batch": 1, "greedy": True},
+                             "dtype": FLAGS.dtype, "weights": formats, "batch": 1,
+                             "greedy": True, "verify_cache_len": FLAGS.verify_cache_len},
                   "environment": env, "tokens_per_s": mean, "ratios": ratios,
-                  "per_prompt": rows, "total_s": time.perf_counter() - t_start,
+                  "verify_ms": {w: {str(t): ms for t, ms in v.items()}
+                                for w, v in verify.items()},
+                  "llama_cpp": llama_cpp_note or "ran", "per_prompt": rows,
+                  "total_s": time.perf_counter() - t_start,
                   "command": " ".join(["python -m experiments.benchmark_ar"] + sys.argv[1:])}
         if peer is not None:
             import torch
@@ -149,26 +278,43 @@ def main(argv):
             result["environment"] |= {"torch": torch.__version__, "torch_threads":
                                       torch.get_num_threads(),
                                       "transformers": transformers.__version__}
+        if llm is not None:
+            import llama_cpp
+            result["environment"]["llama_cpp_python"] = llama_cpp.__version__
+
+        def label(k):
+            return f"generate ({first})" if k == "generate" else (
+                f"generate ({k[9:]})" if k.startswith("generate_") else k)
+
         for k in ways:
-            print(f"{k:<9} {mean[k]:8.1f} tok/s")
-        for k, v in ratios.items():
-            print(f"{k:<16} {v:6.2f}x")
+            print(f"{label(k):<20} {mean[k]:8.1f} tok/s")
+        for w, v in verify.items():
+            print(f"verify {w:<8} " + "  ".join(f"T={t}: {ms:.1f} ms ({ms / v[widths[0]]:.2f}x)"
+                                                for t, ms in v.items()))
 
         def markdown() -> str:
             table = md_table(
                 ["way", "tok/s", "vs generate", "same tokens as generate"],
-                [[k, f"{mean[k]:.1f}", f"{mean[k] / mean['generate']:.2f}x",
+                [[label(k), f"{mean[k]:.1f}", f"{mean[k] / mean['generate']:.2f}x",
                   "-" if k == "generate" else
                   f"{sum(r[k]['same_tokens_as_generate'] for r in rows)}/{len(rows)}"]
                  for k in ways])
-            text = (f"# Plain decoding: specjax generate vs Python-driven stream vs transformers"
-                    f"\n\n{FLAGS.model}, {len(rows)} prompts, batch 1, greedy, float32, "
-                    f"max_new_tokens={FLAGS.max_new_tokens}, {env['cpu_cores']} CPU cores, "
-                    f"jax {env['jax']} ({env['jax_backend']})"
+            vtable = md_table(
+                ["weights"] + [f"T={t}" for t in widths],
+                [[w] + [f"{v[t]:.1f} ms ({v[t] / v[widths[0]]:.2f}x)" for t in widths]
+                 for w, v in verify.items()]) if verify else "(not timed)"
+            text = (f"# Plain decoding: specjax generate (weights {', '.join(formats)}) vs "
+                    f"Python-driven stream vs peers"
+                    f"\n\n{FLAGS.model}, {len(rows)} prompts, batch 1, greedy, activations "
+                    f"{FLAGS.dtype}, max_new_tokens={FLAGS.max_new_tokens}, {env['cpu_cores']} "
+                    f"CPU cores, jax {env['jax']} ({env['jax_backend']})"
                     + (f", torch {env['torch']} with {env['torch_threads']} threads"
                        if peer is not None else "")
-                    + f", load average {env['load_average'][0]:.1f} at the start."
-                    f"\n\n{table}\n\n"
+                    + f", load average {env['load_average'][0]:.1f} at the start. llama.cpp: "
+                    f"{llama_cpp_note or 'ran'}."
+                    f"\n\n{table}\n\n## Verify forward (T new tokens over "
+                    f"{FLAGS.verify_cache_len} cached slots, median ms, and relative to T = "
+                    f"{widths[0] if widths else 1})\n\n{vtable}\n\n"
                     f"Command: `{result['command']}`\n")
             return text
 

@@ -105,8 +105,8 @@ def define_flags(multi: bool = False, default_method: str = "ar", selector: bool
 
 
 def define_model_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-    """``--attention`` and ``--dtype`` in ``fv``: how the target model is built (every binary
-    that loads one, decoding or not: load it with :func:`load_model`)."""
+    """``--attention``, ``--dtype`` and ``--weights`` in ``fv``: how the target model is built
+    (every binary that loads one, decoding or not: load it with :func:`load_model`)."""
     flags.DEFINE_enum("attention", "xla", list(ATTENTION),
                       "Attention in decode steps and verification: xla, pallas (the Pallas "
                       "tree-attention kernel; interpreted, slow, on CPU) or auto (the kernel on "
@@ -116,6 +116,13 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "Weights, activations and cache: float32 (the default; fastest on CPU) or "
                       "bfloat16 (the choice on GPU / TPU; 16-bit on CPU is several times "
                       "slower in XLA:CPU). Logits and sampling stay float32.", flag_values=fv)
+    from models.packing import WEIGHTS
+    flags.DEFINE_enum("weights", "float32", list(WEIGHTS),
+                      "How the target's linear layers are stored: float32 (float arrays in "
+                      "--dtype), gguf (the GGUF file's own 4/8-bit blocks, read by specjax's C++ "
+                      "kernel on CPU: the fastest on CPU) or int8 (per-channel int8). The output "
+                      "is the target's with THOSE weights (gguf: the same numbers as float32).",
+                      flag_values=fv)
 
 
 def model_config(FLAGS, name=None):
@@ -123,7 +130,13 @@ def model_config(FLAGS, name=None):
     are checked against it before the slow load (the mesh, ``--max_new_tokens`` against the
     context)."""
     from models import registry as models
-    config = models.config_of(FLAGS.model if name is None else name)
+    name = FLAGS.model if name is None else name
+    config = models.config_of(name)
+    if "weights" in FLAGS:
+        try:  # builds the CPU kernel for gguf / int8 now: a missing compiler fails early
+            models.check_weights(FLAGS.weights, name)
+        except ValueError as e:
+            raise UserError(f"--weights: {e}") from None
     limit = config.max_position_embeddings
     if "max_new_tokens" in FLAGS and FLAGS.max_new_tokens >= limit:
         raise UserError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in "
@@ -137,7 +150,8 @@ def load_model(FLAGS, name=None):
     from models import registry as models
     return models.load(FLAGS.model if name is None else name, dtype=FLAGS.dtype,
                        attention_impl=FLAGS.attention,
-                       scan_layers=FLAGS.scan_layers if "scan_layers" in FLAGS else True)
+                       scan_layers=FLAGS.scan_layers if "scan_layers" in FLAGS else True,
+                       weights=FLAGS.weights)
 
 
 def _parse(info: registry.OptionInfo, value):

@@ -69,7 +69,8 @@ class Run:
       adaptive_draft: ``"off"`` or ``"acceptance"`` (wraps the drafter, lossless).
       max_draft_len: with ``adaptive_draft``, the cap on the drafted depth (None: the
         drafter's tree depth; larger values are cut to it).
-      attention_impl, dtype, scan_layers: how the model is built (``models.registry.load``).
+      attention_impl, dtype, scan_layers, weights: how the model is built
+        (``models.registry.load``).
       plan: a ``ShardingPlan`` (params already placed) or None.
     """
 
@@ -84,6 +85,7 @@ class Run:
     attention_impl: str = "xla"
     dtype: str = "float32"
     scan_layers: bool = True
+    weights: str = "float32"
     plan: Optional[Any] = None
 
     def __post_init__(self):
@@ -101,7 +103,7 @@ class Run:
     def load(self):
         from models import registry as models
         return models.load(self.model_name, dtype=self.dtype, attention_impl=self.attention_impl,
-                           scan_layers=self.scan_layers)
+                           scan_layers=self.scan_layers, weights=self.weights)
 
     def config_for(self, loaded) -> decode.DecodeConfig:
         eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
@@ -222,7 +224,7 @@ def build_run(FLAGS, name: Optional[str] = None, *, check: bool = True) -> Run:
     return Run(method=method_name, model_name=FLAGS.model, config=config, options=options,
                spec=spec, seed=FLAGS.seed if "seed" in FLAGS else 0,
                adaptive_draft="off" if method_name == "ar" else FLAGS.adaptive_draft,
-               attention_impl=FLAGS.attention, dtype=FLAGS.dtype,
+               attention_impl=FLAGS.attention, dtype=FLAGS.dtype, weights=FLAGS.weights,
                scan_layers=FLAGS.scan_layers if "scan_layers" in FLAGS else True)
 
 

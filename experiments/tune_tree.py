@@ -68,7 +68,8 @@ RECYCLING = "token_recycling"  # training-free: tuned on a corpus's text, no wei
 flags.DEFINE_enum("drafter", "medusa", ["medusa", "hydra", "eagle", *CORPUS_DRAFTERS, RECYCLING],
                   "Drafter whose static tree to tune.")
 flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
-flags.DEFINE_string("weights", None, "Head weights (.safetensors); default: the shipped file.")
+flags.DEFINE_string("drafter_weights", None, "The drafter's weights (.safetensors); default: "
+                    "the shipped file.")
 flags.DEFINE_string("data_dir", None, "Self-distillation data (comma-separated directories), "
                     "as given to train_drafter.")
 flags.DEFINE_string("corpus_dir", None, "eagle3 / block_diffusion: distillation corpus "
@@ -154,7 +155,7 @@ def _plain_run():
     from experiments import methods
     from specjax import decode
     return methods.Run("ar", FLAGS.model, decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens),
-                       attention_impl=FLAGS.attention, dtype=FLAGS.dtype)
+                       attention_impl=FLAGS.attention, dtype=FLAGS.dtype, weights=FLAGS.weights)
 
 
 def _load(loaded, weights, **kwargs):
@@ -356,7 +357,7 @@ def main(argv):
         from specjax import tree_tuning
 
         loaded = _plain_run().load()
-        weights = FLAGS.weights or head_weights.shipped_path(FLAGS.drafter, loaded.name)
+        weights = FLAGS.drafter_weights or head_weights.shipped_path(FLAGS.drafter, loaded.name)
         output = FLAGS.output or head_weights.tree_file_of(weights)
         from specjax.files import check_writable
         check_writable(output, "the tree file")  # the default path too, before the long part

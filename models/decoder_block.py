@@ -15,6 +15,9 @@ cache, or in training attends over several feature levels at once.
 ``wv [E, K, D]``, ``wo [H, D, E]``, ``mlp_norm [E]``, ``w_gate [E, F]``, ``w_up [E, F]``,
 ``w_down [F, E]``, and optionally (Qwen2) ``bq [H, D]``, ``bk [K, D]``, ``bv [K, D]``: the
 biases are added when present in ``p``. Weights are cast to ``config.dtype`` (activations).
+A packed layer (``--weights=gguf|int8``, :mod:`models.packing`) has instead the
+:class:`specjax.packed.PackedWeight` s ``wqkv``, ``wo``, ``w_gate_up`` and ``w_down`` (rows =
+output features), applied by :func:`specjax.packed.linear`.
 
 ``config``: a :class:`models.llama.LlamaConfig` (read: ``dtype``, ``rms_norm_eps``,
 ``head_dim``, ``rope_theta``, ``rope_scaling``).
@@ -31,6 +34,8 @@ from typing import Any, Callable, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from specjax import packed
 
 # One layer's parameters, in declaration order (parameter init draws keys in this order).
 PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
@@ -142,9 +147,16 @@ def attention_inputs(p: dict, x: jax.Array, positions: jax.Array, config
     """
     dt = jnp.dtype(config.dtype)
     h = rms_norm(x, p["attn_norm"].astype(dt), config.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, p["wq"].astype(dt))
-    k = jnp.einsum("bte,ekd->btkd", h, p["wk"].astype(dt))
-    v = jnp.einsum("bte,ekd->btkd", h, p["wv"].astype(dt))
+    if "wqkv" in p:  # packed: one product for the q, k and v rows
+        nh, nk, d = config.num_heads, config.num_kv_heads, config.head_dim
+        qkv = packed.linear(h, p["wqkv"])
+        q = qkv[..., :nh * d].reshape(h.shape[:2] + (nh, d))
+        k = qkv[..., nh * d:(nh + nk) * d].reshape(h.shape[:2] + (nk, d))
+        v = qkv[..., (nh + nk) * d:].reshape(h.shape[:2] + (nk, d))
+    else:
+        q = jnp.einsum("bte,ehd->bthd", h, p["wq"].astype(dt))
+        k = jnp.einsum("bte,ekd->btkd", h, p["wk"].astype(dt))
+        v = jnp.einsum("bte,ekd->btkd", h, p["wv"].astype(dt))
     if "bq" in p:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     inv_freq = rope_inv_freq(config)
@@ -160,6 +172,11 @@ def block_output(p: dict, x: jax.Array, attn: jax.Array, config) -> jax.Array:
       ``[B, T, E]`` the layer output.
     """
     dt = jnp.dtype(config.dtype)
+    if "w_gate_up" in p:  # packed
+        x = x + packed.linear(attn.reshape(attn.shape[:2] + (-1,)), p["wo"])
+        h = rms_norm(x, p["mlp_norm"].astype(dt), config.rms_norm_eps)
+        gate, up = jnp.split(packed.linear(h, p["w_gate_up"]), 2, axis=-1)
+        return x + packed.linear(nn.silu(gate) * up, p["w_down"])
     x = x + jnp.einsum("bthd,hde->bte", attn, p["wo"].astype(dt))
     h = rms_norm(x, p["mlp_norm"].astype(dt), config.rms_norm_eps)
     gate = jnp.einsum("bte,ef->btf", h, p["w_gate"].astype(dt))

@@ -25,6 +25,7 @@ from tokenizers import decoders, pre_tokenizers, processors
 from models.hf import CheckpointError, params_from_hf
 from models.llama import LlamaConfig
 from models.tokenizer import TextTokenizer, end_token_ids
+from specjax import packed
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _PERMUTED_ARCHITECTURES = ("llama",)
@@ -156,6 +157,77 @@ def params_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file") -> di
                                    else config.num_kv_heads)
             hf[f"model.layers.{layer}.{_HF_NAMES[rest]}"] = w
     return params_from_hf(hf, config, source=path)
+
+
+def packed_weights_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file") -> dict:
+    """The linear layers, the embedding and an untied LM head as the file stores them:
+    ``{name: PackedWeight}`` (numpy) for :func:`models.packing.assemble`.
+
+    Tensors of a type the kernel reads (:data:`specjax.packed.GGUF_FORMATS`) keep their bytes
+    (q / k rows un-permuted as whole rows). A fused group (q, k, v; gate, up) or a name whose
+    tensors differ in type between its parts or layers, or a type the kernel does not read, is
+    dequantised to ``f32`` rows instead (lossless, but without the bytes saved).
+    """
+    from gguf.quants import dequantize
+    arch = _field(reader, "general.architecture")
+    permuted = arch in _PERMUTED_ARCHITECTURES
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name, n_head=None):
+        if name not in tensors:
+            raise CheckpointError(f"{path} has no tensor {name}: the file is incomplete.")
+        t = tensors[name]
+        fmt = packed.GGUF_FORMATS.get(t.tensor_type.name)
+        data = np.asarray(t.data)
+        if fmt == "f32":
+            data = np.ascontiguousarray(data, np.float32).view(np.uint8)
+        data = data.reshape(int(t.shape[-1]), -1)  # [N rows, bytes]
+        if n_head is not None:
+            data = unpermute_rows(data, n_head)
+        return fmt, data, t
+
+    def as_f32(parts):
+        rows = []
+        for _, data, t, n_head in parts:
+            w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(
+                int(t.shape[-1]), int(t.shape[0]))
+            rows.append(w if n_head is None else unpermute_rows(w, n_head))
+        return packed.pack_f32(np.concatenate(rows))
+
+    def weight(names_heads):
+        parts = [get(n, h) + (h,) for n, h in names_heads]
+        fmts = {p[0] for p in parts}
+        k = int(parts[0][2].shape[0])
+        if len(fmts) == 1 and None not in fmts:
+            return packed.PackedWeight(np.concatenate([p[1] for p in parts]),
+                                       np.zeros((1,), np.float32), fmts.pop(), k)
+        return as_f32(parts)
+
+    c = config
+    hq = c.num_heads if permuted else None
+    hk = c.num_kv_heads if permuted else None
+    groups = {"wqkv": [("attn_q.weight", hq), ("attn_k.weight", hk), ("attn_v.weight", None)],
+              "wo": [("attn_output.weight", None)],
+              "w_gate_up": [("ffn_gate.weight", None), ("ffn_up.weight", None)],
+              "w_down": [("ffn_down.weight", None)]}
+    out = {}
+    for name, parts in groups.items():
+        per_layer = [weight([(f"blk.{i}.{n}", h) for n, h in parts])
+                     for i in range(c.num_layers)]
+        if len({w.fmt for w in per_layer}) > 1:
+            per_layer = [packed.pack_f32(packed_np_dequantize(w)) for w in per_layer]
+        out[name] = packed.stack(per_layer)
+    out["embedding"] = weight([("token_embd.weight", None)])
+    if not c.tie_embeddings:
+        out["lm_head"] = weight([("output.weight", None)])
+    return out
+
+
+def packed_np_dequantize(w) -> np.ndarray:
+    """float32 ``[N, K]`` values of a numpy :class:`specjax.packed.PackedWeight` (host side)."""
+    import jax
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(packed.dequantize(packed.as_jax(w, np.float32)))
 
 
 def _pre_tokenizer(pre: Optional[str], path: str):

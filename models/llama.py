@@ -30,7 +30,9 @@ import jax.numpy as jnp
 from models import decoder_block as block
 # experiments/benchmark_kernel.py reads ``models.llama.attention``: keep it imported by name.
 from models.decoder_block import attention, rms_norm
+from models.packing import FLOAT_LINEAR_NAMES, PACKED_LAYER_NAMES, packed_shapes
 from specjax import cache as cache_lib
+from specjax import packed
 from specjax.cache import KVCache
 from specjax.kernels.tree_attention import tree_attention
 from specjax.masks import TreeMask
@@ -73,6 +75,9 @@ class LlamaConfig:
     # tree-attention kernel; interpreted on CPU), "auto" (the kernel on GPU / TPU only).
     # A dense mask array always takes the XLA path.
     attention_impl: str = "xla"
+    # Weights kept packed (models/packing.py): sorted (name, format) pairs, e.g.
+    # (("embedding", "q8_0"), ("w_down", "q4_1"), ...); empty: every weight a float array.
+    weight_formats: tuple = ()
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -120,9 +125,17 @@ class LayerStack(nn.Module):
     def setup(self):
         c = self.config
         dt = jnp.dtype(c.param_dtype)
-        self.stacked = {
+        formats = dict(c.weight_formats)
+        stacked = {
             name: _param(self, name, (c.num_layers,) + shape, ("layers",) + axes, init, dt)
-            for name, (shape, axes, init) in block.param_specs(c, bias=c.qkv_bias).items()}
+            for name, (shape, axes, init) in block.param_specs(c, bias=c.qkv_bias).items()
+            if not (formats and name in FLOAT_LINEAR_NAMES)}
+        if formats:
+            shapes = packed_shapes(c)
+            for name in PACKED_LAYER_NAMES:
+                stacked[name] = _packed_param(self, name, formats[name], (c.num_layers,),
+                                              *shapes[name])
+        self.stacked = stacked
 
     def _block(self, p, x, positions, k_all, v_all, layer, offsets, mask):
         """:func:`models.decoder_block.decoder_block` whose attention writes the new k / v into
@@ -151,13 +164,13 @@ class LayerStack(nn.Module):
         taps = {}
         if not c.scan_layers:
             for i in layer_ids:
-                p = {name: w[i] for name, w in self.stacked.items()}
+                p = jax.tree.map(lambda w: w[i], self.stacked)
                 x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask)
                 if i in hidden_layers:
                     taps[i] = x
         else:
             ids = jnp.asarray(layer_ids, jnp.int32)
-            params = {name: w[ids] for name, w in self.stacked.items()} if layers is not None \
+            params = jax.tree.map(lambda w: w[ids], self.stacked) if layers is not None \
                 else self.stacked
 
             def body(carry, xs):
@@ -177,6 +190,25 @@ class LayerStack(nn.Module):
         return x, cache.replace(k=k_all, v=v_all), tap_arr
 
 
+def _packed_param(module, name, fmt, lead, n, k):
+    """A :class:`specjax.packed.PackedWeight` param (zero bytes at init: its shapes only)."""
+    return module.param(name, lambda rng: packed.zeros(fmt, lead, n, k))
+
+
+class PackedEmbed(nn.Module):
+    """The embedding table kept packed (rows = token ids): a lookup dequantises the rows."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = _packed_param(self, "embedding", dict(c.weight_formats)["embedding"],
+                                       (), c.vocab_size, c.hidden_size)
+
+    def __call__(self, tokens):
+        return packed.take_rows(self.embedding, tokens).astype(jnp.dtype(self.config.dtype))
+
+
 class Llama(nn.Module):
     """Token ids in, logits, final hidden states and the updated cache out."""
 
@@ -184,16 +216,23 @@ class Llama(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embedder = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                        ("vocab", "embed")))
+        formats = dict(c.weight_formats)
+        if formats:
+            self.embedder = PackedEmbed(c)
+        else:
+            self.embedder = nn.Embed(
+                c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
+                param_dtype=jnp.dtype(c.param_dtype),
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            ("vocab", "embed")))
         self.layers = LayerStack(c)
         self.final_norm = self.param(
             "final_norm", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
             (c.hidden_size,), jnp.dtype(c.param_dtype))
-        if not c.tie_embeddings:
+        if not c.tie_embeddings and formats:
+            self.lm_head_kernel = _packed_param(self, "lm_head", formats["lm_head"], (),
+                                                c.vocab_size, c.hidden_size)
+        elif not c.tie_embeddings:
             self.lm_head_kernel = self.param(
                 "lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                         ("embed", "vocab")),
@@ -205,6 +244,10 @@ class Llama(nn.Module):
     def head(self, hidden, num_ids=None):
         """Logits ``[..., V]``; with ``num_ids`` only those of token ids ``< num_ids``."""
         c = self.config
+        if c.weight_formats:  # rows = token ids, in the packed format
+            w = self.embedder.embedding if c.tie_embeddings else self.lm_head_kernel
+            return packed.linear(hidden.astype(jnp.float32),
+                                 w if num_ids is None else w.rows(num_ids))
         if c.tie_embeddings:
             w = self.embedder.embedding[:num_ids].astype(hidden.dtype)
             return jnp.einsum("...e,ve->...v", hidden, w, preferred_element_type=jnp.float32)

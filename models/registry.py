@@ -32,6 +32,7 @@ from flax import traverse_util
 
 from models import gguf as gguf_loader
 from models import hf as hf_loader
+from models import packing
 from models.llama import LlamaConfig, LlamaModel, RopeScaling
 from models.tokenizer import TextTokenizer
 from specjax.files import write_atomic
@@ -172,6 +173,7 @@ def _read_disk_cache(path):
         return None  # missing or damaged: rebuild it
     cfg = dict(meta["config"])
     cfg["rope_scaling"] = cfg["rope_scaling"] and RopeScaling(**cfg["rope_scaling"])
+    cfg["weight_formats"] = tuple(tuple(pair) for pair in cfg.get("weight_formats", ()))
     tok = TextTokenizer(tokenizers.Tokenizer.from_str(meta["tokenizer"]), bos_id=meta["bos_id"],
                         eos_ids=meta["eos_ids"], pad_id=meta["pad_id"],
                         chat_template=meta["chat_template"])
@@ -198,15 +200,39 @@ def _device_params(path: str, dtype: str):
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), _load_gguf_cached(path)[1])
 
 
+@functools.lru_cache(maxsize=2)
+def _device_packed(path: str, weights: str, dtype: str):
+    """The GGUF model packed as ``weights``: ``(config, jax params)``, shared by every load."""
+    config, params, _ = _load_gguf_cached(path)
+    config, params = _pack(config, params, weights, path)
+    return config, packing_as_jax(params, dtype)
+
+
+def _pack(config, params, weights, path):
+    """Float numpy ``params`` -> ``(config, params)`` in the ``weights`` format."""
+    if weights == "float32":
+        return config, params
+    if weights == "gguf" and path is not None:
+        reader = gguf_loader.open_gguf(path)
+        return packing.assemble(config, params,
+                                gguf_loader.packed_weights_from_gguf(reader, config, path))
+    return packing.pack_float(config, params, weights)
+
+
+def packing_as_jax(params, dtype):
+    from specjax import packed
+    return packed.as_jax(params, jnp.dtype(dtype))
+
+
 def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers,
             attention_impl="xla") -> LoadedModel:
     dt = jnp.dtype(dtype)
+    if callable(params):
+        config, params = params(dt.name)
+    else:
+        params = packing_as_jax(params, dt)
     config = dataclasses.replace(config, dtype=dt.name, param_dtype=dt.name,
                                  scan_layers=scan_layers, attention_impl=attention_impl)
-    if callable(params):
-        params = params(dt.name)
-    else:
-        params = jax.tree.map(lambda a: jnp.asarray(a, dt), params)
     return LoadedModel(model=LlamaModel(config), params=params, tokenizer=tok, name=name)
 
 
@@ -244,8 +270,24 @@ def model_name(name_or_path: str) -> str:
     return os.path.basename(name_or_path.rstrip("/"))
 
 
+def check_weights(weights: str, name_or_path: str) -> None:
+    """ValueError (one line, what to do) unless ``weights`` can be loaded for the model; for the
+    packed formats on CPU, builds the C++ kernel first (a missing compiler fails here, early)."""
+    if weights not in packing.WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(packing.WEIGHTS)}, got {weights!r}")
+    if weights == "gguf" and os.path.isdir(os.fspath(name_or_path)):
+        raise ValueError(f"--weights=gguf keeps a GGUF file's blocks, and {name_or_path} is a HF "
+                         "checkpoint directory: use --weights=int8 (or float32), or a .gguf file")
+    if weights != "float32" and jax.default_backend() == "cpu":
+        from specjax.kernels import cpu_matmul
+        try:
+            cpu_matmul.ensure_registered()
+        except cpu_matmul.KernelBuildError as e:
+            raise ValueError(str(e).splitlines()[0]) from None
+
+
 def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
-         attention_impl: str = "xla") -> LoadedModel:
+         attention_impl: str = "xla", weights: str = "float32") -> LoadedModel:
     """Loads a model by name (:func:`known_models`) or from a path.
 
     Args:
@@ -254,24 +296,34 @@ def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
       scan_layers: run the layer stack as a ``lax.scan`` (default; False unrolls the layers).
       attention_impl: ``"xla"`` (default), ``"pallas"`` (the tree-attention kernel in decode
         steps and verification; interpreted on CPU) or ``"auto"`` (the kernel on GPU / TPU).
+      weights: ``"float32"`` (float arrays in ``dtype``), ``"gguf"`` (a GGUF file's own blocks;
+        a tiny model quantised to Q4_1 / Q8_0) or ``"int8"`` (per-channel int8): see
+        :mod:`models.packing`.
     """
     name_or_path = os.fspath(name_or_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_weights(weights, name_or_path)
     if name_or_path in TINY_CONFIGS:
-        config = TINY_CONFIGS[name_or_path]
-        return _finish(config, tiny_params(config), None, name_or_path, dtype, scan_layers,
-                       attention_impl)
+        config, params = _pack(TINY_CONFIGS[name_or_path],
+                               tiny_params(TINY_CONFIGS[name_or_path]), weights, None)
+        return _finish(config, params, None, name_or_path, dtype, scan_layers, attention_impl)
     if name_or_path == SMOLLM2:
         path = _smollm2_path()
         config, _, tok = _load_gguf_cached(path)
-        return _finish(config, functools.partial(_device_params, path), tok, SMOLLM2, dtype,
-                       scan_layers, attention_impl)
+        if weights == "float32":
+            device = lambda dt: (config, _device_params(path, dt))  # noqa: E731
+        else:
+            device = functools.partial(_device_packed, path, weights)
+        return _finish(config, device, tok, SMOLLM2, dtype, scan_layers, attention_impl)
     if os.path.isdir(name_or_path):
         config, params, tok = hf_loader.load_hf(name_or_path)
+        path = None
     elif name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
         config, params, tok = gguf_loader.load_gguf(name_or_path)
+        path = name_or_path
     else:
         raise ValueError(_unknown(name_or_path))
+    config, params = _pack(config, params, weights, path)
     return _finish(config, params, tok, model_name(name_or_path), dtype, scan_layers,
                    attention_impl)

@@ -238,7 +238,7 @@ def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
     # A tuned tree from the corpus (every record: the held-out path of a fresh corpus), which
     # the static tree then loads.
     _run("experiments.tune_tree", "--model=tiny-gqa", f"--drafter={drafter}",
-         f"--weights={weights}", f"--corpus_dir={out}", "--eval_fraction=1", "--seq_len=32",
+         f"--drafter_weights={weights}", f"--corpus_dir={out}", "--eval_fraction=1", "--seq_len=32",
          "--sizes=1,2", "--max_nodes=3", "--max_rank=3", "--measure_prompts=2",
          "--max_new_tokens=8", progress_flag=False)
     tuned = tree_tuning.load_tree_file(head_weights.tree_file_of(weights))
@@ -269,7 +269,7 @@ def test_recycling_table_and_tuned_tree_from_a_corpus_decode_losslessly(tiny_cor
     assert (table[unseen] == cold).all()
     # The tree: a table from half the records, ranks on the other half, sizes timed.
     _run("experiments.tune_tree", "--model=tiny-gqa", "--drafter=token_recycling",
-         f"--weights={table_path}", f"--corpus_dir={out}", "--sizes=1,2", "--max_nodes=3",
+         f"--drafter_weights={table_path}", f"--corpus_dir={out}", "--sizes=1,2", "--max_nodes=3",
          "--max_rank=3", "--measure_prompts=2", "--max_new_tokens=8", progress_flag=False)
     tuned = tree_tuning.load_tree_file(head_weights.tree_file_of(table_path))
     assert tuned.default_nodes in (1, 2) and set(tuned.info["measured"]) == {"0", "1", "2"}

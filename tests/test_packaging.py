@@ -24,11 +24,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TOP_LEVEL = ("specjax", "models", "drafters", "experiments")
 DATA_GLOBS = {  # shipped data files: every file matching these must be in the wheel
+    "specjax/kernels/cpu_matmul": ("*.cc",),
     "drafters/weights": ("*.safetensors", "*.tree.json"),
     "experiments/prompts": ("*.txt",),
 }
 REQUIRED = (  # named here so that an empty glob above cannot pass unnoticed
     "specjax/kernels/__init__.py",
+    "specjax/kernels/cpu_matmul/packed_matmul.cc",
     "experiments/generate.py",
     "experiments/prompts/distill_extra.txt",
     "drafters/weights/smollm2-135m/hydra.safetensors",

@@ -313,7 +313,7 @@ def test_tune_tree_binary_on_a_tiny_model(tmp_path):
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "experiments.tune_tree", "--model=tiny-gqa",
-                               f"--weights={weights}", *args], cwd=root, env=env,
+                               f"--drafter_weights={weights}", *args], cwd=root, env=env,
                               capture_output=True, text=True, timeout=600)
 
     proc = run(f"--data_dir={data}", "--eval_fraction=0.4", "--sizes=1,2", "--max_nodes=4",

@@ -48,6 +48,12 @@ def _check_in_process(site: str) -> None:
     fast = Engine(lm.model, config, drafter).generate(lm.params, dparams, [ids]).tokens[0]
     print(f"plain {plain}\nprompt lookup {fast}\ntext {lm.tokenizer.decode(plain)!r}",
           flush=True)
+    # The C++ kernel builds from the installed source (--weights=gguf) and decodes.
+    tiny = models.load("tiny-llama", weights="gguf")
+    assert dict(tiny.model.config.weight_formats)["wqkv"] == "q4_1"
+    packed_rows = Engine(tiny.model, DecodeConfig(max_new_tokens=4)).generate(
+        tiny.params, None, [[1, 2, 3]]).tokens[0]
+    assert len(packed_rows) == 4, packed_rows
     assert plain, "plain decoding generated no token"
     assert plain == fast, "prompt lookup decoding differs from plain greedy decoding"
 

@@ -1,0 +1,128 @@
+"""Weight formats of a Llama-family model: float params, or linear layers kept packed.
+
+``--weights`` (every binary) chooses one:
+
+* ``float32``: every weight a float array in the config's dtype (the default, and the only
+  choice for sharding over a mesh and for training);
+* ``gguf``: the checkpoint's own blocks (e.g. SmolLM2's Q4_1 layers and Q8_0 embedding) read from
+  the GGUF file as they are; every linear layer and the LM head run through
+  :func:`specjax.packed.linear` (the C++ kernel on CPU). For a tiny test model, its float weights
+  quantised by ``gguf``'s quantiser (Q4_1 layers, Q8_0 embedding / head), so that every method
+  can be tested on the format without a GGUF file;
+* ``int8``: per-output-channel symmetric int8 of the float weights (any checkpoint).
+
+A packed model differs from the float one in its param tree: the layers hold four packed
+projections, rows = output features (:data:`PACKED_LAYER_NAMES`): ``wqkv`` (the q, k and v
+rows, in that order: one call for the three), ``wo``, ``w_gate_up`` (gate rows, then up rows) and
+``w_down``; the embedding (``embedder/embedding``, rows = token ids) and an untied ``lm_head``
+(rows = token ids) are packed too; norms and biases stay float. Which names are packed, in which
+format, is static: ``LlamaConfig.weight_formats``.
+
+Axis glossary: L layers, E embedding width, F MLP width, H query heads, K kv heads, D head dim,
+V vocabulary, N rows (output features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from specjax import packed
+
+WEIGHTS = ("float32", "gguf", "int8")
+PACKED_LAYER_NAMES = ("wqkv", "wo", "w_gate_up", "w_down")
+FLOAT_LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# The formats a tiny (float) model is quantised to for --weights=gguf: SmolLM2's file's.
+TINY_GGUF_FORMATS = {"layers": "q4_1", "embedding": "q8_0", "lm_head": "q8_0"}
+
+
+def packed_shapes(config) -> dict:
+    """``{name: (N rows, K inputs)}`` of every packable weight of ``config``."""
+    c = config
+    e, f, d = c.hidden_size, c.intermediate_size, c.head_dim
+    shapes = {"wqkv": ((c.num_heads + 2 * c.num_kv_heads) * d, e), "wo": (e, c.num_heads * d),
+              "w_gate_up": (2 * f, e), "w_down": (e, f), "embedding": (c.vocab_size, e)}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (c.vocab_size, e)
+    return shapes
+
+
+def float_rows(config, params: dict) -> dict:
+    """The packable weights of float ``params`` (numpy) as rows: ``{name: float32 [(L,) N, K]}``."""
+    c = config
+    lay = params["layers"]
+    el = lambda w: np.asarray(w, np.float32)  # noqa: E731
+    num_l, e = c.num_layers, c.hidden_size
+    rows = lambda w: el(w).reshape(num_l, e, -1).transpose(0, 2, 1)  # [L, E, ...] -> [L, N, E]
+    out = {
+        "wqkv": np.concatenate([rows(lay["wq"]), rows(lay["wk"]), rows(lay["wv"])], axis=1),
+        "wo": el(lay["wo"]).reshape(num_l, -1, e).transpose(0, 2, 1),
+        "w_gate_up": np.concatenate([rows(lay["w_gate"]), rows(lay["w_up"])], axis=1),
+        "w_down": el(lay["w_down"]).transpose(0, 2, 1),
+        "embedding": el(params["embedder"]["embedding"]),
+    }
+    if not c.tie_embeddings:
+        out["lm_head"] = el(params["lm_head"]).T
+    return out
+
+
+def assemble(config, params: dict, packed_weights: dict):
+    """``(config, params)`` with ``packed_weights`` (``{name: PackedWeight}``, numpy) in place of
+    the float weights they replace; ``config.weight_formats`` records the formats."""
+    lay = {k: v for k, v in params["layers"].items() if k not in FLOAT_LINEAR_NAMES}
+    lay.update({k: packed_weights[k] for k in PACKED_LAYER_NAMES})
+    out = {k: v for k, v in params.items() if k not in ("layers", "embedder", "lm_head")}
+    out["layers"] = lay
+    out["embedder"] = {"embedding": packed_weights["embedding"]}
+    if not config.tie_embeddings:
+        out["lm_head"] = packed_weights["lm_head"]
+    formats = tuple(sorted((k, w.fmt) for k, w in packed_weights.items()))
+    return dataclasses.replace(config, weight_formats=formats), out
+
+
+def pack_float(config, params: dict, weights: str):
+    """Packs float numpy ``params`` as ``weights`` (``int8``, or ``gguf`` for a model without a
+    GGUF file: :data:`TINY_GGUF_FORMATS`). Returns ``(config, params)``."""
+    if weights not in ("int8", "gguf"):
+        raise ValueError(f"pack_float packs int8 or gguf, not {weights!r}")
+    if config.weight_formats:
+        raise ValueError("these params are packed already")
+    rows = float_rows(config, params)
+    out = {}
+    for name, w in rows.items():
+        if weights == "int8":
+            out[name] = packed.pack_int8(w)
+        else:
+            kind = "layers" if name in PACKED_LAYER_NAMES else name
+            out[name] = packed.pack_gguf(w, TINY_GGUF_FORMATS[kind])
+    return assemble(config, params, out)
+
+
+def unpack(config, params: dict):
+    """The float model a packed one computes: ``(config, params)`` with every packed weight
+    dequantised (:func:`specjax.packed.dequantize`) back into the float layout (jax arrays, the
+    config's ``param_dtype``). The reference the packed path is tested against."""
+    import jax.numpy as jnp
+    if not config.weight_formats:
+        return config, params
+    c = config
+    e, f, h, k, d = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                     c.head_dim)
+    dt = jnp.dtype(c.param_dtype)
+    lay = dict(params["layers"])
+    cols = lambda w: jnp.swapaxes(packed.dequantize(lay.pop(w)), 1, 2)  # [L, N, K] -> [L, K, N]
+    qkv = cols("wqkv")  # [L, E, (H + 2K) D]
+    lay["wq"] = qkv[..., :h * d].reshape(-1, e, h, d)
+    lay["wk"] = qkv[..., h * d:(h + k) * d].reshape(-1, e, k, d)
+    lay["wv"] = qkv[..., (h + k) * d:].reshape(-1, e, k, d)
+    lay["wo"] = cols("wo").reshape(-1, h, d, e)
+    gate_up = cols("w_gate_up")
+    lay["w_gate"], lay["w_up"] = gate_up[..., :f], gate_up[..., f:]
+    lay["w_down"] = cols("w_down")
+    out = dict(params)
+    out["layers"] = {name: w.astype(dt) for name, w in lay.items()}
+    out["embedder"] = {"embedding": packed.dequantize(params["embedder"]["embedding"]).astype(dt)}
+    if not c.tie_embeddings:
+        out["lm_head"] = packed.dequantize(params["lm_head"]).T.astype(dt)
+    return dataclasses.replace(c, weight_formats=()), out

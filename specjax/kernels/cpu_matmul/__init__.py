@@ -1,0 +1,75 @@
+"""The packed-weight CPU matmul kernel (``packed_matmul.cc``) as a JAX operation.
+
+:func:`packed_matmul` ``(x [M, K], data [N, R], scale, fmt) -> y [M, N]`` calls the C++ handler
+through ``jax.ffi.ffi_call`` (CPU only). The library is built on first use (or by ``make setup``)
+by :mod:`specjax.kernels.cpu_matmul.build` and registered once per process. The pure-JAX
+reference of the same product is :func:`specjax.packed.dequantize` followed by ``jnp.dot``.
+
+Under ``vmap`` the batched ``x`` is handed to the handler with its batch axes in front (the
+handler flattens every leading axis into ``M``); a batched weight is refused by the handler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.kernels.cpu_matmul.build import KernelBuildError, library_path
+
+TARGET = "specjax_packed_matmul"
+_lock = threading.Lock()
+_library = None
+
+
+def ensure_registered() -> ctypes.CDLL:
+    """Builds (if needed), loads and registers the kernel; returns the loaded library.
+
+    Raises:
+      KernelBuildError: no C++ compiler, or the build failed (the message says what to do).
+    """
+    global _library
+    with _lock:
+        if _library is None:
+            lib = ctypes.CDLL(library_path())
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SpecjaxPackedMatmul),
+                                        platform="cpu")
+            lib.SpecjaxPackedMatmulPath.restype = ctypes.c_int
+            _library = lib
+    return _library
+
+
+def code_path() -> str:
+    """The instruction-set path the kernel takes on this CPU: ``"avx2"`` or ``"portable"``
+    (a call's ``portable=True`` forces the latter)."""
+    return {2: "avx2", 1: "portable"}[ensure_registered().SpecjaxPackedMatmulPath()]
+
+
+def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
+                  max_threads: int = 0, portable: bool = False) -> jax.Array:
+    """``y [M, N] = x [M, K] @ W^T`` for W's rows ``data [N, R]`` in format ``fmt``.
+
+    Args:
+      x: float32 ``[M, K]``.
+      data: uint8 ``[N, R]``; scale: float32 ``[N]`` for ``i8``, else ``[1]``.
+      fmt: a key of :data:`specjax.packed.FORMATS`.
+      max_threads: at most this many threads (0: the CPU client's intra-op pool size).
+      portable: take the portable code path even where AVX2 + FMA is available.
+    """
+    from specjax.packed import FORMATS, row_bytes
+    ensure_registered()
+    m, k = x.shape
+    n, r = data.shape
+    if r != row_bytes(fmt, k):
+        raise ValueError(f"{fmt} rows of {k} values take {row_bytes(fmt, k)} bytes, W has {r}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="expand_dims")
+    return call(x.astype(jnp.float32), data, scale.astype(jnp.float32),
+                fmt=np.int64(FORMATS[fmt][0]), k=np.int64(k), n=np.int64(n),
+                max_threads=np.int64(max_threads), portable=np.int64(bool(portable)))
+
+
+__all__ = ["KernelBuildError", "code_path", "ensure_registered", "packed_matmul", "TARGET"]

@@ -1,0 +1,545 @@
+// y[M, N] = x[M, K] @ W^T on the CPU, W kept in its packed row format, registered through
+// XLA's FFI (jax.ffi) as "specjax_packed_matmul".
+//
+// W is N rows (output features) of K inputs each, every row stored as `row_bytes` bytes in one
+// of the formats below (GGUF's block formats keep their own byte layout, so a checkpoint's
+// tensors are used as they are in the file). For each output row the kernel dequantises the row
+// once into a float32 buffer that stays in L1, then takes its dot product with every row of x:
+// each weight byte is read from memory once for all M rows. Activations and accumulation are
+// float32. Output rows are split among the XLA CPU client's intra-op threads.
+//
+// Formats (`fmt` attribute; the numbers are shared with specjax/kernels/packed.py):
+//   0 F32   row = K float32
+//   1 Q8_0  blocks of 32: f16 d, int8 q[32]; w = d * q                           (34 B)
+//   2 Q4_0  blocks of 32: f16 d, u8 qs[16]; w[j] = d * (lo(qs[j]) - 8),
+//                                          w[j + 16] = d * (hi(qs[j]) - 8)       (18 B)
+//   3 Q4_1  blocks of 32: f16 d, f16 m, u8 qs[16]; w = d * nibble + m            (20 B)
+//   4 I8    row = K int8, one float32 scale per row (the `scale` operand): w = s[n] * q
+//   5 Q4_K  super-blocks of 256: f16 d, f16 dmin, u8 scales[12], u8 qs[128]      (144 B)
+//   6 Q6_K  super-blocks of 256: u8 ql[128], u8 qh[64], int8 scales[16], f16 d   (210 B)
+// The block layouts are GGUF's (ggml's "block_q4_1" etc.).
+//
+// Instruction sets: the hot dequantisers (Q8_0, Q4_0, Q4_1, I8) and the dot products have an
+// AVX2 + FMA version (compiled with a target attribute, so the file builds for any x86-64) beside
+// the portable one; the path is chosen once per process from the CPU's features. There is no
+// AVX-512 path: the development CPU has none to test it on.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SPECJAX_X86 1
+#else
+#define SPECJAX_X86 0
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace specjax {
+namespace {
+
+enum Format : int64_t { kF32 = 0, kQ8_0 = 1, kQ4_0 = 2, kQ4_1 = 3, kI8 = 4, kQ4_K = 5,
+                        kQ6_K = 6, kNumFormats = 7 };
+
+// Values per block and bytes per block of each format (F32 and I8: one "block" per value).
+constexpr int64_t kBlockValues[kNumFormats] = {1, 32, 32, 32, 1, 256, 256};
+constexpr int64_t kBlockBytes[kNumFormats] = {4, 34, 18, 20, 1, 144, 210};
+
+// IEEE half -> float, exact for every input (subnormals, infinities, NaN).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1Fu;
+  uint32_t mantissa = h & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0x1Fu) {
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float LoadHalf(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return HalfToFloat(h);
+}
+
+// ---- Portable dequantisers: one row of K values into out[K]. -------------------------------
+
+void DequantQ8_0(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 32; ++b, row += 34, out += 32) {
+    const float d = LoadHalf(row);
+    const int8_t* q = reinterpret_cast<const int8_t*>(row + 2);
+    for (int j = 0; j < 32; ++j) out[j] = d * static_cast<float>(q[j]);
+  }
+}
+
+void DequantQ4_0(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 32; ++b, row += 18, out += 32) {
+    const float d = LoadHalf(row);
+    const uint8_t* qs = row + 2;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = d * static_cast<float>((qs[j] & 0x0F) - 8);
+      out[j + 16] = d * static_cast<float>((qs[j] >> 4) - 8);
+    }
+  }
+}
+
+void DequantQ4_1(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 32; ++b, row += 20, out += 32) {
+    const float d = LoadHalf(row), m = LoadHalf(row + 2);
+    const uint8_t* qs = row + 4;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = d * static_cast<float>(qs[j] & 0x0F) + m;
+      out[j + 16] = d * static_cast<float>(qs[j] >> 4) + m;
+    }
+  }
+}
+
+void DequantI8(const uint8_t* row, int64_t k, float scale, float* out) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(row);
+  for (int64_t j = 0; j < k; ++j) out[j] = scale * static_cast<float>(q[j]);
+}
+
+// The 6-bit scale and min of sub-block j (0..7) of a Q4_K super-block.
+inline void ScaleMinK4(int j, const uint8_t* q, uint8_t* scale, uint8_t* min) {
+  if (j < 4) {
+    *scale = q[j] & 63;
+    *min = q[j + 4] & 63;
+  } else {
+    *scale = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    *min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+void DequantQ4_K(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 256; ++b, row += 144) {
+    const float d = LoadHalf(row), dmin = LoadHalf(row + 2);
+    const uint8_t* scales = row + 4;
+    const uint8_t* q = row + 16;
+    for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
+      uint8_t sc, mn;
+      ScaleMinK4(is, scales, &sc, &mn);
+      const float d1 = d * sc, m1 = dmin * mn;
+      ScaleMinK4(is + 1, scales, &sc, &mn);
+      const float d2 = d * sc, m2 = dmin * mn;
+      for (int l = 0; l < 32; ++l) *out++ = d1 * static_cast<float>(q[l] & 0x0F) - m1;
+      for (int l = 0; l < 32; ++l) *out++ = d2 * static_cast<float>(q[l] >> 4) - m2;
+    }
+  }
+}
+
+void DequantQ6_K(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 256; ++b, row += 210) {
+    const uint8_t* ql = row;
+    const uint8_t* qh = row + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(row + 192);
+    const float d = LoadHalf(row + 208);
+    for (int n = 0; n < 256; n += 128, out += 128, ql += 64, qh += 32, sc += 8) {
+      for (int l = 0; l < 32; ++l) {
+        const int is = l / 16;
+        const int q1 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        out[l] = d * sc[is + 0] * q1;
+        out[l + 32] = d * sc[is + 2] * q2;
+        out[l + 64] = d * sc[is + 4] * q3;
+        out[l + 96] = d * sc[is + 6] * q4;
+      }
+    }
+  }
+}
+
+// Portable dot products of w[K] with R rows of x (row stride ldx), 8 partial sums per row.
+void DotRowsPortable(const float* w, const float* x, int64_t ldx, int64_t k, int64_t rows,
+                     float* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8)
+      for (int l = 0; l < 8; ++l) acc[l] += w[j + l] * xr[j + l];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < k; ++j) s += w[j] * xr[j];
+    y[r * ldy] = s;
+  }
+}
+
+#if SPECJAX_X86
+// ---- AVX2 + FMA versions of the hot dequantisers and the dot products. ---------------------
+
+#define SPECJAX_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+SPECJAX_AVX2 inline float LoadHalfF16c(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return _cvtsh_ss(h);
+}
+
+SPECJAX_AVX2 inline void StoreU8x8(__m128i bytes8, __m256 scale, __m256 bias, float* out) {
+  const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8));
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(v, scale, bias));
+}
+
+SPECJAX_AVX2 void DequantQ4_1Avx2(const uint8_t* row, int64_t k, float* out) {
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < k / 32; ++b, row += 20, out += 32) {
+    const __m256 d = _mm256_set1_ps(LoadHalfF16c(row)), m = _mm256_set1_ps(LoadHalfF16c(row + 2));
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4));
+    const __m128i lo = _mm_and_si128(q, low_mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
+    StoreU8x8(lo, d, m, out);
+    StoreU8x8(_mm_srli_si128(lo, 8), d, m, out + 8);
+    StoreU8x8(hi, d, m, out + 16);
+    StoreU8x8(_mm_srli_si128(hi, 8), d, m, out + 24);
+  }
+}
+
+SPECJAX_AVX2 void DequantQ4_0Avx2(const uint8_t* row, int64_t k, float* out) {
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < k / 32; ++b, row += 18, out += 32) {
+    const float df = LoadHalfF16c(row);
+    const __m256 d = _mm256_set1_ps(df), bias = _mm256_set1_ps(-8.0f * df);
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2));
+    const __m128i lo = _mm_and_si128(q, low_mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
+    // d * q - 8 d == d * (q - 8) exactly: both products are exact in float32 (q < 16).
+    StoreU8x8(lo, d, bias, out);
+    StoreU8x8(_mm_srli_si128(lo, 8), d, bias, out + 8);
+    StoreU8x8(hi, d, bias, out + 16);
+    StoreU8x8(_mm_srli_si128(hi, 8), d, bias, out + 24);
+  }
+}
+
+SPECJAX_AVX2 inline void StoreI8x8(const uint8_t* p, __m256 scale, float* out) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scale));
+}
+
+SPECJAX_AVX2 void DequantQ8_0Avx2(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 32; ++b, row += 34, out += 32) {
+    const __m256 d = _mm256_set1_ps(LoadHalfF16c(row));
+    for (int j = 0; j < 32; j += 8) StoreI8x8(row + 2 + j, d, out + j);
+  }
+}
+
+SPECJAX_AVX2 void DequantI8Avx2(const uint8_t* row, int64_t k, float scale, float* out) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) StoreI8x8(row + j, s, out + j);
+  const int8_t* q = reinterpret_cast<const int8_t*>(row);
+  for (; j < k; ++j) out[j] = scale * static_cast<float>(q[j]);
+}
+
+SPECJAX_AVX2 inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Dot products of w[K] with R (1..4) rows of x; two accumulators per row (four for one row) keep
+// the FMA pipes busy.
+template <int R>
+SPECJAX_AVX2 void DotTileAvx2(const float* w, const float* x, int64_t ldx, int64_t k,
+                              float* y, int64_t ldy) {
+  constexpr int A = R == 1 ? 4 : 2;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 * A <= k; j += 8 * A) {
+    __m256 wv[A];
+    for (int a = 0; a < A; ++a) wv[a] = _mm256_loadu_ps(w + j + 8 * a);
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a)
+        acc[r][a] = _mm256_fmadd_ps(wv[a], _mm256_loadu_ps(x + r * ldx + j + 8 * a), acc[r][a]);
+  }
+  for (; j + 8 <= k; j += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + j);
+    for (int r = 0; r < R; ++r)
+      acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + j), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 total = acc[r][0];
+    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[r][a]);
+    float s = HorizontalSum(total);
+    for (int64_t t = j; t < k; ++t) s += w[t] * x[r * ldx + t];
+    y[r * ldy] = s;
+  }
+}
+
+SPECJAX_AVX2 void DotRowsAvx2(const float* w, const float* x, int64_t ldx, int64_t k,
+                              int64_t rows, float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) DotTileAvx2<4>(w, x + r * ldx, ldx, k, y + r * ldy, ldy);
+  switch (rows - r) {
+    case 3: DotTileAvx2<3>(w, x + r * ldx, ldx, k, y + r * ldy, ldy); break;
+    case 2: DotTileAvx2<2>(w, x + r * ldx, ldx, k, y + r * ldy, ldy); break;
+    case 1: DotTileAvx2<1>(w, x + r * ldx, ldx, k, y + r * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// ---- Fused AVX2 path: a block is dequantised into four registers and multiplied with up to
+// four rows of x at once, with no buffer in between (Q8_0, Q4_0, Q4_1, and I8 when K is a
+// multiple of 32). The weights' values are computed exactly as the portable dequantisers do.
+
+SPECJAX_AVX2 inline __m256 U8x8(__m128i bytes8) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8));
+}
+SPECJAX_AVX2 inline __m256 I8x8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The 32 values of block b of a row, in w[0..3] (8 each, in order).
+template <int64_t F>
+SPECJAX_AVX2 inline void BlockValues(const uint8_t* row, int64_t b, float row_scale, __m256* w) {
+  if constexpr (F == kQ8_0) {
+    const uint8_t* blk = row + b * 34;
+    const __m256 d = _mm256_set1_ps(LoadHalfF16c(blk));
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(I8x8(blk + 2 + 8 * j), d);
+  } else if constexpr (F == kI8) {
+    const __m256 s = _mm256_set1_ps(row_scale);
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(I8x8(row + b * 32 + 8 * j), s);
+  } else {
+    constexpr bool kHasMin = F == kQ4_1;
+    const uint8_t* blk = row + b * (kHasMin ? 20 : 18);
+    const float df = LoadHalfF16c(blk);
+    const __m256 d = _mm256_set1_ps(df);
+    const __m256 bias = _mm256_set1_ps(kHasMin ? LoadHalfF16c(blk + 2) : -8.0f * df);
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kHasMin ? 4 : 2)));
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(q, low_mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
+    // d * q is exact in float32 (q < 16), so d * q + bias rounds once, like the portable code.
+    w[0] = _mm256_fmadd_ps(U8x8(lo), d, bias);
+    w[1] = _mm256_fmadd_ps(U8x8(_mm_srli_si128(lo, 8)), d, bias);
+    w[2] = _mm256_fmadd_ps(U8x8(hi), d, bias);
+    w[3] = _mm256_fmadd_ps(U8x8(_mm_srli_si128(hi, 8)), d, bias);
+  }
+}
+
+// y[r * ldy] = row . x[r] for R (1..4) rows of x.
+template <int64_t F, int R>
+SPECJAX_AVX2 void FusedTile(const uint8_t* row, int64_t k, float row_scale, const float* x,
+                            int64_t ldx, float* y, int64_t ldy) {
+  constexpr int A = R <= 2 ? 4 : 2;  // independent accumulators per row
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < k / 32; ++b) {
+    __m256 w[4];
+    BlockValues<F>(row, b, row_scale, w);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + b * 32;
+      for (int j = 0; j < 4; ++j)
+        acc[r][j % A] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), acc[r][j % A]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 total = acc[r][0];
+    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[r][a]);
+    y[r * ldy] = HorizontalSum(total);
+  }
+}
+
+template <int64_t F>
+SPECJAX_AVX2 void FusedRows(const uint8_t* row, int64_t k, float row_scale, const float* x,
+                            int64_t m, float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) FusedTile<F, 4>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
+  switch (m - r) {
+    case 3: FusedTile<F, 3>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
+    case 2: FusedTile<F, 2>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
+    case 1: FusedTile<F, 1>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// Whether (fmt, K) takes the fused path; if so, computes output row n into y.
+SPECJAX_AVX2 bool FusedRow(int64_t fmt, const uint8_t* row, int64_t k, float row_scale,
+                           const float* x, int64_t m, float* y, int64_t ldy) {
+  if (k % 32 != 0) return false;
+  switch (fmt) {
+    case kQ8_0: FusedRows<kQ8_0>(row, k, row_scale, x, m, y, ldy); return true;
+    case kQ4_0: FusedRows<kQ4_0>(row, k, row_scale, x, m, y, ldy); return true;
+    case kQ4_1: FusedRows<kQ4_1>(row, k, row_scale, x, m, y, ldy); return true;
+    case kI8: FusedRows<kI8>(row, k, row_scale, x, m, y, ldy); return true;
+    default: return false;
+  }
+}
+#endif  // SPECJAX_X86
+
+bool HasAvx2Fma() {
+#if SPECJAX_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// Whether this CPU takes the AVX2 path (checked once per process); a call's `portable`
+// attribute forces the portable path (tests check both).
+bool UseAvx2() {
+  static const bool use = HasAvx2Fma();
+  return use;
+}
+
+// Dequantises row n of W (format fmt) into buf[K]; returns the pointer to read (for F32 the row
+// itself, no copy).
+const float* DequantRow(int64_t fmt, const uint8_t* row, int64_t k, float scale, bool avx2,
+                        float* buf) {
+  switch (fmt) {
+    case kF32: return reinterpret_cast<const float*>(row);
+#if SPECJAX_X86
+    case kQ8_0: avx2 ? DequantQ8_0Avx2(row, k, buf) : DequantQ8_0(row, k, buf); return buf;
+    case kQ4_0: avx2 ? DequantQ4_0Avx2(row, k, buf) : DequantQ4_0(row, k, buf); return buf;
+    case kQ4_1: avx2 ? DequantQ4_1Avx2(row, k, buf) : DequantQ4_1(row, k, buf); return buf;
+    case kI8: avx2 ? DequantI8Avx2(row, k, scale, buf) : DequantI8(row, k, scale, buf);
+      return buf;
+#else
+    case kQ8_0: DequantQ8_0(row, k, buf); return buf;
+    case kQ4_0: DequantQ4_0(row, k, buf); return buf;
+    case kQ4_1: DequantQ4_1(row, k, buf); return buf;
+    case kI8: DequantI8(row, k, scale, buf); return buf;
+#endif
+    case kQ4_K: DequantQ4_K(row, k, buf); return buf;
+    case kQ6_K: DequantQ6_K(row, k, buf); return buf;
+    default: return nullptr;
+  }
+}
+
+struct Problem {
+  const float* x;        // [M, K]
+  const uint8_t* w;      // [N, row_bytes]
+  const float* scale;    // [N] (I8) or unused
+  float* y;              // [M, N]
+  int64_t m, n, k, row_bytes, fmt;
+  bool avx2;
+};
+
+// Output rows [begin, end) of the problem.
+void RunRows(const Problem& p, int64_t begin, int64_t end) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < p.k) buf.resize(p.k);
+  for (int64_t n = begin; n < end; ++n) {
+#if SPECJAX_X86
+    if (p.avx2 && FusedRow(p.fmt, p.w + n * p.row_bytes, p.k, p.fmt == kI8 ? p.scale[n] : 1.0f,
+                           p.x, p.m, p.y + n, p.n))
+      continue;
+#endif
+    const float* w = DequantRow(p.fmt, p.w + n * p.row_bytes, p.k,
+                                p.fmt == kI8 ? p.scale[n] : 1.0f, p.avx2, buf.data());
+#if SPECJAX_X86
+    if (p.avx2) {
+      DotRowsAvx2(w, p.x, p.k, p.k, p.m, p.y + n, p.n);
+      continue;
+    }
+#endif
+    DotRowsPortable(w, p.x, p.k, p.k, p.m, p.y + n, p.n);
+  }
+}
+
+// Work shared by the caller and the tasks it schedules: chunks of output rows claimed with an
+// atomic counter, so a task that starts late finds nothing left and returns (it keeps this state
+// alive through its shared_ptr), and the caller never waits for a task that has not started.
+struct SharedWork {
+  Problem problem;
+  int64_t chunk_rows, num_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Drain() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
+      const int64_t begin = c * chunk_rows;
+      RunRows(problem, begin, std::min(problem.n, begin + chunk_rows));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t fmt,
+                        int64_t k, int64_t n, int64_t max_threads, int64_t portable) {
+  if (fmt < 0 || fmt >= kNumFormats)
+    return ffi::Error::InvalidArgument("packed_matmul: unknown weight format");
+  if (k <= 0 || n <= 0 || k % kBlockValues[fmt] != 0)
+    return ffi::Error::InvalidArgument("packed_matmul: K must be a positive multiple of the "
+                                       "format's block size");
+  const int64_t row_bytes = k / kBlockValues[fmt] * kBlockBytes[fmt];
+  const int64_t x_size = static_cast<int64_t>(x.element_count());
+  if (x_size % k != 0)
+    return ffi::Error::InvalidArgument("packed_matmul: x's size is not a multiple of K");
+  const int64_t m = x_size / k;
+  if (static_cast<int64_t>(w.element_count()) != n * row_bytes)
+    return ffi::Error::InvalidArgument("packed_matmul: W's byte count does not match N rows of "
+                                       "the format (a batched W is not supported)");
+  if (static_cast<int64_t>(y->element_count()) != m * n)
+    return ffi::Error::InvalidArgument("packed_matmul: y's size is not M * N");
+  if (fmt == kI8 && static_cast<int64_t>(scale.element_count()) != n)
+    return ffi::Error::InvalidArgument("packed_matmul: I8 needs one scale per output row");
+  if (m == 0) return ffi::Error::Success();
+
+  auto work = std::make_shared<SharedWork>();
+  work->problem = Problem{x.typed_data(), w.typed_data(), scale.typed_data(),
+                          y->typed_data(), m, n, k, row_bytes, fmt, UseAvx2() && portable == 0};
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (max_threads > 0) threads = std::min(threads, max_threads);
+  // About four chunks per thread balance the load; each chunk keeps >= 16 rows.
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads * 4, n / 16));
+  work->chunk_rows = (n + chunks - 1) / chunks;
+  work->num_chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
+  const int64_t helpers = std::min(threads, work->num_chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
+#if SPECJAX_X86
+    _mm_pause();
+#endif
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace specjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxPackedMatmul, specjax::PackedMatmul,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [..., K]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // W [N, row_bytes]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // scale [N] or [1]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // y [..., N]
+                                  .Attr<int64_t>("fmt")
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("portable"));
+
+// Which code path the kernel takes in this process: 2 = AVX2 + FMA, 1 = portable.
+extern "C" int SpecjaxPackedMatmulPath() { return specjax::UseAvx2() ? 2 : 1; }

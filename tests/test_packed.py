@@ -1,0 +1,208 @@
+"""Packed weights (``specjax.packed``) and the C++ CPU kernel (``specjax.kernels.cpu_matmul``):
+
+* the pure-JAX dequantisers reproduce ``gguf``'s numpy dequantiser value for value, on random
+  blocks of every format;
+* kernel == reference (float64 products of the same dequantised values) within the float32
+  accumulation bound ``gamma_K * sum |x_k w_k|`` (``gamma_K = K u / (1 - K u)``, u = 2^-24): the
+  kernel's weights are the same numbers, only the summation order differs. Every format, odd
+  row counts, every M from 1 to 17, both code paths (AVX2 + FMA and portable);
+* the kernel under ``jit``, inside ``lax.while_loop`` and under ``vmap``; a batched weight and
+  malformed shapes are refused;
+* a packed tiny model (gguf / int8 formats, every tiny architecture) computes what the float
+  model holding the dequantised weights computes (``models.packing.unpack``), logits and cache.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import packing
+from models import registry as models
+from models.llama import LlamaModel
+from specjax import packed
+from specjax.kernels import cpu_matmul
+
+FORMATS = list(packed.FORMATS)
+U = 2.0 ** -24
+
+
+def _random_weight(rng, fmt, n, k):
+    """A :class:`PackedWeight` of random blocks (numpy): random quant bytes, scales drawn as
+    float16 of sane magnitude (random bytes would include NaN / inf scales)."""
+    if fmt == "f32":
+        return packed.pack_f32(rng.normal(size=(n, k)).astype(np.float32))
+    if fmt == "i8":
+        return packed.pack_int8(rng.normal(size=(n, k)).astype(np.float32))
+    _, values, nbytes = packed.FORMATS[fmt]
+    nb = k // values
+    b = rng.integers(0, 256, size=(n, nb, nbytes), dtype=np.uint8)
+
+    def put_half(offset, scale):
+        h = (rng.normal(size=(n, nb)) * scale).astype(np.float16)
+        b[..., offset:offset + 2] = h.view(np.uint8).reshape(n, nb, 2)
+
+    offsets = {"q8_0": [(0, .05)], "q4_0": [(0, .05)], "q4_1": [(0, .05), (2, .5)],
+               "q4_k": [(0, .01), (2, .01)], "q6_k": [(208, .01)]}[fmt]
+    for offset, scale in offsets:
+        put_half(offset, scale)
+    return packed.PackedWeight(b.reshape(n, nb * nbytes), np.zeros((1,), np.float32), fmt, k)
+
+
+def _numpy_values(w):
+    """float32 [N, K] values by an independent route: gguf's dequantiser / numpy."""
+    import gguf
+    if w.fmt == "f32":
+        return w.data.view(np.float32)
+    if w.fmt == "i8":
+        return w.scale[:, None] * w.data.view(np.int8).astype(np.float32)
+    kind = getattr(gguf.GGMLQuantizationType, w.fmt.upper())
+    return np.asarray(gguf.quants.dequantize(w.data, kind), np.float32)
+
+
+def _k_of(fmt):
+    return {"q4_k": 512, "q6_k": 256}.get(fmt, 96)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_jax_dequantizer_equals_gguf(fmt):
+    rng = np.random.default_rng(0)
+    w = _random_weight(rng, fmt, 13, _k_of(fmt))
+    got = np.asarray(packed.dequantize(packed.as_jax(w, jnp.float32)))
+    np.testing.assert_array_equal(got, _numpy_values(w))
+
+
+def _check_within_accumulation_bound(y, x, values):
+    x64, w64 = x.astype(np.float64), values.astype(np.float64)
+    exact = x64 @ w64.T
+    k = x.shape[-1]
+    gamma = k * U / (1 - k * U)
+    bound = gamma * (np.abs(x64) @ np.abs(w64).T)
+    excess = np.abs(y.astype(np.float64) - exact) - bound
+    assert excess.max() <= 0, f"error exceeds the float32 accumulation bound by {excess.max()}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_equals_reference_for_every_row_count_and_both_code_paths(fmt):
+    rng = np.random.default_rng(1)
+    n, k = 37, _k_of(fmt)
+    w = _random_weight(rng, fmt, n, k)
+    values = _numpy_values(w)
+    wj = packed.as_jax(w, jnp.float32)
+    paths = [False, True] if cpu_matmul.code_path() == "avx2" else [True]
+    for m in range(1, 18):
+        x = rng.normal(size=(m, k)).astype(np.float32)
+        for portable in paths:
+            y = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), wj.data, wj.scale, fmt,
+                                                    portable=portable))
+            _check_within_accumulation_bound(y, x, values)
+    # the reference route (dequantise, then jnp.dot) obeys the same bound
+    y = np.asarray(packed.linear(jnp.asarray(x), wj, use_kernel=False))
+    _check_within_accumulation_bound(y, x, values)
+
+
+def test_kernel_with_odd_k_and_one_thread():
+    """f32 / i8 rows of a K that is no multiple of 8 or 32 (the tails), on one thread."""
+    rng = np.random.default_rng(2)
+    for fmt in ("f32", "i8"):
+        w = _random_weight(rng, fmt, 9, 43)
+        wj = packed.as_jax(w, jnp.float32)
+        x = rng.normal(size=(5, 43)).astype(np.float32)
+        for portable in (False, True):
+            y = cpu_matmul.packed_matmul(jnp.asarray(x), wj.data, wj.scale, fmt, max_threads=1,
+                                         portable=portable)
+            _check_within_accumulation_bound(np.asarray(y), x, _numpy_values(w))
+
+
+def test_kernel_under_jit_while_loop_and_vmap():
+    rng = np.random.default_rng(3)
+    k = 64
+    w = packed.as_jax(packed.pack_gguf(rng.normal(size=(k, k)).astype(np.float32) / 8, "q4_1"),
+                      jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, k)).astype(np.float32))
+    ref = lambda v: packed.linear(v, w, use_kernel=False)  # noqa: E731
+
+    @jax.jit
+    def iterate(x0):  # x <- tanh(x W^T), four times, in a while_loop
+        def body(carry):
+            i, v = carry
+            return i + 1, jnp.tanh(packed.linear(v, w))
+        return jax.lax.while_loop(lambda c: c[0] < 4, body, (0, x0))[1]
+
+    want = x
+    for _ in range(4):
+        want = jnp.tanh(ref(want))
+    np.testing.assert_allclose(np.asarray(iterate(x)), np.asarray(want), atol=1e-5)
+    xs = jnp.asarray(rng.normal(size=(3, 5, k)).astype(np.float32))  # vmap over a batch of x
+    got = jax.jit(jax.vmap(lambda v: packed.linear(v, w)))(xs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref(xs)), atol=1e-5)
+    assert got.shape == (3, 5, k)
+
+
+def test_bad_shapes_are_refused():
+    rng = np.random.default_rng(4)
+    w = packed.as_jax(packed.pack_gguf(rng.normal(size=(8, 64)).astype(np.float32), "q8_0"),
+                      jnp.float32)
+    with pytest.raises(ValueError, match="x has 32 features, the weight takes 64"):
+        packed.linear(jnp.ones((1, 32)), w)
+    with pytest.raises(ValueError, match="whole blocks of 32 values; K=48"):
+        packed.row_bytes("q4_1", 48)
+    with pytest.raises(ValueError, match="unknown weight format 'q5_0'"):
+        packed.row_bytes("q5_0", 64)
+    stacked = packed.PackedWeight(jnp.stack([w.data, w.data]), jnp.stack([w.scale, w.scale]),
+                                  "q8_0", 64)
+    with pytest.raises(ValueError, match="slice the stacked layers first"):
+        packed.linear(jnp.ones((1, 64)), stacked)
+    # a weight batched under vmap reaches the handler as [2, N, R] bytes: refused there
+    with pytest.raises(Exception, match="batched W is not supported"):
+        jax.vmap(lambda d: cpu_matmul.packed_matmul(jnp.ones((1, 64)), d, w.scale, "q8_0"))(
+            stacked.data).block_until_ready()
+
+
+def test_int8_packing_is_within_half_a_step():
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(6, 40)).astype(np.float32)
+    w[2] = 0.0  # a zero row keeps scale 1 and all-zero codes
+    p = packed.pack_int8(w)
+    values = _numpy_values(p)
+    assert np.all(np.abs(values - w) <= p.scale[:, None] / 2 + 1e-7)
+    assert p.scale[2] == 1.0 and not values[2].any()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-llama3-rope"])
+@pytest.mark.parametrize("weights", ["gguf", "int8"])
+def test_packed_model_computes_the_dequantized_float_model(name, weights):
+    lm = models.load(name, weights=weights)
+    formats = dict(lm.model.config.weight_formats)
+    assert set(formats) >= set(packing.PACKED_LAYER_NAMES) | {"embedding"}
+    if weights == "gguf":
+        assert formats["wqkv"] == "q4_1" and formats["embedding"] == "q8_0"
+    float_config, float_params = packing.unpack(lm.model.config, lm.params)
+    t, slots = 7, 12
+    tokens = jnp.asarray((np.arange(t) * 5 + 3)[None] % lm.model.vocab_size, jnp.int32)
+    cache = lm.model.init_cache(1, slots)
+    positions = jnp.arange(t)[None]
+    mask = jnp.tril(jnp.ones((t, slots), bool))[None]
+    got = jax.jit(lm.model.forward)(lm.params, tokens, positions, cache, mask)
+    want = jax.jit(LlamaModel(float_config).forward)(float_params, tokens, positions, cache,
+                                                     mask)
+    scale = float(np.abs(np.asarray(want.logits)).max())
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits),
+                               atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(got.cache.k), np.asarray(want.cache.k), atol=1e-5)
+    # the sliced head (a drafter's frequent ids) and the embedding lookup
+    np.testing.assert_allclose(
+        np.asarray(lm.model.lm_head(lm.params, want.hidden, num_ids=17)),
+        np.asarray(LlamaModel(float_config).lm_head(float_params, want.hidden, num_ids=17)),
+        atol=1e-5 * scale)
+    np.testing.assert_array_equal(np.asarray(lm.model.embed(lm.params, tokens)),
+                                  np.asarray(LlamaModel(float_config).embed(float_params, tokens)))
+
+
+def test_weights_are_checked_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="weights must be one of float32, gguf, int8"):
+        models.load("tiny-llama", weights="int4")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    with pytest.raises(ValueError, match="HF checkpoint directory: use --weights=int8"):
+        models.check_weights("gguf", str(hf_dir))
