@@ -2,6 +2,9 @@
 
 Both runs are greedy, so the texts must be identical; the demo checks that and prints the
 speed of each (compilation excluded) and tau, the tokens produced per target forward pass.
+The target runs with ``--weights=gguf`` by default: the GGUF file's own 4/8-bit blocks through
+specjax's CPU kernel, about 3x faster than float32 weights on CPU (the same numbers: the same
+text). ``--weights=float32`` shows the float path.
 
   python -m experiments.demo [--model=smollm2-135m] [--method=prompt_lookup] [--prompt=...]
 
@@ -29,6 +32,7 @@ flags.DEFINE_string(
     "The user message.")
 method_flags.define_flags(default_method="prompt_lookup")
 flags.adopt_module_key_flags(method_flags)
+FLAGS.set_default("weights", "gguf")  # the fastest format on CPU
 
 
 def main(argv):
@@ -46,7 +50,7 @@ def main(argv):
         text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": FLAGS.prompt}],
                                                     add_generation_prompt=True)
         ids = [loaded.tokenizer.encode(text, add_special_tokens=False)]
-        print(f"\nUser: {FLAGS.prompt}\n")
+        print(f"\nUser: {FLAGS.prompt}\n(weights: {FLAGS.weights})\n")
         results = {}
         for run in (plain, spec_run):
             print(f"--- {run.method} (compiling, then generating) ---", file=sys.stderr)

@@ -131,12 +131,12 @@ def model_config(FLAGS, name=None):
     context)."""
     from models import registry as models
     name = FLAGS.model if name is None else name
-    config = models.config_of(name)
     if "weights" in FLAGS:
         try:  # builds the CPU kernel for gguf / int8 now: a missing compiler fails early
             models.check_weights(FLAGS.weights, name)
         except ValueError as e:
             raise UserError(f"--weights: {e}") from None
+    config = models.config_of(name)
     limit = config.max_position_embeddings
     if "max_new_tokens" in FLAGS and FLAGS.max_new_tokens >= limit:
         raise UserError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in "

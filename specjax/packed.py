@@ -172,7 +172,9 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None) 
     """``x [..., K] @ W^T`` -> ``[..., N]`` in ``x``'s dtype (accumulated in float32).
 
     ``use_kernel``: None picks the C++ kernel when the default backend is the CPU, the
-    reference (dequantise, then ``jnp.dot``) elsewhere; True / False force one.
+    reference (dequantise, then ``jnp.dot`` with operands in ``x``'s dtype and float32
+    accumulation; int8: the int8 codes converted in the dot, the scale on its output) elsewhere;
+    True / False force one.
     """
     if w.data.ndim != 2:
         raise ValueError(f"linear takes one weight (data [N, R]), got data {w.data.shape}: slice "
@@ -182,15 +184,17 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None) 
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
     if use_kernel is None:
         use_kernel = jax.default_backend() == "cpu"
-    x2 = x.reshape(-1, k).astype(jnp.float32)
     if use_kernel:
         from specjax.kernels import cpu_matmul
-        y = cpu_matmul.packed_matmul(x2, w.data, w.scale, w.fmt)
-    elif w.fmt == "i8":
-        q = jax.lax.bitcast_convert_type(w.data, jnp.int8)
-        y = jnp.dot(x2, q.T.astype(jnp.float32), preferred_element_type=jnp.float32) * w.scale
-    else:
-        y = jnp.dot(x2, dequantize(w).T, preferred_element_type=jnp.float32)
+        y = cpu_matmul.packed_matmul(x.reshape(-1, k).astype(jnp.float32), w.data, w.scale,
+                                     w.fmt)
+    else:  # operands in x's dtype (bf16 on accelerators), float32 accumulation
+        x2 = x.reshape(-1, k)
+        if w.fmt == "i8":
+            q = jax.lax.bitcast_convert_type(w.data, jnp.int8)
+            y = jnp.dot(x2, q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale
+        else:
+            y = jnp.dot(x2, dequantize(w).T.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)
 
 

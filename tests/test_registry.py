@@ -236,15 +236,18 @@ def test_generate_and_benchmark_build_the_same_run(name):
     assert from_generate.attention_impl == "pallas" and from_generate.dtype == "bfloat16"
 
 
-def test_attention_and_dtype_reach_the_model_in_every_binary():
+def test_attention_dtype_and_weights_reach_the_model_in_every_binary():
     fv = _generate_flags("--model=tiny-llama", "--attention=pallas", "--dtype=bfloat16")
     loaded = methods.build_run(fv).load()
     assert loaded.model.config.attention_impl == "pallas"
     assert loaded.model.config.dtype == loaded.model.config.param_dtype == "bfloat16"
     loaded = method_flags.load_model(fv)
     assert loaded.model.config.attention_impl == "pallas"
+    fv = _generate_flags("--model=tiny-llama", "--weights=int8")
+    assert dict(methods.build_run(fv).load().model.config.weight_formats)["wqkv"] == "i8"
+    assert dict(method_flags.load_model(fv).model.config.weight_formats)["w_down"] == "i8"
     # Every binary loads its target through Run.load or method_flags.load_model, which both
-    # read --attention and --dtype; none calls the loader on its own.
+    # read --attention, --dtype and --weights; none calls the loader on its own.
     for name in sorted(os.listdir(os.path.join(ROOT, "experiments"))):
         if name.endswith(".py") and name not in ("methods.py", "method_flags.py"):
             source = open(os.path.join(ROOT, "experiments", name), encoding="utf-8").read()
