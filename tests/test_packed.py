@@ -133,6 +133,11 @@ def test_kernel_under_jit_while_loop_and_vmap():
     for _ in range(4):
         want = jnp.tanh(ref(want))
     np.testing.assert_allclose(np.asarray(iterate(x)), np.asarray(want), atol=1e-5)
+    # more rows than KERNEL_MAX_ROWS (a prefill) take the dequantise-and-dot route
+    many = jnp.asarray(rng.normal(size=(packed.KERNEL_MAX_ROWS + 3, k)).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda v: packed.linear(v, w))(many)),
+                               np.asarray(cpu_matmul.packed_matmul(many, w.data, w.scale,
+                                                                   "q4_1")), atol=1e-5)
     xs = jnp.asarray(rng.normal(size=(3, 5, k)).astype(np.float32))  # vmap over a batch of x
     got = jax.jit(jax.vmap(lambda v: packed.linear(v, w)))(xs)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref(xs)), atol=1e-5)

@@ -342,11 +342,12 @@ SPECJAX_AVX2 inline void BlockValues(const uint8_t* row, int64_t b, float row_sc
   }
 }
 
-// y[r * ldy] = row . x[r] for R (1..4) rows of x.
+// y[r * ldy] = row . x[r] for R (1..8) rows of x. Every row's FMAs into its accumulators form
+// independent chains; 8 chains in all cover the FMA latency.
 template <int64_t F, int R>
 SPECJAX_AVX2 void FusedTile(const uint8_t* row, int64_t k, float row_scale, const float* x,
                             int64_t ldx, float* y, int64_t ldy) {
-  constexpr int A = R <= 2 ? 4 : 2;  // independent accumulators per row
+  constexpr int A = R <= 2 ? 4 : (R <= 4 ? 2 : 1);  // independent accumulators per row
   __m256 acc[R][A];
   for (int r = 0; r < R; ++r)
     for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
@@ -370,8 +371,12 @@ template <int64_t F>
 SPECJAX_AVX2 void FusedRows(const uint8_t* row, int64_t k, float row_scale, const float* x,
                             int64_t m, float* y, int64_t ldy) {
   int64_t r = 0;
-  for (; r + 4 <= m; r += 4) FusedTile<F, 4>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
+  for (; r + 8 <= m; r += 8) FusedTile<F, 8>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
   switch (m - r) {
+    case 7: FusedTile<F, 7>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
+    case 6: FusedTile<F, 6>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
+    case 5: FusedTile<F, 5>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
+    case 4: FusedTile<F, 4>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
     case 3: FusedTile<F, 3>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
     case 2: FusedTile<F, 2>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
     case 1: FusedTile<F, 1>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
