@@ -29,7 +29,8 @@ def markdown(result: dict) -> str:
     out = [f"# specjax benchmark: {cfg['model']}",
            "",
            f"{result['num_prompts']} prompts ({cfg['per_category']} per task group, first turn, "
-           f"chat template), batch 1, greedy, {cfg.get('dtype', 'float32')}, "
+           f"chat template), batch 1, greedy, {cfg.get('dtype', 'float32')} activations, "
+           f"weights {cfg.get('weights', 'float32')}, "
            f"max_new_tokens={cfg['max_new_tokens']}, "
            f"{result['environment']['cpu_cores']} CPU cores, jax {result['environment']['jax']}"
            f" ({result['environment']['jax_backend']}), load average "

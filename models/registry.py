@@ -9,6 +9,9 @@ Names:
 A path is loaded by format: a directory as a Hugging Face checkpoint (``models/hf.py``), a
 ``.gguf`` file with ``models/gguf.py``.
 
+``weights=`` (``--weights``) picks the representation (:mod:`models.packing`): float arrays
+(``float32``, the default), the GGUF file's own blocks (``gguf``) or per-channel ``int8``.
+
 The dequantized SmolLM2 params are cached in-process (numpy, and jax arrays per dtype: do not
 donate them to a jitted function), and on disk under ``~/.cache/specjax``
 (``$SPECJAX_CACHE_DIR``; set it to an empty string to disable) keyed by the GGUF file's SHA-256.
@@ -205,7 +208,7 @@ def _device_packed(path: str, weights: str, dtype: str):
     """The GGUF model packed as ``weights``: ``(config, jax params)``, shared by every load."""
     config, params, _ = _load_gguf_cached(path)
     config, params = _pack(config, params, weights, path)
-    return config, packing_as_jax(params, dtype)
+    return config, _as_jax(params, dtype)
 
 
 def _pack(config, params, weights, path):
@@ -219,7 +222,7 @@ def _pack(config, params, weights, path):
     return packing.pack_float(config, params, weights)
 
 
-def packing_as_jax(params, dtype):
+def _as_jax(params, dtype):
     from specjax import packed
     return packed.as_jax(params, jnp.dtype(dtype))
 
@@ -230,7 +233,7 @@ def _finish(config: LlamaConfig, params, tok, name, dtype, scan_layers,
     if callable(params):
         config, params = params(dt.name)
     else:
-        params = packing_as_jax(params, dt)
+        params = _as_jax(params, dt)
     config = dataclasses.replace(config, dtype=dt.name, param_dtype=dt.name,
                                  scan_layers=scan_layers, attention_impl=attention_impl)
     return LoadedModel(model=LlamaModel(config), params=params, tokenizer=tok, name=name)

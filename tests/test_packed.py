@@ -211,3 +211,82 @@ def test_weights_are_checked_before_loading(tmp_path):
     hf_dir.mkdir()
     with pytest.raises(ValueError, match="HF checkpoint directory: use --weights=int8"):
         models.check_weights("gguf", str(hf_dir))
+
+
+def _write_quantized_gguf(path, config, params):
+    """A llama-architecture GGUF of float ``params`` (specjax layout), laid out as llama.cpp's
+    converter writes it (q / k rows permuted), with MIXED block types: attn_v in Q8_0 (so the
+    fused q/k/v group differs in type), ffn_down Q8_0 in layer 0 only (so the stack differs
+    across layers), the other projections Q4_1, the embedding Q8_0, the untied head Q4_1."""
+    import gguf
+    from models.gguf import unpermute_rows
+    c = config
+    q = gguf.GGMLQuantizationType
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(c.num_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+
+    def put(name, rows, kind=None):
+        rows = np.ascontiguousarray(rows, np.float32)
+        if kind is None:
+            w.add_tensor(name, rows)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(rows, kind), raw_dtype=kind)
+
+    def permute(rows, n_head):  # the inverse of unpermute_rows
+        d_half = rows.shape[0] // n_head // 2
+        return rows.reshape(n_head, 2, d_half, -1).swapaxes(1, 2).reshape(rows.shape)
+
+    rows = packing.float_rows(c, params)
+    lay = params["layers"]
+    hd, kd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    put("token_embd.weight", rows["embedding"], q.Q8_0)
+    put("output.weight", rows["lm_head"], q.Q4_1)
+    put("output_norm.weight", params["final_norm"])
+    for i in range(c.num_layers):
+        qkv = rows["wqkv"][i]
+        assert np.array_equal(unpermute_rows(permute(qkv[:hd], c.num_heads), c.num_heads),
+                              qkv[:hd])
+        put(f"blk.{i}.attn_q.weight", permute(qkv[:hd], c.num_heads), q.Q4_1)
+        put(f"blk.{i}.attn_k.weight", permute(qkv[hd:hd + kd], c.num_kv_heads), q.Q4_1)
+        put(f"blk.{i}.attn_v.weight", qkv[hd + kd:], q.Q8_0)
+        put(f"blk.{i}.attn_output.weight", rows["wo"][i], q.Q4_1)
+        put(f"blk.{i}.ffn_gate.weight", rows["w_gate_up"][i][:c.intermediate_size], q.Q4_1)
+        put(f"blk.{i}.ffn_up.weight", rows["w_gate_up"][i][c.intermediate_size:], q.Q4_1)
+        put(f"blk.{i}.ffn_down.weight", rows["w_down"][i], q.Q8_0 if i == 0 else q.Q4_1)
+        put(f"blk.{i}.attn_norm.weight", lay["attn_norm"][i])
+        put(f"blk.{i}.ffn_norm.weight", lay["mlp_norm"][i])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_blocks_load_as_the_file_stores_them(tmp_path):
+    """--weights=gguf on a GGUF file: uniform tensors keep their blocks (q / k rows
+    un-permuted), mixed groups / stacks fall back to f32 rows, and the model computes what the
+    float32 load of the same file computes."""
+    config = models.TINY_CONFIGS["tiny-llama"]
+    path = tmp_path / "tiny.gguf"
+    _write_quantized_gguf(path, config, models.tiny_params(config))
+    packed_lm = models.load(str(path), weights="gguf")
+    float_lm = models.load(str(path))
+    assert dict(packed_lm.model.config.weight_formats) == {
+        "wqkv": "f32", "wo": "q4_1", "w_gate_up": "q4_1", "w_down": "f32",
+        "embedding": "q8_0", "lm_head": "q4_1"}
+    t, slots = 6, 8
+    tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]], jnp.int32)
+    mask = jnp.tril(jnp.ones((t, slots), bool))[None]
+    args = (tokens, jnp.arange(t)[None], packed_lm.model.init_cache(1, slots), mask)
+    got = jax.jit(packed_lm.model.forward)(packed_lm.params, *args)
+    want = jax.jit(float_lm.model.forward)(float_lm.params, *args)
+    scale = float(np.abs(np.asarray(want.logits)).max())
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits),
+                               atol=1e-5 * scale)

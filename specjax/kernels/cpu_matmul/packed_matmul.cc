@@ -3,12 +3,15 @@
 //
 // W is N rows (output features) of K inputs each, every row stored as `row_bytes` bytes in one
 // of the formats below (GGUF's block formats keep their own byte layout, so a checkpoint's
-// tensors are used as they are in the file). For each output row the kernel dequantises the row
-// once into a float32 buffer that stays in L1, then takes its dot product with every row of x:
-// each weight byte is read from memory once for all M rows. Activations and accumulation are
-// float32. Output rows are split among the XLA CPU client's intra-op threads.
+// tensors are used as they are in the file). Per output row, on the AVX2 path for Q8_0, Q4_0,
+// Q4_1 and I8, each 32-value block is dequantised into four registers and multiplied with up to
+// 8 rows of x at once (tiles of 8 rows); otherwise the row is dequantised once into a float32
+// buffer that stays in L1, then dotted with every row of x. Either way a weight's bytes come
+// from memory once per call. Activations and accumulation are float32, and the dequantised
+// values equal the portable code's and gguf's numpy ones (only the summation order differs from
+// a float32 matmul). Output rows are split among the XLA CPU client's intra-op threads.
 //
-// Formats (`fmt` attribute; the numbers are shared with specjax/kernels/packed.py):
+// Formats (`fmt` attribute; the numbers are shared with specjax/packed.py):
 //   0 F32   row = K float32
 //   1 Q8_0  blocks of 32: f16 d, int8 q[32]; w = d * q                           (34 B)
 //   2 Q4_0  blocks of 32: f16 d, u8 qs[16]; w[j] = d * (lo(qs[j]) - 8),
