@@ -56,19 +56,22 @@ def _xla_optimisation_level(request):
         os.environ[_OPT_ENV] = before_env
 
 
-# The longest files start first (measured durations, 2026-11-30, two workers, seconds): with
+# The longest files start first (measured durations, 2026-11-30 11:30, two workers, seconds): with
 # ``--dist loadfile --no-loadscope-reorder`` a worker takes the next file in this order when it
 # runs short of work, so no long file is left to run alone at the end. The rest follow in
 # collection order.
-SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~380 (14 methods, both paths, SmolLM2)
-                    "test_notebook.py",  # ~240
-                    "test_sharding.py",  # ~155 (a subprocess on 8 fake devices)
-                    "test_gguf_smollm2.py",  # ~120 (the transformers reference)
-                    "test_speculative.py", "test_bad_input.py", "test_eagle.py",
-                    "test_experiments.py", "test_eagle3.py", "test_adaptive.py", "test_heads.py",
-                    "test_registry.py", "test_corpus.py", "test_accept.py", "test_lookahead.py",
-                    "test_block_diffusion.py", "test_packaging.py", "test_tree_attention.py",
-                    "test_token_recycling.py")
+SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~320 (16 methods on gguf, SmolLM2)
+                    "test_speculative.py",  # ~330
+                    "test_bad_input.py",  # ~240
+                    "test_notebook.py",  # ~230
+                    "test_sharding.py",  # ~170 (a subprocess on 8 fake devices)
+                    "test_eagle.py", "test_experiments.py", "test_gguf_smollm2.py",
+                    "test_eagle3.py", "test_corpus.py", "test_compose.py",
+                    "test_packed_methods.py", "test_adaptive.py", "test_heads.py",
+                    "test_lookahead.py", "test_packaging.py", "test_sam.py",
+                    "test_block_diffusion.py", "test_registry.py", "test_tree_attention.py",
+                    "test_rest.py", "test_tree_tuning.py", "test_packed.py", "test_accept.py",
+                    "test_limits.py", "test_token_recycling.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -117,16 +117,21 @@ def test_tree_shape_drafter_is_lossless_and_drafts_the_shape():
 def test_benchmark_ar_smoke(tmp_path):
     js, md = tmp_path / "ar.json", tmp_path / "ar.md"
     rc, _, err = _run("experiments.benchmark_ar", [
-        "--model=tiny-llama", "--nohf", "--num_prompts=1", "--max_new_tokens=4",
-        f"--output_json={js}", f"--output_md={md}"])
+        "--model=tiny-llama", "--nohf", "--nollama_cpp", "--num_prompts=1", "--max_new_tokens=4",
+        "--weights_list=float32,gguf", "--verify_widths=1,3", "--verify_calls=1",
+        "--verify_cache_len=16", f"--output_json={js}", f"--output_md={md}"])
     assert rc == 0, err
     res = json.loads(js.read_text())
-    assert set(res["tokens_per_s"]) == {"generate", "stream"}
-    assert res["ratios"]["generate/stream"] > 0
+    assert set(res["tokens_per_s"]) == {"generate", "stream", "generate_gguf"}
+    assert res["ratios"]["stream/generate"] > 0 and res["ratios"]["generate_gguf/generate"] > 0
     row = res["per_prompt"][0]
     assert row["stream"]["same_tokens_as_generate"]
     assert row["generate"]["new_tokens"] == 4 and row["generate"]["target_calls"] == 4
-    assert "| stream |" in md.read_text()
+    assert row["generate_gguf"]["new_tokens"] == 4  # a quantised tiny model: its own tokens
+    assert set(res["verify_ms"]) == {"float32", "gguf"}
+    assert all(set(v) == {"1", "3"} and min(v.values()) > 0 for v in res["verify_ms"].values())
+    text = md.read_text()
+    assert "| stream |" in text and "| generate (gguf) |" in text and "T=3" in text
 
 
 def test_memory_limits_smoke(tmp_path):

@@ -174,8 +174,9 @@ def test_int8_packing_is_within_half_a_step():
     assert p.scale[2] == 1.0 and not values[2].any()
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-llama3-rope"])
-@pytest.mark.parametrize("weights", ["gguf", "int8"])
+@pytest.mark.parametrize("name,weights", [
+    ("tiny-llama", "gguf"), ("tiny-gqa", "gguf"), ("tiny-qwen2", "gguf"),
+    ("tiny-llama3-rope", "gguf"), ("tiny-gqa", "int8"), ("tiny-qwen2", "int8")])
 def test_packed_model_computes_the_dequantized_float_model(name, weights):
     lm = models.load(name, weights=weights)
     formats = dict(lm.model.config.weight_formats)

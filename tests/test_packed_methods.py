@@ -5,9 +5,9 @@ The methods without weights run through ``experiments.methods.Run`` (the CLI's p
 defaults); the drafters with weights (heads, EAGLE, EAGLE-3, the block drafter, REST) get random
 params (adversarial drafts) and, where they read the target's embedding or LM head, read the
 packed ones. gguf (Q4_1 layers, Q8_0 embedding, the embedded model's formats) covers every
-method; int8 covers a chain, a tree that reads the target's embedding and head (EAGLE) and the
-Jacobi loop: the two formats differ only inside the kernel, which ``tests/test_packed.py``
-checks format by format.
+method; int8 covers EAGLE (a tree drafter that reads the target's embedding and LM head): the
+two formats differ only inside the kernel and the packing, which ``tests/test_packed.py``
+checks format by format (and the int8 tiny models against their float models).
 """
 
 import jax
@@ -35,7 +35,7 @@ from tinymodels import PROMPTS, rows_of
 
 CONFIG = decode.DecodeConfig(max_new_tokens=12, eos_ids=(13,))
 UNTRAINED = [m.name for m in registry.methods() if m.weights is None and m.name != "ar"]
-INT8_METHODS = ("prompt_lookup", "jacobi", "eagle")
+INT8_METHODS = ("eagle",)
 
 
 @pytest.fixture(scope="module", params=["gguf", "int8"])
@@ -53,7 +53,7 @@ def packed_target(request):
 
 def _skip_unless_covered(weights, name):
     if weights == "int8" and name not in INT8_METHODS:
-        pytest.skip("int8 covers prompt_lookup, jacobi and eagle (see the module docstring)")
+        pytest.skip("int8 covers eagle (see the module docstring)")
 
 
 @pytest.mark.parametrize("name", UNTRAINED)
