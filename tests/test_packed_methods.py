@@ -10,6 +10,8 @@ two formats differ only inside the kernel and the packing, which ``tests/test_pa
 checks format by format (and the int8 tiny models against their float models).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,34 +37,28 @@ from tinymodels import PROMPTS, rows_of
 
 CONFIG = decode.DecodeConfig(max_new_tokens=12, eos_ids=(13,))
 UNTRAINED = [m.name for m in registry.methods() if m.weights is None and m.name != "ar"]
-INT8_METHODS = ("eagle",)
+WEIGHTED = [m.name for m in registry.methods() if m.weights is not None]
 
 
-@pytest.fixture(scope="module", params=["gguf", "int8"])
-def packed_target(request):
-    """``(weights, model, params, reference rows)``: the tiny GQA model packed as ``weights``."""
+@functools.lru_cache(maxsize=2)
+def _packed_target(weights):
+    """``(model, params, reference rows)``: the tiny GQA model packed as ``weights``."""
     model, params = kit.tiny_model("gqa")
     numpy_params = jax.tree.map(np.asarray, params)
-    config, pparams = packing.pack_float(model.config, numpy_params, request.param)
+    config, pparams = packing.pack_float(model.config, numpy_params, weights)
     from specjax import packed
     pparams = packed.as_jax(pparams, jnp.float32)
     pmodel = LlamaModel(config)
     plain = decode.generate(pmodel, pparams, PROMPTS, CONFIG)
-    return request.param, pmodel, pparams, rows_of(plain)
-
-
-def _skip_unless_covered(weights, name):
-    if weights == "int8" and name not in INT8_METHODS:
-        pytest.skip("int8 covers eagle (see the module docstring)")
+    return pmodel, pparams, rows_of(plain)
 
 
 @pytest.mark.parametrize("name", UNTRAINED)
-def test_untrained_method_is_lossless_on_a_packed_target(packed_target, name):
-    weights, model, params, rows = packed_target
-    _skip_unless_covered(weights, name)
+def test_untrained_method_is_lossless_on_a_packed_target(name):
+    model, params, rows = _packed_target("gguf")
     method = registry.get(name)
     options = method.make_options(draft_layers=1) if name == "draft_model" else None
-    run = methods.Run(name, "tiny-gqa", CONFIG, options, weights=weights)
+    run = methods.Run(name, "tiny-gqa", CONFIG, options, weights="gguf")
     lm = models_loaded(model, params)
     drafter, dparams = run.drafter(lm)
     got = run.engine(lm, drafter).compile(params, dparams, PROMPTS).run()
@@ -101,10 +97,9 @@ def _weighted(name, model):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", [m.name for m in registry.methods() if m.weights is not None])
-def test_drafter_with_weights_is_lossless_on_a_packed_target(packed_target, name):
-    weights, model, params, rows = packed_target
-    _skip_unless_covered(weights, name)
+@pytest.mark.parametrize("weights,name", [("gguf", n) for n in WEIGHTED] + [("int8", "eagle")])
+def test_drafter_with_weights_is_lossless_on_a_packed_target(weights, name):
+    model, params, rows = _packed_target(weights)
     drafter, dparams = _weighted(name, model)
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, CONFIG)
     assert rows_of(out) == rows

@@ -22,9 +22,10 @@
 //   6 Q6_K  super-blocks of 256: u8 ql[128], u8 qh[64], int8 scales[16], f16 d   (210 B)
 // The block layouts are GGUF's (ggml's "block_q4_1" etc.).
 //
-// Instruction sets: the hot dequantisers (Q8_0, Q4_0, Q4_1, I8) and the dot products have an
-// AVX2 + FMA version (compiled with a target attribute, so the file builds for any x86-64) beside
-// the portable one; the path is chosen once per process from the CPU's features. There is no
+// Instruction sets: the fused block path (Q8_0, Q4_0, Q4_1, I8), the I8 row dequantiser and the
+// dot products have an AVX2 + FMA version (compiled with a target attribute, so the file builds
+// for any x86-64) beside the portable one; the path is chosen once per process from the CPU's
+// features. There is no
 // AVX-512 path: the development CPU has none to test it on.
 
 #include <algorithm>
@@ -200,51 +201,9 @@ SPECJAX_AVX2 inline float LoadHalfF16c(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-SPECJAX_AVX2 inline void StoreU8x8(__m128i bytes8, __m256 scale, __m256 bias, float* out) {
-  const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8));
-  _mm256_storeu_ps(out, _mm256_fmadd_ps(v, scale, bias));
-}
-
-SPECJAX_AVX2 void DequantQ4_1Avx2(const uint8_t* row, int64_t k, float* out) {
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < k / 32; ++b, row += 20, out += 32) {
-    const __m256 d = _mm256_set1_ps(LoadHalfF16c(row)), m = _mm256_set1_ps(LoadHalfF16c(row + 2));
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4));
-    const __m128i lo = _mm_and_si128(q, low_mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
-    StoreU8x8(lo, d, m, out);
-    StoreU8x8(_mm_srli_si128(lo, 8), d, m, out + 8);
-    StoreU8x8(hi, d, m, out + 16);
-    StoreU8x8(_mm_srli_si128(hi, 8), d, m, out + 24);
-  }
-}
-
-SPECJAX_AVX2 void DequantQ4_0Avx2(const uint8_t* row, int64_t k, float* out) {
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < k / 32; ++b, row += 18, out += 32) {
-    const float df = LoadHalfF16c(row);
-    const __m256 d = _mm256_set1_ps(df), bias = _mm256_set1_ps(-8.0f * df);
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2));
-    const __m128i lo = _mm_and_si128(q, low_mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
-    // d * q - 8 d == d * (q - 8) exactly: both products are exact in float32 (q < 16).
-    StoreU8x8(lo, d, bias, out);
-    StoreU8x8(_mm_srli_si128(lo, 8), d, bias, out + 8);
-    StoreU8x8(hi, d, bias, out + 16);
-    StoreU8x8(_mm_srli_si128(hi, 8), d, bias, out + 24);
-  }
-}
-
 SPECJAX_AVX2 inline void StoreI8x8(const uint8_t* p, __m256 scale, float* out) {
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scale));
-}
-
-SPECJAX_AVX2 void DequantQ8_0Avx2(const uint8_t* row, int64_t k, float* out) {
-  for (int64_t b = 0; b < k / 32; ++b, row += 34, out += 32) {
-    const __m256 d = _mm256_set1_ps(LoadHalfF16c(row));
-    for (int j = 0; j < 32; j += 8) StoreI8x8(row + 2 + j, d, out + j);
-  }
 }
 
 SPECJAX_AVX2 void DequantI8Avx2(const uint8_t* row, int64_t k, float scale, float* out) {
@@ -424,16 +383,15 @@ const float* DequantRow(int64_t fmt, const uint8_t* row, int64_t k, float scale,
                         float* buf) {
   switch (fmt) {
     case kF32: return reinterpret_cast<const float*>(row);
-#if SPECJAX_X86
-    case kQ8_0: avx2 ? DequantQ8_0Avx2(row, k, buf) : DequantQ8_0(row, k, buf); return buf;
-    case kQ4_0: avx2 ? DequantQ4_0Avx2(row, k, buf) : DequantQ4_0(row, k, buf); return buf;
-    case kQ4_1: avx2 ? DequantQ4_1Avx2(row, k, buf) : DequantQ4_1(row, k, buf); return buf;
-    case kI8: avx2 ? DequantI8Avx2(row, k, scale, buf) : DequantI8(row, k, scale, buf);
-      return buf;
-#else
+    // On the AVX2 path Q8_0 / Q4_0 / Q4_1 always take the fused path (K is a multiple of 32),
+    // and I8 does too unless K is not: only I8 needs an AVX2 buffer dequantiser.
     case kQ8_0: DequantQ8_0(row, k, buf); return buf;
     case kQ4_0: DequantQ4_0(row, k, buf); return buf;
     case kQ4_1: DequantQ4_1(row, k, buf); return buf;
+#if SPECJAX_X86
+    case kI8: avx2 ? DequantI8Avx2(row, k, scale, buf) : DequantI8(row, k, scale, buf);
+      return buf;
+#else
     case kI8: DequantI8(row, k, scale, buf); return buf;
 #endif
     case kQ4_K: DequantQ4_K(row, k, buf); return buf;
