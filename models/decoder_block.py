@@ -7,20 +7,29 @@ run a decoder layer of their own (the EAGLE layer in :mod:`drafters.eagle`). A l
     x = x + attend(q, k, v) Wo
     x = x + W_down (SiLU(rms_norm(x) W_gate) * rms_norm(x) W_up)
 
-where only ``attend`` differs between callers, so it is an argument: the target writes ``k`` /
+with the family options of the config: per-head RMSNorms on q and k before rope
+(``qk_norm``: Qwen3, Gemma 3), a norm on the attention output and on the MLP output before each
+residual add (``sandwich_norms``: Gemma), GeGLU with tanh-GELU instead of SwiGLU
+(``activation="gelu_tanh"``), a query scale other than ``1/sqrt(D)`` (``query_scale``) and a rope
+base per layer (``rope_local_theta`` for the sliding-window layers of Gemma 3). Gemma's
+``(1 + w)`` norm scale is folded into the stored weights by the loaders, so every norm here is
+``w * normed``.
+
+Only ``attend`` differs between callers, so it is an argument: the target writes ``k`` /
 ``v`` into its KV cache and attends over that layer's cache; EAGLE writes into its own draft
 cache, or in training attends over several feature levels at once.
 
 ``p``, one layer's params: ``attn_norm [E]``, ``wq [E, H, D]``, ``wk [E, K, D]``,
 ``wv [E, K, D]``, ``wo [H, D, E]``, ``mlp_norm [E]``, ``w_gate [E, F]``, ``w_up [E, F]``,
-``w_down [F, E]``, and optionally (Qwen2) ``bq [H, D]``, ``bk [K, D]``, ``bv [K, D]``: the
-biases are added when present in ``p``. Weights are cast to ``config.dtype`` (activations).
+``w_down [F, E]``, and optionally (Qwen2) ``bq [H, D]``, ``bk [K, D]``, ``bv [K, D]`` (added
+when present in ``p``), ``q_norm [D]``, ``k_norm [D]`` (``qk_norm``) and ``post_attn_norm [E]``,
+``post_mlp_norm [E]`` (``sandwich_norms``). Weights are cast to ``config.dtype`` (activations).
 A packed layer (``--weights=gguf|int8``, :mod:`models.packing`) has instead the
 :class:`specjax.packed.PackedWeight` s ``wqkv``, ``wo``, ``w_gate_up`` and ``w_down`` (rows =
 output features), applied by :func:`specjax.packed.linear`.
 
 ``config``: a :class:`models.llama.LlamaConfig` (read: ``dtype``, ``rms_norm_eps``,
-``head_dim``, ``rope_theta``, ``rope_scaling``).
+``head_dim``, the rope settings and the family options above).
 
 Axis glossary: B batch, T new tokens, S key / cache slots, H query heads, K kv heads,
 G = H // K query heads per kv head, D head dim, E embedding width, F MLP width.
@@ -40,6 +49,9 @@ from specjax import packed
 # One layer's parameters, in declaration order (parameter init draws keys in this order).
 PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 BIAS_NAMES = ("bq", "bk", "bv")
+QK_NORM_NAMES = ("q_norm", "k_norm")
+SANDWICH_NORM_NAMES = ("post_attn_norm", "post_mlp_norm")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 # attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D]) -> (attn [B,T,H,D], extra)
 Attend = Callable[[jax.Array, jax.Array, jax.Array], Tuple[jax.Array, Any]]
@@ -47,7 +59,8 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], Tuple[jax.Array, Any]]
 
 def param_specs(config, bias: bool = False) -> dict:
     """``{name: (shape, logical axes, initializer)}`` of one layer's params, in
-    :data:`PARAM_NAMES` order, then :data:`BIAS_NAMES` when ``bias``."""
+    :data:`PARAM_NAMES` order, then :data:`BIAS_NAMES` when ``bias``, then the norms of the
+    config's family options (:data:`QK_NORM_NAMES`, :data:`SANDWICH_NORM_NAMES`)."""
     e, f, h, k, d = (config.hidden_size, config.intermediate_size, config.num_heads,
                      config.num_kv_heads, config.head_dim)
     dense, ones, zeros = (nn.initializers.normal(0.02), nn.initializers.ones,
@@ -67,6 +80,12 @@ def param_specs(config, bias: bool = False) -> dict:
         specs["bq"] = ((h, d), ("q_heads", "head_dim"), zeros)
         specs["bk"] = ((k, d), ("kv_heads", "head_dim"), zeros)
         specs["bv"] = ((k, d), ("kv_heads", "head_dim"), zeros)
+    if getattr(config, "qk_norm", False):
+        specs["q_norm"] = ((d,), ("head_dim",), ones)
+        specs["k_norm"] = ((d,), ("head_dim",), ones)
+    if getattr(config, "sandwich_norms", False):
+        specs["post_attn_norm"] = ((e,), ("embed",), ones)
+        specs["post_mlp_norm"] = ((e,), ("embed",), ones)
     return specs
 
 
@@ -77,13 +96,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def rope_inv_freq(config) -> jax.Array:
-    """``float32[D/2]`` inverse frequencies, with Llama-3 scaling when configured."""
+def rope_inv_freq(config, local: bool = False) -> jax.Array:
+    """``float32[D/2]`` inverse frequencies of the global layers (or with ``local``, of the
+    sliding-window layers, whose base is ``rope_local_theta`` and which are never scaled), with
+    the configured scaling: Llama-3 style, linear, or per-frequency factors (GGUF
+    ``rope_freqs``)."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if local and config.rope_local_theta:
+        return inv_freq
+    if config.rope_freq_factors:
+        return inv_freq / jnp.asarray(config.rope_freq_factors, jnp.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -136,12 +165,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
-def attention_inputs(p: dict, x: jax.Array, positions: jax.Array, config
+def layer_inv_freq(config, layer=None) -> jax.Array:
+    """The rope inverse frequencies of layer ``layer`` (static or traced; None: a global one)."""
+    inv_freq = rope_inv_freq(config)
+    if layer is None or not (config.rope_local_theta and config.layer_windows):
+        return inv_freq
+    local = jnp.asarray(config.layer_windows, jnp.int32)[layer] > 0
+    return jnp.where(local, rope_inv_freq(config, local=True), inv_freq)
+
+
+def activation(config):
+    """The MLP's gate activation."""
+    act = getattr(config, "activation", "silu")
+    if act == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return nn.silu
+
+
+def attention_inputs(p: dict, x: jax.Array, positions: jax.Array, config, layer=None
                      ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """Attention norm, q / k / v projections (+ biases when in ``p``) and rope.
+    """Attention norm, q / k / v projections (+ biases when in ``p``), q / k norms (when in
+    ``p``) and rope. The queries come out pre-multiplied by ``query_scale * sqrt(D)`` when the
+    config sets a ``query_scale``, so that attention's own ``1/sqrt(D)`` gives that scale.
 
     Args:
-      x: ``[B, T, E]`` the layer input (residual stream); positions: ``int32[B, T]``.
+      x: ``[B, T, E]`` the layer input (residual stream); positions: ``int32[B, T]``;
+      layer: this layer's index (static or traced), for a per-layer rope base; None: global.
     Returns:
       ``(q [B, T, H, D], k [B, T, K, D], v [B, T, K, D])``, rope applied to ``q`` and ``k``.
     """
@@ -159,12 +208,19 @@ def attention_inputs(p: dict, x: jax.Array, positions: jax.Array, config
         v = jnp.einsum("bte,ekd->btkd", h, p["wv"].astype(dt))
     if "bq" in p:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-    inv_freq = rope_inv_freq(config)
+    if "q_norm" in p:
+        q = rms_norm(q, p["q_norm"].astype(dt), config.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"].astype(dt), config.rms_norm_eps)
+    scale = getattr(config, "query_scale", 0.0)
+    if scale:
+        q = q * jnp.asarray(scale * math.sqrt(config.head_dim), dt)
+    inv_freq = layer_inv_freq(config, layer)
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
 def block_output(p: dict, x: jax.Array, attn: jax.Array, config) -> jax.Array:
-    """Output projection + residual, MLP norm, SwiGLU MLP + residual.
+    """Output projection (+ post-attention norm) + residual, MLP norm, gated MLP (+ post-MLP
+    norm) + residual.
 
     Args:
       x: ``[B, T, E]`` the layer input; attn: ``[B, T, H, D]`` the attention output.
@@ -172,28 +228,38 @@ def block_output(p: dict, x: jax.Array, attn: jax.Array, config) -> jax.Array:
       ``[B, T, E]`` the layer output.
     """
     dt = jnp.dtype(config.dtype)
+    eps = config.rms_norm_eps
+
+    def post_norm(y, name):
+        return rms_norm(y, p[name].astype(dt), eps) if name in p else y
+
+    act = activation(config)
     if "w_gate_up" in p:  # packed
-        x = x + packed.linear(attn.reshape(attn.shape[:2] + (-1,)), p["wo"])
-        h = rms_norm(x, p["mlp_norm"].astype(dt), config.rms_norm_eps)
+        o = packed.linear(attn.reshape(attn.shape[:2] + (-1,)), p["wo"])
+        x = x + post_norm(o, "post_attn_norm")
+        h = rms_norm(x, p["mlp_norm"].astype(dt), eps)
         gate, up = jnp.split(packed.linear(h, p["w_gate_up"]), 2, axis=-1)
-        return x + packed.linear(nn.silu(gate) * up, p["w_down"])
-    x = x + jnp.einsum("bthd,hde->bte", attn, p["wo"].astype(dt))
-    h = rms_norm(x, p["mlp_norm"].astype(dt), config.rms_norm_eps)
+        return x + post_norm(packed.linear(act(gate) * up, p["w_down"]), "post_mlp_norm")
+    o = jnp.einsum("bthd,hde->bte", attn, p["wo"].astype(dt))
+    x = x + post_norm(o, "post_attn_norm")
+    h = rms_norm(x, p["mlp_norm"].astype(dt), eps)
     gate = jnp.einsum("bte,ef->btf", h, p["w_gate"].astype(dt))
     up = jnp.einsum("bte,ef->btf", h, p["w_up"].astype(dt))
-    return x + jnp.einsum("btf,fe->bte", nn.silu(gate) * up, p["w_down"].astype(dt))
+    mlp = jnp.einsum("btf,fe->bte", act(gate) * up, p["w_down"].astype(dt))
+    return x + post_norm(mlp, "post_mlp_norm")
 
 
-def decoder_block(p: dict, x: jax.Array, positions: jax.Array, config, attend: Attend
-                  ) -> Tuple[jax.Array, Any]:
+def decoder_block(p: dict, x: jax.Array, positions: jax.Array, config, attend: Attend,
+                  layer=None) -> Tuple[jax.Array, Any]:
     """One decoder layer: ``x [B, T, E]`` -> ``(x [B, T, E], extra)``.
 
     ``attend(q, k, v) -> (attn [B, T, H, D], extra)`` gets this layer's rope'd queries and new
     keys / values (shapes as from :func:`attention_inputs`) and decides what they attend to
     (e.g. writes ``k`` / ``v`` into a cache, then :func:`attention` over it); ``extra`` (such as
-    the updated cache) is handed back unchanged.
+    the updated cache) is handed back unchanged. ``layer`` (static or traced) picks the
+    layer's rope base when the config has per-layer ones.
     """
-    q, k, v = attention_inputs(p, x, positions, config)
+    q, k, v = attention_inputs(p, x, positions, config, layer)
     attn, extra = attend(q, k, v)
     return block_output(p, x, attn, config), extra
 

@@ -1,4 +1,9 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as Flax Linen modules applied purely.
+"""Llama-style decoders (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3, SmolLM) as Flax Linen
+modules applied purely.
+
+One configurable decoder covers the families: :class:`LlamaConfig`'s family options switch on
+what differs (q / k norms, Gemma's sandwich norms, GeGLU, scaled embeddings, a query scale,
+sliding-window layers with their own rope base); :data:`FAMILY_OPTIONS` lists them.
 
 ``LlamaModel(config).forward(params, tokens, positions, cache, mask)`` runs
 ``Llama(config).apply({"params": params}, ...)``: the cache goes in and comes back, nothing is
@@ -39,16 +44,20 @@ from specjax.masks import TreeMask
 from specjax.model_api import ForwardOutput
 
 ATTENTION_IMPLS = ("xla", "pallas", "auto")
+FAMILY_OPTIONS = ("qkv_bias", "qk_norm", "sandwich_norms", "activation", "embed_scale",
+                  "query_scale", "layer_windows", "rope_local_theta", "rope_freq_factors")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency-dependent rope scaling."""
+    """Rope scaling: ``rope_type`` "llama3" (frequency-dependent, the default) or "linear"
+    (every inverse frequency divided by ``factor``; the other fields unused)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +87,17 @@ class LlamaConfig:
     # Weights kept packed (models/packing.py): sorted (name, format) pairs, e.g.
     # (("embedding", "q8_0"), ("w_down", "q4_1"), ...); empty: every weight a float array.
     weight_formats: tuple = ()
+    # Family options (models/decoder_block.py); the defaults are Llama's.
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma)
+    activation: str = "silu"  # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in dtype (Gemma)
+    query_scale: float = 0.0  # attention scale; 0: 1/sqrt(head_dim) (Gemma 3: 1/sqrt(qpas))
+    # Per-layer sliding window, in positions: a query at p sees keys at p - w + 1 .. p (0: the
+    # whole context). Empty: every layer global. Mistral: (w,) * L; Gemma 3: 512 / 0 interleaved.
+    layer_windows: tuple = ()
+    rope_local_theta: float = 0.0  # rope base of the windowed layers (Gemma 3); 0: rope_theta
+    rope_freq_factors: tuple = ()  # per-frequency divisors (Llama 3.1+ GGUF ``rope_freqs``)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -90,11 +110,34 @@ class LlamaConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
                              f"{self.attention_impl!r}")
+        if self.activation not in block.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {block.ACTIVATIONS}, got "
+                             f"{self.activation!r}")
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers
+                                   or min(self.layer_windows) < 0):
+            raise ValueError(f"layer_windows must give a window >= 0 for each of the "
+                             f"{self.num_layers} layers, got {self.layer_windows}")
+        if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError(f"rope_freq_factors must have head_dim / 2 = {self.head_dim // 2} "
+                             f"entries, got {len(self.rope_freq_factors)}")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether some layer attends through a sliding window."""
+        return any(self.layer_windows)
+
+    @property
+    def family(self) -> str:
+        """A short description of the options set (for logs and results)."""
+        opts = [name for name in FAMILY_OPTIONS
+                if getattr(self, name) != LlamaConfig.__dataclass_fields__[name].default]
+        return "llama" if not opts else "llama+" + "+".join(opts)
 
     @property
     def num_params(self) -> int:
         e, f, l, d = self.hidden_size, self.intermediate_size, self.num_layers, self.head_dim
-        per_layer = (2 * e + e * d * (self.num_heads * 2 + self.num_kv_heads * 2) + 3 * e * f)
+        per_layer = (2 * e + e * d * (self.num_heads * 2 + self.num_kv_heads * 2) + 3 * e * f
+                     + (2 * d if self.qk_norm else 0) + (2 * e if self.sandwich_norms else 0))
         head = 0 if self.tie_embeddings else self.vocab_size * e
         return self.vocab_size * e + l * per_layer + e + head
 
@@ -137,16 +180,21 @@ class LayerStack(nn.Module):
                                               *shapes[name])
         self.stacked = stacked
 
-    def _block(self, p, x, positions, k_all, v_all, layer, offsets, mask):
+    def _block(self, p, x, positions, k_all, v_all, layer, offsets, mask, distance):
         """:func:`models.decoder_block.decoder_block` whose attention writes the new k / v into
-        the cache at ``offsets`` and attends over layer ``layer`` of it."""
+        the cache at ``offsets`` and attends over layer ``layer`` of it (through the layer's
+        sliding window when it has one: ``distance [B, T, S]`` is query minus key position)."""
+        c = self.config
+        if c.windowed:
+            window = jnp.asarray(c.layer_windows, jnp.int32)[layer]
+            mask = mask & ((window == 0) | (distance < window))
 
         def write_and_attend(q, k, v):
             ks = cache_lib.write(k_all, layer, k, offsets)
             vs = cache_lib.write(v_all, layer, v, offsets)
             return attend(q, ks[layer], vs[layer], mask), (ks, vs)
 
-        x, (k_all, v_all) = block.decoder_block(p, x, positions, self.config, write_and_attend)
+        x, (k_all, v_all) = block.decoder_block(p, x, positions, c, write_and_attend, layer)
         return x, k_all, v_all
 
     def __call__(self, x, positions, cache: KVCache, mask, layers=None, hidden_layers=()):
@@ -159,13 +207,15 @@ class LayerStack(nn.Module):
                                  f"does not fit {x.shape[1]} tokens and a {cache.num_slots}-slot "
                                  f"cache: build it with TreeMask.create(cache.lengths, visible, "
                                  f"cache.num_slots)")
-            if not uses_kernel(c):
+            if not uses_kernel(c) or c.windowed:  # the kernel has no window
                 mask = mask.dense()  # once for all layers
+        distance = key_distance(positions, offsets, cache.num_slots) if c.windowed else None
         taps = {}
         if not c.scan_layers:
             for i in layer_ids:
                 p = jax.tree.map(lambda w: w[i], self.stacked)
-                x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask)
+                x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask,
+                                              distance)
                 if i in hidden_layers:
                     taps[i] = x
         else:
@@ -176,7 +226,8 @@ class LayerStack(nn.Module):
             def body(carry, xs):
                 x, k_all, v_all = carry
                 p, i = xs
-                x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask)
+                x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask,
+                                              distance)
                 return (x, k_all, v_all), (x if hidden_layers else None)
 
             (x, k_all, v_all), per_layer = jax.lax.scan(body, (x, k_all, v_all), (params, ids))
@@ -188,6 +239,21 @@ class LayerStack(nn.Module):
             raise ValueError(f"hidden_layers {missing} are not among the layers run {layer_ids}")
         tap_arr = jnp.stack([taps[i] for i in hidden_layers]) if hidden_layers else None
         return x, cache.replace(k=k_all, v=v_all), tap_arr
+
+
+def key_distance(positions: jax.Array, offsets: jax.Array, num_slots: int) -> jax.Array:
+    """``int32[B, T, S]``: each new token's position minus the position of each cache slot.
+
+    Committed slot ``s`` holds position ``s`` (every loop commits tokens contiguously from slot
+    0); the ``T`` new tokens are written at slots ``offsets + t`` with their own ``positions``
+    (tree nodes share depths). Other scratch slots are masked anyway.
+    """
+    b, t = positions.shape
+    slot_pos = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), (b, num_slots))
+    slots = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], slots.shape)
+    slot_pos = slot_pos.at[rows, slots].set(positions.astype(jnp.int32), mode="drop")
+    return positions.astype(jnp.int32)[:, :, None] - slot_pos[:, None, :]
 
 
 def _packed_param(module, name, fmt, lead, n, k):
@@ -239,7 +305,12 @@ class Llama(nn.Module):
                 (c.hidden_size, c.vocab_size), jnp.dtype(c.param_dtype))
 
     def embed(self, tokens):
-        return self.embedder(tokens)
+        """Input embeddings ``[..., E]`` (times ``sqrt(E)`` for Gemma, as the first layer sees
+        them)."""
+        x = self.embedder(tokens)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
+        return x
 
     def head(self, hidden, num_ids=None):
         """Logits ``[..., V]``; with ``num_ids`` only those of token ids ``< num_ids``."""
@@ -258,7 +329,7 @@ class Llama(nn.Module):
     def __call__(self, tokens, positions, cache, mask, layers=None, hidden_layers=(),
                  logits_at=None):
         c = self.config
-        x = self.embedder(tokens)
+        x = self.embed(tokens)
         x, cache, taps = self.layers(x, positions, cache, mask, layers, tuple(hidden_layers))
         hidden = rms_norm(x, self.final_norm.astype(x.dtype), c.rms_norm_eps)
         h = hidden if logits_at is None else jnp.take_along_axis(

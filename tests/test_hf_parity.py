@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from models import hf  # noqa: E402
-from models.llama import LlamaModel  # noqa: E402
+from models.llama import FAMILY_OPTIONS, LlamaConfig, LlamaModel  # noqa: E402
 from specjax.masks import causal_mask  # noqa: E402
 
 TOL = 1e-4
@@ -32,7 +32,27 @@ CASES = {
     "mistral": ("MistralConfig", "MistralForCausalLM",
                 dict(tie_word_embeddings=False, sliding_window=None, head_dim=24), None),
     "qwen2_tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), None),
+    # Sequences of 40 tokens: a window of 8 cuts most of each row's context.
+    "mistral_window": ("MistralConfig", "MistralForCausalLM",
+                       dict(tie_word_embeddings=False, sliding_window=8), None),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24),
+              None),
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM",
+                     dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=8,
+                          max_window_layers=1), None),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                           "rope_theta": 100.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                        "rope_theta": 5000.0}}), None),
 }
+# What each case must turn on (config fields that differ from Llama's defaults).
+FAMILY = {"qwen2_tied": {"qkv_bias"}, "mistral_window": {"layer_windows"},
+          "qwen3": {"qk_norm"}, "qwen2_window": {"qkv_bias", "layer_windows"},
+          "gemma3": {"qk_norm", "sandwich_norms", "activation", "embed_scale", "query_scale",
+                     "layer_windows", "rope_local_theta"}}
 
 
 def _save(tmp_path, case):
@@ -72,8 +92,9 @@ def test_logits_match_transformers(tmp_path, case):
         ref = model(torch.from_numpy(tokens)).logits.numpy()
     config, got = _specjax_logits(tmp_path, tokens)
     assert config.tie_embeddings == model.config.tie_word_embeddings
-    assert config.qkv_bias == (case == "qwen2_tied")
-    assert (config.rope_scaling is not None) == (case == "llama3_rope_sharded")
+    assert {name for name in FAMILY_OPTIONS if getattr(config, name) !=
+            LlamaConfig.__dataclass_fields__[name].default} == FAMILY.get(case, set())
+    assert (config.rope_scaling is not None) == (case in ("llama3_rope_sharded", "gemma3"))
     assert np.abs(ref).max() > 1.0  # weights large enough for layout mistakes to show
     assert np.abs(got - ref).max() < TOL
 
