@@ -1,15 +1,23 @@
-"""Loads GGUF (llama.cpp) checkpoints of the Llama family: weights, config and tokenizer.
+"""Loads GGUF (llama.cpp) checkpoints: weights, config and tokenizer.
 
-Weights are dequantized to float32 with ``gguf.quants.dequantize``. llama.cpp's converter
-permutes the rows of the ``llama`` architecture's q and k projections (within each head, the
-half-split rotary layout becomes interleaved pairs); :func:`unpermute_rows` undoes it so that
-specjax's half-split rope applies. ``qwen2`` files keep HF's layout. A file without
-``output.weight`` ties the LM head to the embedding.
+Architectures: ``llama`` (Llama 2/3/3.1+ with its ``rope_freqs`` factors, Mistral, SmolLM),
+``qwen2`` (Qwen2 / Qwen2.5), ``qwen3`` and ``gemma3`` (text). Weights are dequantized to float32
+with ``gguf.quants.dequantize``. llama.cpp's converter permutes the rows of the ``llama``
+architecture's q and k projections (within each head, the half-split rotary layout becomes
+interleaved pairs); :func:`unpermute_rows` undoes it so that specjax's half-split rope applies.
+The other architectures keep HF's layout. A file without ``output.weight`` ties the LM head to
+the embedding. Gemma files store their norms as ``1 + w`` already (llama.cpp's converter adds
+the one), and llama.cpp fixes what the metadata does not say: Gemma 3's sliding-window layers
+use rope base 10000 and every sixth layer is global (unless the file says otherwise). A
+``llama`` file carries no sliding window (Mistral v0.1's 4096 window is lost in conversion, and
+llama.cpp attends to the whole context too).
 
 The tokenizer is rebuilt from the metadata (``tokenizer.ggml.*``) with the ``tokenizers``
-library. Only byte-level BPE vocabularies (``tokenizer.ggml.model == 'gpt2'``) are supported; the
+library. Byte-level BPE vocabularies (``tokenizer.ggml.model == 'gpt2'``) are built here: the
 pre-tokenizer is chosen from ``tokenizer.ggml.pre`` to match what the model's own HF
 ``tokenizer.json`` (and llama.cpp) does, e.g. ``smollm``: split every digit, then GPT-2 byte-level.
+SentencePiece vocabularies (``'llama'``: Llama 2, Mistral, Gemma) are built by
+:mod:`models.spm_tokenizer`. Other tokenizer models are not supported.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ import tokenizers
 from tokenizers import decoders, pre_tokenizers, processors
 
 from models.hf import CheckpointError, params_from_hf
-from models.llama import LlamaConfig
+from models.llama import LlamaConfig, RopeScaling
 from models.tokenizer import TextTokenizer, end_token_ids
 from specjax import packed
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 _PERMUTED_ARCHITECTURES = ("llama",)
+_GEMMA3_SWA_PATTERN = 6  # llama.cpp: layers 6k-1 are global, the others sliding-window
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 # GPT-2 style split (the ByteLevel pre-tokenizer's built-in regex) after isolating each digit.
 _DIGIT_SPLIT_PRES = ("smollm", "starcoder")
@@ -50,7 +60,11 @@ _HF_NAMES = {  # GGUF per-layer tensor -> HF per-layer tensor
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
+_GEMMA_HF_NAMES = {**_HF_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                   "post_attention_norm.weight": "post_attention_layernorm.weight",
+                   "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 
 
 def open_gguf(path: str):
@@ -103,12 +117,14 @@ def config_from_gguf(reader, path: str = "GGUF file", *, dtype: str = "float32",
 
     if get("expert_count", 0):
         raise ValueError(f"{path}: mixture-of-experts GGUF files are not supported.")
-    scaling = get("rope.scaling.type", "none")
+    scaling_type = get("rope.scaling.type", "none")
+    if scaling_type not in ("none", None, "linear"):
+        raise ValueError(f"{path}: rope scaling {scaling_type!r} is not supported from GGUF "
+                         "metadata (supported: none, linear, and Llama 3.1's rope_freqs factors).")
+    scaling = None
+    if scaling_type == "linear" and float(get("rope.scaling.factor", 1.0)) != 1.0:
+        scaling = RopeScaling(factor=float(get("rope.scaling.factor")), rope_type="linear")
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
-    if scaling not in ("none", None) or "rope_freqs.weight" in shapes:
-        raise ValueError(f"{path}: rope scaling ({scaling!r}, or a rope_freqs tensor) is not "
-                         "supported from GGUF metadata; load the model's HF checkpoint directory "
-                         "instead (Llama-3 scaling is supported there).")
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path} has no token_embd.weight tensor: the file is incomplete.")
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
@@ -117,16 +133,38 @@ def config_from_gguf(reader, path: str = "GGUF file", *, dtype: str = "float32",
         raise ValueError(f"{path}: partial rotary embeddings are not supported.")
     vocab = int(get("vocab_size", 0) or shapes["token_embd.weight"][-1])
     names = set(shapes)
+    num_layers = int(need("block_count"))
+    gemma = arch == "gemma3"
+    family = {}
+    if gemma:
+        window = int(need("attention.sliding_window"))
+        pattern = get("attention.sliding_window_pattern", _GEMMA3_SWA_PATTERN)
+        if isinstance(pattern, (list, tuple)):  # per-layer flags: True = sliding window
+            local = [bool(x) for x in pattern]
+        else:
+            local = [(i + 1) % int(pattern) != 0 for i in range(num_layers)]
+        # llama.cpp: Gemma 3 27B (62 layers) scales queries by 1/sqrt(hidden / heads), the
+        # others by 1/sqrt(head_dim) (query_pre_attn_scalar in HF's config).
+        qscale = (hidden / heads) ** -0.5 if num_layers == 62 else 0.0
+        family = dict(qk_norm=True, sandwich_norms=True, activation="gelu_tanh",
+                      embed_scale=True, query_scale=qscale,
+                      layer_windows=tuple(window if x else 0 for x in local),
+                      rope_local_theta=float(get("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE)))
+    elif arch == "qwen3":
+        family = dict(qk_norm=True)
+    if "rope_freqs.weight" in names:  # Llama 3.1+: per-frequency divisors, read here (small)
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        family["rope_freq_factors"] = tuple(float(x) for x in np.asarray(factors.data).ravel())
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
-        num_layers=int(need("block_count")), num_heads=heads,
+        num_layers=num_layers, num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         max_position_embeddings=int(get("context_length", 4096)),
-        dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+        dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, **family)
 
 
 def params_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file") -> dict:
@@ -134,6 +172,7 @@ def params_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file") -> di
     from gguf.quants import dequantize
     arch = _field(reader, "general.architecture")
     permuted = arch in _PERMUTED_ARCHITECTURES
+    hf_names = _GEMMA_HF_NAMES if config.sandwich_norms else _HF_NAMES
     hf = {}
     for t in reader.tensors:
         try:
@@ -150,12 +189,12 @@ def params_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file") -> di
             hf["lm_head.weight"] = w
         elif t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
-            if rest not in _HF_NAMES:
+            if rest not in hf_names:
                 continue
             if permuted and rest.startswith(("attn_q.", "attn_k.")):
                 w = unpermute_rows(w, config.num_heads if rest.startswith("attn_q.")
                                    else config.num_kv_heads)
-            hf[f"model.layers.{layer}.{_HF_NAMES[rest]}"] = w
+            hf[f"model.layers.{layer}.{hf_names[rest]}"] = w
     return params_from_hf(hf, config, source=path)
 
 
@@ -253,10 +292,13 @@ def tokenizer_from_gguf(reader, path: str = "GGUF file") -> Optional[TextTokeniz
     kind = _field(reader, "tokenizer.ggml.model")
     if kind is None:
         return None
+    if kind == "llama":
+        from models.spm_tokenizer import spm_tokenizer_from_gguf  # it imports this module
+        return spm_tokenizer_from_gguf(reader, path)
     if kind != "gpt2":
         warnings.warn(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, "
-                      "'gpt2'); no tokenizer loaded: pass token ids, or load the HF checkpoint "
-                      "directory for its tokenizer.json.", stacklevel=2)
+                      "'gpt2', and SentencePiece, 'llama'); no tokenizer loaded: pass token ids, "
+                      "or load the HF checkpoint directory for its tokenizer.json.", stacklevel=2)
         return None
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
