@@ -163,6 +163,8 @@ def _read_disk_cache(path):
     cfg = dict(meta["config"])
     cfg["rope_scaling"] = cfg["rope_scaling"] and RopeScaling(**cfg["rope_scaling"])
     cfg["weight_formats"] = tuple(tuple(pair) for pair in cfg.get("weight_formats", ()))
+    for key in ("layer_windows", "rope_freq_factors"):  # JSON lists back to (hashable) tuples
+        cfg[key] = tuple(cfg.get(key, ()))
     tok = TextTokenizer(tokenizers.Tokenizer.from_str(meta["tokenizer"]), bos_id=meta["bos_id"],
                         eos_ids=meta["eos_ids"], pad_id=meta["pad_id"],
                         chat_template=meta["chat_template"])

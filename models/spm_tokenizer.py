@@ -1,32 +1,37 @@
 """Rebuilds a GGUF file's SentencePiece vocabulary (``tokenizer.ggml.model == 'llama'``) as a
-``tokenizers`` BPE tokenizer: Llama 2, Mistral, Gemma 1-3 and other llama.cpp "SPM" files.
+``tokenizers`` BPE tokenizer: Llama 2, Mistral, Gemma and other llama.cpp "SPM" files.
 
 A GGUF stores a SentencePiece BPE model as pieces, scores and token types, without merges.
 SentencePiece encodes by repeatedly joining the adjacent pair of symbols whose concatenation is
-the best-scoring piece; a BPE merge list expresses the same thing. Every way of cutting a
-normal piece into two pieces that are also in the vocabulary is a merge, ranked by the merged
-piece: higher score first, then earlier position in the file (Gemma files hold equal or
-unreliable scores for some pieces, and their order is the merge order), then, among the cuts
-of one piece, the longer left part first (transformers' order, so that ids agree with it).
-Only normal pieces (type 1) are merge results and parts: control, user-defined, unused and
-byte pieces are never produced by merging in SentencePiece.
+the best-scoring piece; a ranked merge list expresses the same thing. Every way of cutting a
+normal piece (type 1) into two normal pieces is a merge, ranked by the merged piece: higher
+score first, then earlier position in the file (ties only: Gemma 3's scores fall strictly with
+position), then, among the cuts of one piece, the longer left part first, which is the order
+transformers uses, so that ids agree with it. Control, user-defined, unused and byte pieces are
+never the result of a merge, as in SentencePiece. A file that does list merges
+(``tokenizer.ggml.merges``) has them used as they are.
 
 The rest mirrors SentencePiece and llama.cpp:
 
+* control tokens (type 3) become special added tokens and user-defined ones (type 4: Gemma's
+  runs of newlines, tabs or spaces, HTML tags) plain added tokens: both are cut out of the raw
+  text first, longest first. (transformers makes Gemma's space runs BPE pieces instead; the
+  two agree up to 31 spaces, but 40 spaces are 31 + 9 here and 16 + 24 there.)
 * normalizer: ``" "`` becomes ``"▁"``; with ``tokenizer.ggml.add_space_prefix`` true or absent
-  (Llama 2, Mistral) a ``"▁"`` is prepended to every stretch of text, as llama.cpp does at the
-  start and after each special token. Gemma sets it false.
+  (Llama 2, Mistral) a ``"▁"`` is prepended to every stretch of text between added tokens, as
+  SentencePiece, llama.cpp and Llama 2's own ``tokenizer.json`` do. (transformers' GGUF loader
+  prepends only at the start of the text and not before a leading space, so it differs on text
+  after a special token and on text that starts with a space.) Gemma sets the flag false.
 * model: BPE with ``byte_fallback``: a character with no piece becomes its UTF-8 byte pieces
   ``<0xNN>``.
-* control tokens (type 3) are special added tokens, user-defined ones (type 4: Gemma's ``"\\n"``,
-  runs of spaces and tabs, HTML tags) are plain added tokens: both are matched whole in the raw
-  text before normalization, like llama.cpp's special-token partition.
 * decoder: ``"▁"`` back to ``" "``, byte pieces to bytes, and the prepended space stripped.
 * BOS is added when ``tokenizer.ggml.add_bos_token`` is true or absent (llama.cpp's default for
-  SentencePiece vocabularies); EOS when ``add_eos_token`` is true.
+  SentencePiece vocabularies); EOS when ``add_eos_token`` is true. The end ids are the file's
+  eos/eot/eom ids and the control tokens named in ``models.tokenizer.END_TOKEN_NAMES`` (Gemma's
+  ``<end_of_turn>``; its ``</s>`` is a user-defined HTML tag and does not count).
 
 Gemma GGUF files carry no chat template: for the ``gemma*`` architectures
-:data:`GEMMA_CHAT_TEMPLATE` (Gemma's own, text only) is supplied.
+:data:`GEMMA_CHAT_TEMPLATE` (Gemma's own, text parts only) is supplied.
 """
 
 from __future__ import annotations
@@ -169,6 +174,8 @@ def spm_tokenizer_from_gguf(reader, path: str = "GGUF file") -> TextTokenizer:
     template = _field(reader, "tokenizer.chat_template")
     if template is None and _field(reader, "general.architecture") in _GEMMA_ARCHITECTURES:
         template = GEMMA_CHAT_TEMPLATE
-    eos_ids = end_token_ids(backend, [eos, tid("eot_token_id"), tid("eom_token_id")])
+    declared = [eos, tid("eot_token_id"), tid("eom_token_id")]
+    eos_ids = [i for i in end_token_ids(backend, declared)
+               if i in declared or not types or types[i] == _CONTROL]
     return TextTokenizer(backend, bos_id=bos, eos_ids=eos_ids, pad_id=tid("padding_token_id"),
                          chat_template=template)
