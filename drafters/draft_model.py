@@ -113,7 +113,7 @@ def from_target_layers(target, target_params, num_layers: int):
     config = target.config
     if not 1 <= num_layers < config.num_layers:
         raise ValueError(f"num_layers must be in [1, {config.num_layers}), got {num_layers}")
-    draft_config = dataclasses.replace(config, num_layers=num_layers)
+    draft_config = config.with_layers(range(num_layers))
     draft_params = dict(target_params)
     draft_params["layers"] = jax.tree.map(lambda w: w[:num_layers], target_params["layers"])
     return type(target)(draft_config), draft_params

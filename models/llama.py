@@ -121,6 +121,13 @@ class LlamaConfig:
             raise ValueError(f"rope_freq_factors must have head_dim / 2 = {self.head_dim // 2} "
                              f"entries, got {len(self.rope_freq_factors)}")
 
+    def with_layers(self, layer_ids) -> "LlamaConfig":
+        """The config of a model made of layers ``layer_ids`` of this one (in that order): the
+        per-layer settings (windows) follow their layers."""
+        layer_ids = tuple(int(i) for i in layer_ids)
+        windows = tuple(self.layer_windows[i] for i in layer_ids) if self.layer_windows else ()
+        return dataclasses.replace(self, num_layers=len(layer_ids), layer_windows=windows)
+
     @property
     def windowed(self) -> bool:
         """Whether some layer attends through a sliding window."""

@@ -75,7 +75,8 @@ def test_taps_order_final_norm_and_errors():
         kit.full_forward(model, params, tokens, layers=(0, 1), hidden_layers=(2,))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gqa", "qwen2"])  # MHA; GQA; GQA + bias + tied
+# MHA; GQA; GQA + bias + tied; Gemma 3 and Mistral with windows shorter than T (10).
+@pytest.mark.parametrize("kind", ["llama", "gqa", "qwen2", "gemma3", "mistral_window"])
 def test_incremental_decoding_equals_teacher_forcing(kind):
     model, params = kit.tiny_model(kind)
     tokens = _tokens((B, T), seed=3)
@@ -129,15 +130,17 @@ def test_scan_layers_equals_unrolled():
 
 def _sub_model(model, params, layer_ids):
     """A len(layer_ids)-layer model made of the given layers' parameters, in that order."""
-    sub = LlamaModel(dataclasses.replace(model.config, num_layers=len(layer_ids)))
+    sub = LlamaModel(model.config.with_layers(layer_ids))
     idx = np.asarray(layer_ids)
     sub_params = dict(params, layers={n: w[idx] for n, w in params["layers"].items()})
     return sub, sub_params
 
 
-@pytest.mark.parametrize("layer_ids,scan", [((0, 1), False), ((0, 2), False), ((2, 1), True)])
-def test_layer_subset_equals_smaller_model(layer_ids, scan):
-    model, params = kit.tiny_model("llama")
+@pytest.mark.parametrize("layer_ids,scan,kind", [((0, 1), False, "llama"), ((0, 2), False, "llama"),
+                                                ((2, 1), True, "llama"), ((1, 2), True, "gemma3")])
+def test_layer_subset_equals_smaller_model(layer_ids, scan, kind):
+    """(Gemma 3: each layer keeps its window and rope base in the smaller model.)"""
+    model, params = kit.tiny_model(kind)
     full_model = model
     model = LlamaModel(dataclasses.replace(model.config, scan_layers=scan))
     sub, sub_params = _sub_model(model, params, layer_ids)

@@ -37,7 +37,9 @@ import numpy as np
 from models.llama import LlamaConfig, LlamaModel, RopeScaling
 from specjax import masks
 
-KINDS = ("llama", "gqa", "mqa", "qwen2", "llama3_rope")
+KINDS = ("llama", "gqa", "mqa", "qwen2", "llama3_rope", "qwen3", "gemma3", "mistral_window")
+# The other families' kinds (models/llama.py family options), for tests/test_families.py.
+FAMILY_KINDS = ("qwen3", "gemma3", "mistral_window")
 
 # A ragged batch (lengths 5, 10, 1, 4) with repeats that prompt lookup and n-gram pools can use.
 PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 4, 5, 6], [11], [7, 7, 7, 7]]
@@ -49,7 +51,12 @@ def tiny_config(kind: str = "llama", **overrides) -> LlamaConfig:
 
     kinds: ``llama`` (multi-head, 3 layers), ``gqa`` (2 kv heads), ``mqa`` (1 kv head),
     ``qwen2`` (qkv bias, tied embeddings, theta 1e6), ``llama3_rope`` (Llama-3 rope scaling with
-    a 64-token original context, so all three frequency bands occur at head_dim 16).
+    a 64-token original context, so all three frequency bands occur at head_dim 16), ``qwen3``
+    (q / k norms), ``gemma3`` (Gemma 3's layer: sandwich norms, q / k norms, GeGLU, scaled
+    embeddings, a query scale, layers 0 and 2 with a 6-token window and rope base 1e4, layer 1
+    global with base 1e6; untied, as tied random weights with scaled embeddings make a model that
+    repeats its input), ``mistral_window`` (every layer through a 5-token window). The
+    windows are shorter than :data:`PROMPTS` plus a few new tokens, so decoding crosses them.
     """
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3,
                 num_heads=4, num_kv_heads=4)
@@ -67,6 +74,15 @@ def tiny_config(kind: str = "llama", **overrides) -> LlamaConfig:
                     rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0,
                                              high_freq_factor=4.0,
                                              original_max_position_embeddings=64))
+    elif kind == "qwen3":
+        base.update(num_kv_heads=2, num_layers=2, qk_norm=True, rope_theta=1e6, head_dim=24)
+    elif kind == "gemma3":
+        base.update(num_kv_heads=1, qk_norm=True, sandwich_norms=True, activation="gelu_tanh",
+                    embed_scale=True, query_scale=20.0 ** -0.5,
+                    layer_windows=(6, 0, 6), rope_theta=1e6, rope_local_theta=1e4,
+                    rms_norm_eps=1e-6)
+    elif kind == "mistral_window":
+        base.update(num_kv_heads=2, num_layers=2, layer_windows=(5, 5))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
     base.update(overrides)
@@ -79,8 +95,11 @@ def random_params(config: LlamaConfig, seed: int = 0) -> dict:
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     rng = np.random.default_rng(seed)
     e, f, h, d = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+    embedding_std = 2.0 / math.sqrt(e) if config.tie_embeddings else 1.0
+    if config.embed_scale:  # the model multiplies by sqrt(e): unit-scale after that
+        embedding_std /= math.sqrt(e)
     std = {
-        "embedding": 2.0 / math.sqrt(e) if config.tie_embeddings else 1.0,
+        "embedding": embedding_std,
         "wq": 2.0 / math.sqrt(e), "wk": 1.0 / math.sqrt(e), "wv": 1.0 / math.sqrt(e),
         "wo": 1.0 / math.sqrt(h * d), "w_gate": 1.0 / math.sqrt(e), "w_up": 1.0 / math.sqrt(e),
         "w_down": 1.0 / math.sqrt(f), "bq": 0.5, "bk": 0.5, "bv": 0.5,
@@ -198,14 +217,21 @@ def smollm2_config() -> LlamaConfig:
     return gguf.config_from_gguf(gguf.open_gguf(path), path)
 
 
-def reference_inv_freq(config: LlamaConfig) -> np.ndarray:
+def reference_inv_freq(config: LlamaConfig, local: bool = False) -> np.ndarray:
     """float64 rope inverse frequencies, Llama-3 scaling written out per frequency as in HF's
-    ``_compute_llama3_parameters``."""
+    ``_compute_llama3_parameters``; with ``local``, those of a sliding-window layer (its own
+    base, unscaled, as Gemma 3's)."""
     d = config.head_dim
+    if local and config.rope_local_theta:
+        return np.array([1.0 / config.rope_local_theta ** (i / d) for i in range(0, d, 2)])
     inv = [1.0 / config.rope_theta ** (i / d) for i in range(0, d, 2)]
+    if config.rope_freq_factors:
+        return np.array(inv) / np.array(config.rope_freq_factors)
     s = config.rope_scaling
     if s is None:
         return np.array(inv)
+    if s.rope_type == "linear":
+        return np.array(inv) / s.factor
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     out = []
@@ -227,7 +253,9 @@ def reference_forward(model: LlamaModel, params, tokens, start_position: int = 0
     ``start_position + (0..T-1)``.
 
     Plain causal attention over the sequence (no cache), kv heads repeated per query group,
-    half-split rotary embeddings: the Hugging Face Llama/Qwen2 conventions.
+    half-split rotary embeddings: the Hugging Face Llama/Qwen2 conventions; and the family
+    options written out as in HF's Qwen3 / Gemma 3 / Mistral code: q / k norms, sandwich norms,
+    tanh-GELU, scaled embeddings, the query scale, per-layer windows and rope bases.
 
     Returns:
       dict with ``logits [B, T, V]``, ``hidden [B, T, E]`` (after the final norm) and
@@ -239,38 +267,56 @@ def reference_forward(model: LlamaModel, params, tokens, start_position: int = 0
     tokens = np.asarray(tokens)
     b, t = tokens.shape
     group = c.num_heads // c.num_kv_heads
-    inv_freq = reference_inv_freq(c)
-    angles = (np.arange(t) + start_position)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
+    pos = np.arange(t) + start_position
+
+    def rope_tables(local):
+        angles = pos[:, None] * reference_inv_freq(c, local)[None, :]  # [T, D/2]
+        return np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
 
     def rms(x, w):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.rms_norm_eps) * w
 
-    def rope(x):  # [B, T, N, D]
+    def rope(x, tables):  # [B, T, N, D]
+        cos, sin = tables
         x1, x2 = np.split(x, 2, axis=-1)
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    causal = np.tril(np.ones((t, t), bool))
+    def act(g):
+        if c.activation == "gelu_tanh":
+            return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+        return g / (1 + np.exp(-g))
+
+    scale = c.query_scale or 1 / math.sqrt(c.head_dim)
     x = p["embedder"]["embedding"][tokens]
+    if c.embed_scale:
+        x = x * math.sqrt(c.hidden_size)
     residuals = []
     for i in range(c.num_layers):
+        window = c.layer_windows[i] if c.layer_windows else 0
+        visible = pos[:, None] >= pos[None, :]
+        if window:
+            visible &= pos[:, None] - pos[None, :] < window
+        tables = rope_tables(local=window > 0)
         h = rms(x, lp["attn_norm"][i])
         q = np.einsum("bte,ehd->bthd", h, lp["wq"][i])
         k = np.einsum("bte,ekd->btkd", h, lp["wk"][i])
         v = np.einsum("bte,ekd->btkd", h, lp["wv"][i])
         if c.qkv_bias:
             q, k, v = q + lp["bq"][i], k + lp["bk"][i], v + lp["bv"][i]
-        q, k = rope(q), rope(k)
+        if c.qk_norm:
+            q, k = rms(q, lp["q_norm"][i]), rms(k, lp["k_norm"][i])
+        q, k = rope(q, tables), rope(k, tables)
         k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # head j -> kv j // G
-        scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(c.head_dim)
-        scores = np.where(causal, scores, -np.inf)
+        scores = np.einsum("bthd,bshd->bhts", q, k) * scale
+        scores = np.where(visible, scores, -np.inf)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         probs = scores / scores.sum(-1, keepdims=True)
         attn = np.einsum("bhts,bshd->bthd", probs, v)
-        x = x + np.einsum("bthd,hde->bte", attn, lp["wo"][i])
+        o = np.einsum("bthd,hde->bte", attn, lp["wo"][i])
+        x = x + (rms(o, lp["post_attn_norm"][i]) if c.sandwich_norms else o)
         h = rms(x, lp["mlp_norm"][i])
-        gate = h @ lp["w_gate"][i]
-        x = x + ((gate / (1 + np.exp(-gate))) * (h @ lp["w_up"][i])) @ lp["w_down"][i]
+        m = (act(h @ lp["w_gate"][i]) * (h @ lp["w_up"][i])) @ lp["w_down"][i]
+        x = x + (rms(m, lp["post_mlp_norm"][i]) if c.sandwich_norms else m)
         residuals.append(x)
     hidden = rms(x, p["final_norm"])
     head = p["embedder"]["embedding"].T if c.tie_embeddings else p["lm_head"]
