@@ -60,8 +60,10 @@ def _xla_optimisation_level(request):
 # ``--dist loadfile --no-loadscope-reorder`` a worker takes the next file in this order when it
 # runs short of work, so no long file is left to run alone at the end. The rest follow in
 # collection order.
-SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~320 (16 methods on gguf, SmolLM2)
+SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~250 (15 methods on gguf, SmolLM2)
                     "test_speculative.py",  # ~330
+                    "test_families.py",  # ~250 (every method on tiny Gemma 3)
+                    "test_embedded_models.py",  # ~160 (Gemma 3 270M, Qwen2.5-Coder 0.5B)
                     "test_bad_input.py",  # ~240
                     "test_notebook.py",  # ~230
                     "test_sharding.py",  # ~170 (a subprocess on 8 fake devices)
@@ -71,7 +73,8 @@ SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~320 (16 methods on gguf, Smol
                     "test_lookahead.py", "test_packaging.py", "test_sam.py",
                     "test_block_diffusion.py", "test_registry.py", "test_tree_attention.py",
                     "test_rest.py", "test_tree_tuning.py", "test_packed.py", "test_accept.py",
-                    "test_limits.py", "test_token_recycling.py")
+                    "test_limits.py", "test_token_recycling.py", "test_cross_vocab.py",
+                    "test_staged.py", "test_hf_parity.py", "test_spm_tokenizer.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
