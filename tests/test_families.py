@@ -72,3 +72,23 @@ def test_windows_matter_in_these_runs():
     model, params, rows = _target("gemma3")
     unwindowed = LlamaModel(dataclasses.replace(model.config, layer_windows=()))
     assert rows_of(decode.generate(unwindowed, params, PROMPTS, CONFIG)) != rows
+
+
+def test_packed_weights_on_the_family():
+    """--weights=gguf / int8 pack Gemma 3's linear layers (its extra norms stay float): a tree
+    method gives the packed model's own plain decoding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from models import packing
+    from models.llama import LlamaModel
+    from specjax import packed
+    model, params = kit.tiny_model("gemma3")
+    for weights in ("gguf", "int8"):
+        config, pparams = packing.pack_float(model.config, jax.tree.map(np.asarray, params),
+                                             weights)
+        pmodel, pparams = LlamaModel(config), packed.as_jax(pparams, jnp.float32)
+        rows = rows_of(decode.generate(pmodel, pparams, PROMPTS, CONFIG))
+        drafter, dparams = method_kit.weighted_drafter("eagle", pmodel)
+        out = speculative_generate(pmodel, pparams, drafter, dparams, PROMPTS, CONFIG)
+        assert rows_of(out) == rows
