@@ -23,6 +23,7 @@ format    block         bytes per block
 ``i8``    1 value       1 (int8) plus a float32 scale per row: w = s[n] q
 ``q4_k``  256 values    144: f16 d, f16 dmin, 12 bytes of 6-bit scales / mins, nibbles
 ``q6_k``  256 values    210: 4-bit low parts, 2-bit high parts, int8 scales[16], f16 d
+``q5_0``  32 values     22: f16 d, 4 bytes of fifth bits (uint32 LE), nibbles; w = d (q - 16)
 ========  ============  ==========================================================
 
 In the 32-value nibble formats byte ``j`` holds value ``j`` (low nibble) and value ``j + 16``
@@ -44,14 +45,14 @@ from flax import struct
 # format -> (code shared with packed_matmul.cc, values per block, bytes per block)
 FORMATS = {
     "f32": (0, 1, 4), "q8_0": (1, 32, 34), "q4_0": (2, 32, 18), "q4_1": (3, 32, 20),
-    "i8": (4, 1, 1), "q4_k": (5, 256, 144), "q6_k": (6, 256, 210),
+    "i8": (4, 1, 1), "q4_k": (5, 256, 144), "q6_k": (6, 256, 210), "q5_0": (7, 32, 22),
 }
 # Above this many rows of x (a prefill) linear() dequantises and lets XLA's GEMM run: measured on
 # SmolLM2 (2026-11-30), a 512-token forward took 3.5 s through the kernel and 1.9 s as float32.
 KERNEL_MAX_ROWS = 32
 # GGUF tensor types kept as they are (the rest are dequantised to f32 rows by the loaders).
 GGUF_FORMATS = {"F32": "f32", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k",
-                "Q6_K": "q6_k"}
+                "Q6_K": "q6_k", "Q5_0": "q5_0"}
 
 
 def row_bytes(fmt: str, k: int) -> int:
@@ -119,6 +120,10 @@ def _dequant_blocks(fmt: str, b: jax.Array) -> jax.Array:
         return _half(b[..., 0:2])[..., None] * (_nibbles(b[..., 2:]) - 8.0)
     if fmt == "q4_1":
         return _half(b[..., 0:2])[..., None] * _nibbles(b[..., 4:]) + _half(b[..., 2:4])[..., None]
+    if fmt == "q5_0":  # value j's fifth bit is bit j of the little-endian uint32 qh
+        bits = (b[..., 2:6, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., 4, 8]
+        high = bits.reshape(b.shape[:-1] + (32,)).astype(jnp.float32)
+        return _half(b[..., 0:2])[..., None] * (_nibbles(b[..., 6:]) + 16.0 * high - 16.0)
     if fmt == "q4_k":
         d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
         s = b[..., 4:16].astype(jnp.int32)

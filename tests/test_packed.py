@@ -43,6 +43,7 @@ def _random_weight(rng, fmt, n, k):
         b[..., offset:offset + 2] = h.view(np.uint8).reshape(n, nb, 2)
 
     offsets = {"q8_0": [(0, .05)], "q4_0": [(0, .05)], "q4_1": [(0, .05), (2, .5)],
+               "q5_0": [(0, .05)],
                "q4_k": [(0, .01), (2, .01)], "q6_k": [(208, .01)]}[fmt]
     for offset, scale in offsets:
         put_half(offset, scale)
@@ -152,8 +153,8 @@ def test_bad_shapes_are_refused():
         packed.linear(jnp.ones((1, 32)), w)
     with pytest.raises(ValueError, match="whole blocks of 32 values; K=48"):
         packed.row_bytes("q4_1", 48)
-    with pytest.raises(ValueError, match="unknown weight format 'q5_0'"):
-        packed.row_bytes("q5_0", 64)
+    with pytest.raises(ValueError, match="unknown weight format 'q5_1'"):
+        packed.row_bytes("q5_1", 64)
     stacked = packed.PackedWeight(jnp.stack([w.data, w.data]), jnp.stack([w.scale, w.scale]),
                                   "q8_0", 64)
     with pytest.raises(ValueError, match="slice the stacked layers first"):

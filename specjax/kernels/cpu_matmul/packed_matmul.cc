@@ -20,6 +20,8 @@
 //   4 I8    row = K int8, one float32 scale per row (the `scale` operand): w = s[n] * q
 //   5 Q4_K  super-blocks of 256: f16 d, f16 dmin, u8 scales[12], u8 qs[128]      (144 B)
 //   6 Q6_K  super-blocks of 256: u8 ql[128], u8 qh[64], int8 scales[16], f16 d   (210 B)
+//   7 Q5_0  blocks of 32: f16 d, u32 qh (LE), u8 qs[16]; q = nibble | bit << 4,
+//           bit j of qh for value j; w = d * (q - 16)                           (22 B)
 // The block layouts are GGUF's (ggml's "block_q4_1" etc.).
 //
 // Instruction sets: the fused block path (Q8_0, Q4_0, Q4_1, I8), the I8 row dequantiser and the
@@ -51,11 +53,11 @@ namespace specjax {
 namespace {
 
 enum Format : int64_t { kF32 = 0, kQ8_0 = 1, kQ4_0 = 2, kQ4_1 = 3, kI8 = 4, kQ4_K = 5,
-                        kQ6_K = 6, kNumFormats = 7 };
+                        kQ6_K = 6, kQ5_0 = 7, kNumFormats = 8 };
 
 // Values per block and bytes per block of each format (F32 and I8: one "block" per value).
-constexpr int64_t kBlockValues[kNumFormats] = {1, 32, 32, 32, 1, 256, 256};
-constexpr int64_t kBlockBytes[kNumFormats] = {4, 34, 18, 20, 1, 144, 210};
+constexpr int64_t kBlockValues[kNumFormats] = {1, 32, 32, 32, 1, 256, 256, 32};
+constexpr int64_t kBlockBytes[kNumFormats] = {4, 34, 18, 20, 1, 144, 210, 22};
 
 // IEEE half -> float, exact for every input (subnormals, infinities, NaN).
 inline float HalfToFloat(uint16_t h) {
@@ -116,6 +118,22 @@ void DequantQ4_1(const uint8_t* row, int64_t k, float* out) {
     for (int j = 0; j < 16; ++j) {
       out[j] = d * static_cast<float>(qs[j] & 0x0F) + m;
       out[j + 16] = d * static_cast<float>(qs[j] >> 4) + m;
+    }
+  }
+}
+
+void DequantQ5_0(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t b = 0; b < k / 32; ++b, row += 22, out += 32) {
+    const float d = LoadHalf(row);
+    const uint32_t qh = static_cast<uint32_t>(row[2]) | (static_cast<uint32_t>(row[3]) << 8) |
+                        (static_cast<uint32_t>(row[4]) << 16) |
+                        (static_cast<uint32_t>(row[5]) << 24);
+    const uint8_t* qs = row + 6;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      out[j] = d * static_cast<float>(lo - 16);
+      out[j + 16] = d * static_cast<float>(hi - 16);
     }
   }
 }
@@ -396,6 +414,7 @@ const float* DequantRow(int64_t fmt, const uint8_t* row, int64_t k, float scale,
 #endif
     case kQ4_K: DequantQ4_K(row, k, buf); return buf;
     case kQ6_K: DequantQ6_K(row, k, buf); return buf;
+    case kQ5_0: DequantQ5_0(row, k, buf); return buf;
     default: return nullptr;
   }
 }
