@@ -1,7 +1,9 @@
 """The benchmark's transformers peer: Hugging Face ``generate`` on the same checkpoint and
 prompts (float32, batch 1, greedy, the same EOS ids and max_new_tokens, torch threads = cores),
 each mode warmed up once: plain, prompt lookup (``prompt_lookup_num_tokens`` = our
-prompt_lookup draft length) and, with a peer draft model, assisted generation. Its speedups are
+prompt_lookup draft length) and, with a peer draft model, assisted generation (across tokenizers
+when the draft's vocabulary differs: universal assisted generation, the twin of specjax's
+cross_vocab; ``assisted_twin`` names the specjax run it mirrors). Its speedups are
 HF mode vs HF plain; ``vs_specjax_ar`` is HF tokens/s over specjax ``ar`` tokens/s. The model
 code is :mod:`experiments.hf_peer` (transformers and torch: test / benchmark time only).
 """
@@ -21,7 +23,8 @@ MODES = ("plain", "prompt_lookup", "assisted")
 @dataclasses.dataclass(frozen=True)
 class PeerSettings:
     """What the peer runs: ``modes`` (a prefix-ordered subset of :data:`MODES`), the model,
-    the draft lengths of its prompt lookup and assisted modes, its draft model and threads."""
+    the draft lengths of its prompt lookup and assisted modes, its draft model and threads,
+    and the specjax run its assisted mode mirrors."""
 
     model: str
     modes: tuple[str, ...]
@@ -30,6 +33,7 @@ class PeerSettings:
     assisted_len: int
     draft_model: Optional[str] = None
     threads: int = 0
+    assisted_twin: str = "draft_model"
 
 
 def load(loaded, settings: PeerSettings):
@@ -65,7 +69,12 @@ def run(peer, settings: PeerSettings, prompts, ar_recs, groups, bar) -> dict:
     import torch
     import transformers
     out = {"transformers": transformers.__version__, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "load_s": peer.load_s, "modes": {}}
+           "threads": torch.get_num_threads(), "load_s": peer.load_s, "modes": {},
+           "twins": {"plain": "ar", "prompt_lookup": "prompt_lookup",
+                     "assisted": settings.assisted_twin},
+           "cross_vocab": bool(getattr(peer, "cross_vocab", False)),
+           "draft_lens": {"prompt_lookup": settings.lookup_len,
+                          "assisted": settings.assisted_len}}
     plain = None
     for mode in settings.modes:
         bar.set_description(f"HF {mode}")

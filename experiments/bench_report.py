@@ -29,7 +29,8 @@ def markdown(result: dict) -> str:
     out = [f"# specjax benchmark: {cfg['model']}",
            "",
            f"{result['num_prompts']} prompts ({cfg['per_category']} per task group, first turn, "
-           f"chat template), batch 1, greedy, {cfg.get('dtype', 'float32')} activations, "
+           f"{'raw, no chat template' if cfg.get('raw_prompts') else 'chat template'}), "
+           f"batch 1, greedy, {cfg.get('dtype', 'float32')} activations, "
            f"weights {cfg.get('weights', 'float32')}, "
            f"max_new_tokens={cfg['max_new_tokens']}, "
            f"{result['environment']['cpu_cores']} CPU cores, jax {result['environment']['jax']}"
@@ -98,7 +99,8 @@ def markdown(result: dict) -> str:
     out += ["## Tokens/s by task group", "", md_table(["method"] + groups + ["overall"], rows), ""]
     if peer:
         rows = []
-        ours = {"plain": "ar", "prompt_lookup": "prompt_lookup", "assisted": "draft_model"}
+        ours = peer.get("twins") or {"plain": "ar", "prompt_lookup": "prompt_lookup",
+                                     "assisted": "draft_model"}
         for name, m in peer["modes"].items():
             o = m["overall"]
             mine = result["methods"].get(ours[name], {}).get("overall", {})

@@ -50,6 +50,16 @@ Every run is built by :func:`experiments.methods.build_run`, exactly as ``genera
 and timed by :class:`experiments.bench_runner.MethodRunner`. ``--plots=DIR`` also writes the
 PNGs of :mod:`experiments.bench_plots`.
 
+Code completion (``--raw_prompts``): each prompt's text is encoded as it is, without the chat
+template, so the model continues it (``experiments/prompts/code_completion.jsonl``: function
+signatures with docstrings, whose continuation is the body; same file format).
+
+One method's option apart from the shared flag (``--method_option=cross_vocab.draft_model=
+smollm2-135m``: SmolLM2 drafts for cross_vocab while staged keeps the target's first layers).
+With ``--peer_draft_model`` the peer's assisted generation mirrors the listed method whose
+``draft_model`` is that model (cross_vocab across tokenizers: transformers' universal assisted
+generation), else ``draft_model``: its draft length is that method's.
+
 Models without a tokenizer (the random ``tiny-*`` test models): each prompt becomes its first
 48 UTF-8 bytes (mod vocab size), no EOS.
 """
@@ -92,6 +102,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_list("categories", None,
                       f"Task groups to run ({', '.join(GROUPS)}) or original categories (e.g. "
                       "coding); default: all.", **d)
+    flags.DEFINE_bool("raw_prompts", False, "Encode each prompt's text as is, without the chat "
+                      "template: completion prompts (experiments/prompts/code_completion.jsonl).",
+                      **d)
+    flags.DEFINE_multi_string("method_option", [], "METHOD.OPTION=VALUE: one method's option, "
+                              "overriding the shared option flag for that method only (e.g. "
+                              "cross_vocab.draft_model=smollm2-135m beside staged's default "
+                              "draft). Repeatable.", **d)
     flags.DEFINE_integer("max_new_tokens", 128, "Most new tokens per prompt.", lower_bound=1, **d)
     flags.DEFINE_string("model", "smollm2-135m", "Registry name, HF directory or .gguf file.", **d)
     flags.DEFINE_bool("scan_layers", True, "Run the layer stack as a lax.scan (compiles ~10x "
@@ -101,7 +118,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("peer_draft_model", None,
                         "Peer assisted generation's draft model: a registry name, .gguf file, "
                         "HF directory, or first_layers:N (the target's first N layers, like "
-                        "specjax's default draft_model).", **d)
+                        "specjax's default draft_model). Another vocabulary than the target's "
+                        "(smollm2-135m for qwen2.5-coder-0.5b): universal assisted generation, "
+                        "the twin of cross_vocab with that --draft_model.", **d)
     flags.DEFINE_integer("peer_threads", 0, "torch threads of the peer (0 = the core count). "
                          "On a CPU shared with other jobs torch's OpenMP threads degrade much "
                          "worse than XLA's (seen: 3 tok/s with 2 threads vs 14 with 1).",
@@ -145,9 +164,51 @@ def build_runs(FLAGS) -> dict[str, methods.Run]:
     method_flags.check_applicable(chosen, FLAGS)
     # Each method reads the option flags it has; each given flag was checked to apply to one.
     runs = {name: methods.build_run(FLAGS, name, check=False) for name in names}
+    runs = with_method_options(runs, FLAGS.method_option)
     if FLAGS.peer_draft_model and not FLAGS.peer:
         raise common.UserError("--peer_draft_model needs --peer")
     return runs
+
+
+def _option_value(info, text: str):
+    if info.parse is not None:
+        return info.parse(text)
+    kind = info.kind
+    if kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{text!r} is not true or false")
+        return text.lower() in ("true", "1")
+    return {"int": int, "float": float}.get(kind, str)(text)
+
+
+def with_method_options(runs: dict[str, methods.Run], given) -> dict[str, methods.Run]:
+    """``runs`` with each ``METHOD.OPTION=VALUE`` of ``--method_option`` set in every run of
+    METHOD (only there: the shared option flag still sets the others); UserError for a method
+    not listed, an option it does not have or a bad value."""
+    from drafters import registry
+    out = dict(runs)
+    for entry in given:
+        target, eq, text = entry.partition("=")
+        method, dot, option = target.partition(".")
+        if not (eq and dot and method and option):
+            raise common.UserError(f"--method_option={entry!r}: use METHOD.OPTION=VALUE")
+        names = [n for n, r in runs.items() if r.method == method]
+        if not names:
+            raise common.UserError(f"--method_option={entry!r}: {method} is not among the "
+                                   f"methods run ({', '.join(runs)})")
+        info = registry.get(method).options.fields().get(option)
+        if info is None:
+            raise common.UserError(
+                f"--method_option={entry!r}: {method} has no option {option!r}; its options: "
+                f"{', '.join(registry.get(method).options.fields()) or 'none'}")
+        for name in names:
+            try:
+                options = dataclasses.replace(out[name].options,
+                                              **{option: _option_value(info, text)})
+            except ValueError as e:
+                raise common.UserError(f"--method_option={entry!r}: {e}") from None
+            out[name] = dataclasses.replace(out[name], options=options)
+    return out
 
 
 def _say(msg: str) -> None:
@@ -165,11 +226,26 @@ def _estimate(prompts, names, peer_modes) -> float:
             + len(names) * len(buckets) * ASSUMED_COMPILE_S)
 
 
+def assisted_twin(runs: dict[str, methods.Run], peer_draft_model: Optional[str]) -> str:
+    """The specjax run the peer's assisted generation mirrors: the first listed run whose
+    ``draft_model`` option is ``peer_draft_model`` (cross_vocab with another tokenizer,
+    draft_model with the same), else ``draft_model``."""
+    for name, run in runs.items():
+        if peer_draft_model and getattr(run.options, "draft_model", None) == peer_draft_model:
+            return name
+    return "draft_model"
+
+
 def _peer_settings(runs, modes) -> bench_peer.PeerSettings:
     lookup = runs.get("prompt_lookup", methods.Run("prompt_lookup")).options.draft_len
-    assisted = runs.get("draft_model", methods.Run("draft_model")).options.draft_len
+    twin = assisted_twin(runs, FLAGS.peer_draft_model)
+    options = runs[twin].options if twin in runs else methods.Run("draft_model").options
+    # cross_vocab drafts draft_steps tokens of the draft vocabulary a round (0: draft_len), as
+    # transformers' num_assistant_tokens counts the assistant's tokens
+    assisted = getattr(options, "draft_steps", 0) or options.draft_len
     return bench_peer.PeerSettings(FLAGS.model, tuple(modes), FLAGS.max_new_tokens, lookup,
-                                   assisted, FLAGS.peer_draft_model, FLAGS.peer_threads)
+                                   assisted, FLAGS.peer_draft_model, FLAGS.peer_threads,
+                                   assisted_twin=twin)
 
 
 def _run_method(name, runner, prompts, results, mismatches, bar) -> list[dict]:
@@ -276,7 +352,8 @@ def main(argv):
                  "--peer_threads=1 (recorded in the output either way)")
         loaded = runs["ar"].load()  # --dtype, --attention, --scan_layers reach the model here
         for p in prompts:
-            p.ids = encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
+            p.ids = encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size,
+                                  chat=not FLAGS.raw_prompts)
         loaded = common.place_on_mesh(loaded, plan)
         runs = {m: dataclasses.replace(r, plan=plan) for m, r in runs.items()}
         _say(f"benchmark: {len(prompts)} prompts ({', '.join(groups)}; "
@@ -317,6 +394,7 @@ def main(argv):
         result = {
             "config": {"model": FLAGS.model, "prompts": FLAGS.prompts,
                        "per_category": FLAGS.per_category, "categories": FLAGS.categories,
+                       "raw_prompts": FLAGS.raw_prompts, "method_option": FLAGS.method_option,
                        "methods": names, "max_new_tokens": FLAGS.max_new_tokens,
                        "acceptance": FLAGS.acceptance, "scan_layers": FLAGS.scan_layers,
                        "dtype": FLAGS.dtype, "attention": FLAGS.attention,

@@ -9,7 +9,11 @@ Model names (:func:`resolve`): a registry name with a GGUF behind it (``smollm2-
 ``.gguf`` file or a Hugging Face checkpoint directory. A draft model for assisted generation is
 given the same way, or as ``first_layers:N``: the target's first N layers plus its embedding,
 final norm and head (modules shared with the target, nothing copied), which mirrors specjax's
-default ``draft_model`` drafter.
+default ``draft_model`` drafter. A draft model whose vocabulary size differs from the target's
+(``smollm2-135m`` drafting for ``qwen2.5-coder-0.5b``) runs transformers' universal assisted
+generation (``generate(..., tokenizer=, assistant_tokenizer=)``: each round's text re-tokenised
+between the two vocabularies), with both tokenizers loaded by transformers from the same files:
+the peer of specjax's ``cross_vocab``.
 
 Both sides stop on the same tokens: :class:`Peer` is built with the specjax tokenizer's
 ``eos_ids`` and generates exactly ``max_new_tokens`` unless one of them is emitted (the EOS token
@@ -62,6 +66,20 @@ def resolve(name_or_path: str) -> tuple[str, Optional[str]]:
     raise ValueError(f"the transformers peer cannot load {name_or_path!r}: give a registry name "
                      "backed by a GGUF file (smollm2-135m), a .gguf file or a HF checkpoint "
                      "directory (random tiny-* models have no transformers twin)")
+
+
+def load_tokenizer(name_or_path: str):
+    """transformers' own tokenizer of a model (``AutoTokenizer``, from the GGUF file or the
+    checkpoint directory): what universal assisted generation re-tokenises with."""
+    import transformers
+    directory, gguf_file = resolve(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF converter's progress bar
+        return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+
+
+def vocab_size(model) -> int:
+    return model.config.get_text_config().vocab_size
 
 
 def load_model(name_or_path: str, num_threads: Optional[int] = None):
@@ -160,7 +178,7 @@ class Peer:
     """
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: Optional[int] = None,
-                 assistant=None, name: str = ""):
+                 assistant=None, name: str = "", tokenizers=None):
         if not eos_ids:
             raise ValueError("the peer needs the same eos ids as specjax (got none)")
         self.model = model
@@ -168,6 +186,13 @@ class Peer:
         self.eos_ids = [int(e) for e in eos_ids]
         self.pad_id = int(pad_id) if pad_id is not None else self.eos_ids[0]
         self.name = name
+        # (target, assistant) tokenizers: universal assisted generation (other vocabulary)
+        self.tokenizers = tuple(tokenizers) if tokenizers else None
+        if assistant is not None and vocab_size(assistant) != vocab_size(model) \
+                and self.tokenizers is None:
+            raise ValueError(f"the draft model's vocabulary ({vocab_size(assistant)}) differs "
+                             f"from the target's ({vocab_size(model)}): assisted generation "
+                             "across vocabularies needs both tokenizers")
         self._counter = _CallCounter(model)
         self._draft_counter = _CallCounter(assistant) if assistant is not None else None
         self._warm: set = set()
@@ -176,9 +201,10 @@ class Peer:
     def load(cls, name_or_path: str, eos_ids: Sequence[int], pad_id: Optional[int] = None,
              draft: Optional[str] = None, num_threads: Optional[int] = None) -> "Peer":
         """Loads the target and, when ``draft`` is given (name, path or ``first_layers:N``),
-        the assistant model."""
+        the assistant model; with a vocabulary other than the target's, both tokenizers too
+        (universal assisted generation)."""
         model = load_model(name_or_path, num_threads)
-        assistant = None
+        assistant, tokenizers = None, None
         if draft:
             if draft.startswith(FIRST_LAYERS):
                 try:
@@ -188,7 +214,14 @@ class Peer:
                 assistant = first_layers(model, n)
             else:
                 assistant = load_model(draft, num_threads)
-        return cls(model, eos_ids, pad_id, assistant, name=name_or_path)
+                if vocab_size(assistant) != vocab_size(model):
+                    tokenizers = (load_tokenizer(name_or_path), load_tokenizer(draft))
+        return cls(model, eos_ids, pad_id, assistant, name=name_or_path, tokenizers=tokenizers)
+
+    @property
+    def cross_vocab(self) -> bool:
+        """Whether assisted generation re-tokenises between two vocabularies."""
+        return self.tokenizers is not None
 
     def _config(self, max_new_tokens: int, prompt_lookup_num_tokens: int, assisted: bool,
                 draft_len: int, max_ngram: int):
@@ -214,7 +247,8 @@ class Peer:
         Args:
           prompt_lookup_num_tokens: > 0 turns on HF prompt lookup decoding with this many
             draft tokens (``max_matching_ngram_size=max_ngram``).
-          assisted: assisted generation with the loaded assistant, ``draft_len`` tokens a round.
+          assisted: assisted generation with the loaded assistant, ``draft_len`` tokens a round
+            (the assistant's tokens; across vocabularies: universal assisted generation).
         """
         import torch
         if assisted and self.assistant is None:
@@ -231,6 +265,8 @@ class Peer:
         kwargs = dict(attention_mask=torch.ones_like(x), generation_config=config)
         if assisted:
             kwargs["assistant_model"] = self.assistant
+            if self.cross_vocab:
+                kwargs["tokenizer"], kwargs["assistant_tokenizer"] = self.tokenizers
         mode = (max_new_tokens, prompt_lookup_num_tokens, assisted, draft_len, max_ngram)
         with torch.inference_mode():
             if mode not in self._warm:

@@ -84,11 +84,13 @@ def read_prompts(path: str, per_category: int,
     return selected
 
 
-def encode_prompt(tokenizer, text: str, vocab_size: int) -> list[int]:
-    """Chat-templated ids (first user turn); byte ids for models without a tokenizer."""
+def encode_prompt(tokenizer, text: str, vocab_size: int, chat: bool = True) -> list[int]:
+    """Chat-templated ids (first user turn) when ``chat`` and the tokenizer has a template,
+    else the text's own ids (a raw completion prompt, special tokens such as BOS added); byte
+    ids for models without a tokenizer."""
     if tokenizer is None:
         return [b % vocab_size for b in text.encode("utf-8")[:BYTE_PROMPT_LEN]]
-    if tokenizer.chat_template:
+    if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                              add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)

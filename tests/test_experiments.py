@@ -227,3 +227,82 @@ def test_hf_peer_modes_agree_and_stop_at_eos(tmp_path):
     assert stop.generated == plain.generated[:plain.generated.index(eos) + 1]
     with pytest.raises(ValueError, match="cannot load"):
         hf_peer.resolve("tiny-llama")
+
+
+def _char_tokenizer(pieces, specials, eos):
+    """A byte-level BPE over ``pieces`` (lowercase letters, ``Ġ`` = space, merged pairs) with
+    ``specials`` first: every id decodes to ASCII text, so any output re-tokenises."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {s: i for i, s in enumerate(list(specials) + list(pieces))}
+    merges = [(p[0], p[1:]) for p in pieces if len(p) > 1]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.add_special_tokens(list(specials))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    import transformers
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+
+
+def test_hf_peer_assists_across_tokenizers(tmp_path):
+    """A draft model with another vocabulary: transformers' universal assisted generation with
+    both tokenizers (loaded from the checkpoints), greedy output equal to plain generate's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from experiments import hf_peer
+    letters = list("abcdefghijklmnopqrstuvwxyz") + ["Ġ"]
+    target_tok = _char_tokenizer(letters + ["th", "he", "at", "Ġt"], ["<eos>"], "<eos>")
+    draft_tok = _char_tokenizer(letters[::-1], ["<s>", "</s>"], "</s>")
+    dirs = {}
+    for name, tok, layers in (("target", target_tok, 2), ("draft", draft_tok, 1)):
+        torch.manual_seed(len(name))
+        config = transformers.LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, initializer_range=0.5)
+        dirs[name] = tmp_path / name
+        transformers.LlamaForCausalLM(config).save_pretrained(dirs[name])
+        tok.save_pretrained(dirs[name])
+    assert len(target_tok) != len(draft_tok)
+    prompt = target_tok("the cat sat on the mat")["input_ids"]
+    peer = hf_peer.Peer.load(str(dirs["target"]), eos_ids=[0], draft=str(dirs["draft"]),
+                             num_threads=1)
+    assert peer.cross_vocab
+    plain = peer.generate(prompt, 12)
+    assisted = peer.generate(prompt, 12, assisted=True, draft_len=3)
+    assert assisted.generated == plain.generated and assisted.draft_calls > 0
+    assert 1 <= len(plain.generated) <= 12
+    with pytest.raises(ValueError, match="needs both tokenizers"):
+        hf_peer.Peer(peer.model, eos_ids=[0], assistant=peer.assistant)
+
+
+# --------------------------------------------------------------------- raw prompts, options
+
+
+def test_raw_prompts_skip_the_chat_template():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from models.tokenizer import TextTokenizer
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "def": 1, "f():": 2, "user": 3},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = TextTokenizer(backend, chat_template="user {{ messages[0]['content'] }}")
+    assert spec_bench.encode_prompt(tok, "def f():", 99) == [3, 1, 2]  # templated
+    assert spec_bench.encode_prompt(tok, "def f():", 99, chat=False) == [1, 2]  # as is
+    assert spec_bench.encode_prompt(None, "ab", 99, chat=False) == [97 % 99, 98 % 99]
+
+
+def test_method_option_sets_one_method_and_peer_twin():
+    from experiments import methods
+    runs = {n: methods.Run(n) for n in ("ar", "cross_vocab", "staged", "draft_model")}
+    got = bench.with_method_options(runs, ["cross_vocab.draft_model=smollm2-135m",
+                                           "staged.draft_len=6", "cross_vocab.expansion=2.5"])
+    assert got["cross_vocab"].options.draft_model == "smollm2-135m"
+    assert got["cross_vocab"].options.expansion == 2.5
+    assert got["staged"].options.draft_len == 6 and got["staged"].options.draft_model is None
+    assert got["draft_model"] == runs["draft_model"] and runs["staged"].options.draft_len == 4
+    assert bench.assisted_twin(got, "smollm2-135m") == "cross_vocab"
+    assert bench.assisted_twin(got, "first_layers:4") == "draft_model"
+    for bad, match in (("staged=3", "METHOD.OPTION=VALUE"), ("sam.draft_len=3", "not among"),
+                       ("staged.nope=1", "no option 'nope'"), ("staged.draft_len=x", "x"),
+                       ("staged.draft_len=0", "draft_len")):
+        with pytest.raises(common.UserError, match=match):
+            bench.with_method_options(runs, [bad])
