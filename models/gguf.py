@@ -287,6 +287,20 @@ def _pre_tokenizer(pre: Optional[str], path: str):
     return byte_level
 
 
+def set_post_processor(backend, tokens, bos: Optional[int], eos: Optional[int]) -> None:
+    """Makes ``encode(add_special_tokens=True)`` add ``bos`` before and ``eos`` after the text
+    (None: not added; both None: no post-processor)."""
+    single, specials = "$A:0", []
+    if bos is not None:
+        single, specials = f"{tokens[bos]}:0 {single}", [(tokens[bos], int(bos))]
+    if eos is not None:
+        single = f"{single} {tokens[eos]}:0"
+        specials = list(dict.fromkeys(specials + [(tokens[eos], int(eos))]))
+    if specials:
+        backend.post_processor = processors.TemplateProcessing(single=single,
+                                                               special_tokens=specials)
+
+
 def tokenizer_from_gguf(reader, path: str = "GGUF file") -> Optional[TextTokenizer]:
     """Builds the tokenizer described by the metadata; None (with a warning) if unsupported."""
     kind = _field(reader, "tokenizer.ggml.model")
@@ -317,15 +331,8 @@ def tokenizer_from_gguf(reader, path: str = "GGUF file") -> Optional[TextTokeniz
 
     tid = lambda key: _field(reader, f"tokenizer.ggml.{key}")  # noqa: E731
     bos, eos = tid("bos_token_id"), tid("eos_token_id")
-    single, specials = "$A:0", []
-    if tid("add_bos_token") and bos is not None:
-        single, specials = f"{tokens[bos]}:0 {single}", [(tokens[bos], int(bos))]
-    if tid("add_eos_token") and eos is not None:
-        single = f"{single} {tokens[eos]}:0"
-        specials = list(dict.fromkeys(specials + [(tokens[eos], int(eos))]))
-    if specials:
-        backend.post_processor = processors.TemplateProcessing(single=single,
-                                                               special_tokens=specials)
+    set_post_processor(backend, tokens, bos if tid("add_bos_token") else None,
+                       eos if tid("add_eos_token") else None)
     eos_ids = end_token_ids(backend, [eos, tid("eot_token_id"), tid("eom_token_id")])
     return TextTokenizer(backend, bos_id=bos, eos_ids=eos_ids, pad_id=tid("padding_token_id"),
                          chat_template=_field(reader, "tokenizer.chat_template"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import zipfile
@@ -113,14 +112,6 @@ def gguf_path(name: str) -> Optional[str]:
     return embedded.gguf_file(name) if name in embedded.EMBEDDED else None
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _flatten(tree: dict) -> dict:
     """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
     return traverse_util.flatten_dict(tree, sep="/")
@@ -135,7 +126,7 @@ def _disk_cache_path(gguf_path: str) -> Optional[str]:
                                                              "specjax"))
     if not root:
         return None
-    key = _file_sha256(gguf_path)[:24]
+    key = embedded.file_sha256(gguf_path)[:24]
     return os.path.join(root, f"{os.path.basename(gguf_path)}.{key}.v{_DISK_CACHE_VERSION}.npz")
 
 

@@ -37,9 +37,9 @@ Gemma GGUF files carry no chat template: for the ``gemma*`` architectures
 from __future__ import annotations
 
 import tokenizers
-from tokenizers import decoders, normalizers, processors
+from tokenizers import decoders, normalizers
 
-from models.gguf import _CONTROL, _USER_DEFINED, _field
+from models.gguf import _CONTROL, _USER_DEFINED, _field, set_post_processor
 from models.hf import CheckpointError
 from models.tokenizer import TextTokenizer, end_token_ids
 
@@ -161,15 +161,8 @@ def spm_tokenizer_from_gguf(reader, path: str = "GGUF file") -> TextTokenizer:
 
     bos, eos = tid("bos_token_id"), tid("eos_token_id")
     add_bos = tid("add_bos_token")
-    single, specials = "$A:0", []
-    if (add_bos is None or add_bos) and bos is not None:
-        single, specials = f"{tokens[bos]}:0 {single}", [(tokens[bos], int(bos))]
-    if tid("add_eos_token") and eos is not None:
-        single = f"{single} {tokens[eos]}:0"
-        specials = list(dict.fromkeys(specials + [(tokens[eos], int(eos))]))
-    if specials:
-        backend.post_processor = processors.TemplateProcessing(single=single,
-                                                               special_tokens=specials)
+    set_post_processor(backend, tokens, bos if add_bos is None or add_bos else None,
+                       eos if tid("add_eos_token") else None)
 
     template = _field(reader, "tokenizer.chat_template")
     if template is None and _field(reader, "general.architecture") in _GEMMA_ARCHITECTURES:
