@@ -21,7 +21,9 @@ the same numbers as ``float32`` and differs only where float summation order fli
 Then the verify forward: one target forward of ``T`` new tokens over a cache of
 ``--verify_cache_len`` filled slots, for each ``T`` of ``--verify_widths`` and each format
 (median of ``--verify_calls`` calls, in ms and relative to that format's ``T = 1``): what a
-speculative round's verification costs.
+speculative round's verification costs. For a packed format also the packed products alone
+(every layer's four and the LM head on ``T`` rows, in one program) with the multiply-adds/s
+and weight bytes/s they reach: the kernel's share of that cost.
 
   python -m experiments.benchmark_ar                                # 3 prompts, 128 tokens
   python -m experiments.benchmark_ar --weights_list=float32,gguf,int8 --max_new_tokens=64
@@ -125,6 +127,50 @@ def _time_verify(model, params, widths, cache_len, calls):
     return out
 
 
+def _time_products(model, params, widths, calls):
+    """For a packed model: ``{T: (median ms, G multiply-adds/s, GB/s)}`` of every packed product
+    of one forward (each layer's ``wqkv``, ``wo``, ``w_gate_up``, ``w_down`` and the LM head) on
+    ``T`` rows of random activations, in one jitted program (a scan over the layers, as the
+    model runs them), without the rest of the forward: the kernel's share of a verify."""
+    import jax
+    import jax.numpy as jnp
+    from models.packing import PACKED_LAYER_NAMES
+    from specjax import packed
+    config = model.config
+    act8 = getattr(config, "act8", False)
+    layers = {name: params["layers"][name] for name in PACKED_LAYER_NAMES}
+    head = params["embedder"]["embedding"] if config.tie_embeddings else params["lm_head"]
+    macs = sum(w.data.shape[0] * w.out_features * w.in_features for w in layers.values())
+    macs += head.out_features * head.in_features
+    nbytes = sum(int(w.data.size) for w in layers.values()) + int(head.data.size)
+
+    def products(xs, layer_weights, head):
+        def body(carry, ws):
+            total = carry
+            for name in PACKED_LAYER_NAMES:  # a dependency, so nothing is skipped
+                y = packed.linear(xs[name] + total, ws[name], act8=act8)
+                total = total + y[0, 0] * 1e-9
+            return total, None
+        total, _ = jax.lax.scan(body, jnp.float32(0), layer_weights)
+        return packed.linear(xs["head"] + total, head, act8=act8)[0, 0]
+
+    run = jax.jit(products)
+    rng = np.random.default_rng(0)
+    out = {}
+    for t in widths:
+        xs = {name: jnp.asarray(rng.normal(size=(t, w.in_features)), jnp.float32)
+              for name, w in list(layers.items()) + [("head", head)]}
+        jax.block_until_ready(run(xs, layers, head))
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(xs, layers, head))
+            times.append(time.perf_counter() - t0)
+        sec = float(np.median(times))
+        out[t] = (1e3 * sec, t * macs / sec / 1e9, nbytes / sec / 1e9)
+    return out
+
+
 def _llama_cpp(model_name, num_threads):
     """A llama.cpp ``Llama`` on the model's GGUF file, or ``(None, why)``."""
     from models import registry as models
@@ -189,7 +235,7 @@ def main(argv):
               file=sys.stderr)
         key = jax.random.key(0)
         rows = [{"question_id": p.question_id, "group": p.group} for p in prompts]
-        verify, loaded, first = {}, None, formats[0]
+        verify, products, loaded, first = {}, {}, None, formats[0]
         for w in formats:
             FLAGS.weights = w
             loaded = method_flags.load_model(FLAGS)
@@ -225,6 +271,12 @@ def main(argv):
                                          FLAGS.verify_cache_len, FLAGS.verify_calls)
                 print(f"  verify {w}: " + ", ".join(
                     f"T={t} {ms:.1f} ms" for t, ms in verify[w].items()), file=sys.stderr)
+                if loaded.model.config.weight_formats:
+                    products[w] = _time_products(loaded.model, loaded.params, widths,
+                                                 FLAGS.verify_calls)
+                    print(f"  packed products {w}: " + ", ".join(
+                        f"T={t} {ms:.1f} ms ({gmac:.0f} G mult-adds/s, {gbs:.1f} GB/s)"
+                        for t, (ms, gmac, gbs) in products[w].items()), file=sys.stderr)
             del compiled
         peer = None
         if FLAGS.hf:
@@ -269,6 +321,10 @@ def main(argv):
                   "environment": env, "tokens_per_s": mean, "ratios": ratios,
                   "verify_ms": {w: {str(t): ms for t, ms in v.items()}
                                 for w, v in verify.items()},
+                  "packed_products": {w: {str(t): {"ms": ms, "g_multiply_adds_per_s": gmac,
+                                                   "gb_per_s": gbs}
+                                          for t, (ms, gmac, gbs) in v.items()}
+                                      for w, v in products.items()},
                   "llama_cpp": llama_cpp_note or "ran", "per_prompt": rows,
                   "total_s": time.perf_counter() - t_start,
                   "command": " ".join(["python -m experiments.benchmark_ar"] + sys.argv[1:])}
@@ -303,6 +359,10 @@ def main(argv):
                 ["weights"] + [f"T={t}" for t in widths],
                 [[w] + [f"{v[t]:.1f} ms ({v[t] / v[widths[0]]:.2f}x)" for t in widths]
                  for w, v in verify.items()]) if verify else "(not timed)"
+            ptable = md_table(
+                ["weights"] + [f"T={t}" for t in widths],
+                [[w] + [f"{v[t][0]:.1f} ms ({v[t][1]:.0f} G/s, {v[t][2]:.1f} GB/s)"
+                        for t in widths] for w, v in products.items()]) if products else ""
             text = (f"# Plain decoding: specjax generate (weights {', '.join(formats)}) vs "
                     f"Python-driven stream vs peers"
                     f"\n\n{FLAGS.model}, {len(rows)} prompts, batch 1, greedy, activations "
@@ -315,7 +375,10 @@ def main(argv):
                     f"\n\n{table}\n\n## Verify forward (T new tokens over "
                     f"{FLAGS.verify_cache_len} cached slots, median ms, and relative to T = "
                     f"{widths[0] if widths else 1})\n\n{vtable}\n\n"
-                    f"Command: `{result['command']}`\n")
+                    + (f"## Packed products of one forward (every layer's four and the LM "
+                       f"head, T rows, no attention or norms: median ms, multiply-adds/s, "
+                       f"weight bytes/s)\n\n{ptable}\n\n" if products else "")
+                    + f"Command: `{result['command']}`\n")
             return text
 
         common.write_outputs(FLAGS, result, markdown)

@@ -120,8 +120,10 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("weights", "float32", list(WEIGHTS),
                       "How the target's linear layers are stored: float32 (float arrays in "
                       "--dtype), gguf (the GGUF file's own 4/8-bit blocks, read by specjax's C++ "
-                      "kernel on CPU: the fastest on CPU) or int8 (per-channel int8). The output "
-                      "is the target's with THOSE weights (gguf: the same numbers as float32).",
+                      "kernel on CPU: the fastest on CPU), gguf_a8 (those blocks with the "
+                      "activations rounded to 8 bits per block, llama.cpp's arithmetic: another "
+                      "model) or int8 (per-channel int8). The output is the target's with THOSE "
+                      "weights (gguf: the same numbers as float32).",
                       flag_values=fv)
 
 

@@ -198,7 +198,7 @@ def attention_inputs(p: dict, x: jax.Array, positions: jax.Array, config, layer=
     h = rms_norm(x, p["attn_norm"].astype(dt), config.rms_norm_eps)
     if "wqkv" in p:  # packed: one product for the q, k and v rows
         nh, nk, d = config.num_heads, config.num_kv_heads, config.head_dim
-        qkv = packed.linear(h, p["wqkv"])
+        qkv = packed.linear(h, p["wqkv"], act8=getattr(config, "act8", False))
         q = qkv[..., :nh * d].reshape(h.shape[:2] + (nh, d))
         k = qkv[..., nh * d:(nh + nk) * d].reshape(h.shape[:2] + (nk, d))
         v = qkv[..., (nh + nk) * d:].reshape(h.shape[:2] + (nk, d))
@@ -235,11 +235,13 @@ def block_output(p: dict, x: jax.Array, attn: jax.Array, config) -> jax.Array:
 
     act = activation(config)
     if "w_gate_up" in p:  # packed
-        o = packed.linear(attn.reshape(attn.shape[:2] + (-1,)), p["wo"])
+        act8 = getattr(config, "act8", False)  # 8-bit activations (--weights=gguf_a8)
+        o = packed.linear(attn.reshape(attn.shape[:2] + (-1,)), p["wo"], act8=act8)
         x = x + post_norm(o, "post_attn_norm")
         h = rms_norm(x, p["mlp_norm"].astype(dt), eps)
-        gate, up = jnp.split(packed.linear(h, p["w_gate_up"]), 2, axis=-1)
-        return x + post_norm(packed.linear(act(gate) * up, p["w_down"]), "post_mlp_norm")
+        gate, up = jnp.split(packed.linear(h, p["w_gate_up"], act8=act8), 2, axis=-1)
+        down = packed.linear(act(gate) * up, p["w_down"], act8=act8)
+        return x + post_norm(down, "post_mlp_norm")
     o = jnp.einsum("bthd,hde->bte", attn, p["wo"].astype(dt))
     x = x + post_norm(o, "post_attn_norm")
     h = rms_norm(x, p["mlp_norm"].astype(dt), eps)

@@ -87,6 +87,9 @@ class LlamaConfig:
     # Weights kept packed (models/packing.py): sorted (name, format) pairs, e.g.
     # (("embedding", "q8_0"), ("w_down", "q4_1"), ...); empty: every weight a float array.
     weight_formats: tuple = ()
+    # With packed weights: round every packed product's input to 8 bits per 32-value block first
+    # (specjax.packed.linear's act8; --weights=gguf_a8, llama.cpp's arithmetic): another model.
+    act8: bool = False
     # Family options (models/decoder_block.py); the defaults are Llama's.
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3, Gemma 3)
     sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma)
@@ -325,7 +328,7 @@ class Llama(nn.Module):
         if c.weight_formats:  # rows = token ids, in the packed format
             w = self.embedder.embedding if c.tie_embeddings else self.lm_head_kernel
             return packed.linear(hidden.astype(jnp.float32),
-                                 w if num_ids is None else w.rows(num_ids))
+                                 w if num_ids is None else w.rows(num_ids), act8=c.act8)
         if c.tie_embeddings:
             w = self.embedder.embedding[:num_ids].astype(hidden.dtype)
             return jnp.einsum("...e,ve->...v", hidden, w, preferred_element_type=jnp.float32)

@@ -9,6 +9,10 @@
   :func:`specjax.packed.linear` (the C++ kernel on CPU). For a tiny test model, its float weights
   quantised by ``gguf``'s quantiser (Q4_1 layers, Q8_0 embedding / head), so that every method
   can be tested on the format without a GGUF file;
+* ``gguf_a8``: ``gguf``'s weights, and every packed product's input rounded to 8 bits per
+  32-value block first (``LlamaConfig.act8``; Q8_0 / Q4_0 / Q4_1 weights, the rest keep float
+  inputs): llama.cpp's arithmetic, integer multiply-adds in the kernel. Another model than
+  ``gguf`` / ``float32`` (its tokens can differ); every method is lossless with respect to it;
 * ``int8``: per-output-channel symmetric int8 of the float weights (any checkpoint).
 
 A packed model differs from the float one in its param tree: the layers hold four packed
@@ -30,7 +34,7 @@ import numpy as np
 
 from specjax import packed
 
-WEIGHTS = ("float32", "gguf", "int8")
+WEIGHTS = ("float32", "gguf", "gguf_a8", "int8")
 PACKED_LAYER_NAMES = ("wqkv", "wo", "w_gate_up", "w_down")
 FLOAT_LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 # The formats a tiny (float) model is quantised to for --weights=gguf: SmolLM2's file's.
@@ -106,6 +110,9 @@ def unpack(config, params: dict):
     import jax.numpy as jnp
     if not config.weight_formats:
         return config, params
+    if getattr(config, "act8", False):
+        raise ValueError("a gguf_a8 model rounds its activations to 8 bits: no float model "
+                         "computes it (unpack a gguf one)")
     c = config
     e, f, h, k, d = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
                      c.head_dim)

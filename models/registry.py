@@ -194,6 +194,9 @@ def _pack(config, params, weights, path):
     """Float numpy ``params`` -> ``(config, params)`` in the ``weights`` format."""
     if weights == "float32":
         return config, params
+    if weights == "gguf_a8":  # gguf's weights, 8-bit activations
+        config, params = _pack(config, params, "gguf", path)
+        return dataclasses.replace(config, act8=True), params
     if weights == "gguf" and path is not None:
         reader = gguf_loader.open_gguf(path)
         return packing.assemble(config, params,
@@ -258,9 +261,10 @@ def check_weights(weights: str, name_or_path: str) -> None:
     packed formats on CPU, builds the C++ kernel first (a missing compiler fails here, early)."""
     if weights not in packing.WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(packing.WEIGHTS)}, got {weights!r}")
-    if weights == "gguf" and os.path.isdir(os.fspath(name_or_path)):
-        raise ValueError(f"--weights=gguf keeps a GGUF file's blocks, and {name_or_path} is a HF "
-                         "checkpoint directory: use --weights=int8 (or float32), or a .gguf file")
+    if weights in ("gguf", "gguf_a8") and os.path.isdir(os.fspath(name_or_path)):
+        raise ValueError(f"--weights={weights} keeps a GGUF file's blocks, and {name_or_path} is "
+                         "a HF checkpoint directory: use --weights=int8 (or float32), or a .gguf "
+                         "file")
     if weights != "float32" and jax.default_backend() == "cpu":
         from specjax.kernels import cpu_matmul
         try:
@@ -280,7 +284,8 @@ def load(name_or_path: str, *, dtype: str = "float32", scan_layers: bool = True,
       attention_impl: ``"xla"`` (default), ``"pallas"`` (the tree-attention kernel in decode
         steps and verification; interpreted on CPU) or ``"auto"`` (the kernel on GPU / TPU).
       weights: ``"float32"`` (float arrays in ``dtype``), ``"gguf"`` (a GGUF file's own blocks;
-        a tiny model quantised to Q4_1 / Q8_0) or ``"int8"`` (per-channel int8): see
+        a tiny model quantised to Q4_1 / Q8_0), ``"gguf_a8"`` (the same with 8-bit activations:
+        another model) or ``"int8"`` (per-channel int8): see
         :mod:`models.packing`.
     """
     name_or_path = os.fspath(name_or_path)

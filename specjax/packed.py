@@ -50,6 +50,9 @@ FORMATS = {
 # Above this many rows of x (a prefill) linear() dequantises and lets XLA's GEMM run: measured on
 # SmolLM2 (2026-11-30), a 512-token forward took 3.5 s through the kernel and 1.9 s as float32.
 KERNEL_MAX_ROWS = 32
+# The formats whose products can take 8-bit activations (linear(..., act8=True)): llama.cpp's
+# Q8_0 "vec_dot_type" of these formats.
+A8_FORMATS = ("q8_0", "q4_0", "q4_1")
 # GGUF tensor types kept as they are (the rest are dequantised to f32 rows by the loaders).
 GGUF_FORMATS = {"F32": "f32", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k",
                 "Q6_K": "q6_k", "Q5_0": "q5_0"}
@@ -177,7 +180,30 @@ def take_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
 # The matmul.
 
 
-def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None) -> jax.Array:
+def quantize_activations(x: jax.Array) -> tuple:
+    """``x [..., K]`` (K a multiple of 32) quantised per 32-value block as GGUF's Q8_0 does:
+    ``(q int8 [..., K], d float32 [..., K / 32])`` with ``d = max |x| * (1 / 127)`` and ``q =
+    round-half-even(x * (1 / d))`` (0 for an all-zero block), so ``x ~ d * q`` within ``d / 2``.
+    The reference of the kernel's ``act8`` path (the same float32 operations)."""
+    k = x.shape[-1]
+    if k % 32:
+        raise ValueError(f"8-bit activations need K a multiple of 32, got {k}")
+    xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (k // 32, 32))
+    d = jnp.max(jnp.abs(xb), axis=-1) * jnp.float32(1.0 / 127.0)
+    inv = jnp.where(d != 0, 1.0 / jnp.where(d != 0, d, 1.0), 0.0)
+    q = jnp.round(xb * inv[..., None]).astype(jnp.int8)
+    return q.reshape(x.shape), d
+
+
+def dequantize_activations(q: jax.Array, d: jax.Array) -> jax.Array:
+    """float32 ``[..., K]``: ``d * q`` per 32-value block (the values the ``act8`` path uses)."""
+    k = q.shape[-1]
+    qb = q.astype(jnp.float32).reshape(q.shape[:-1] + (k // 32, 32))
+    return (qb * d[..., None]).reshape(q.shape)
+
+
+def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
+           act8: bool = False) -> jax.Array:
     """``x [..., K] @ W^T`` -> ``[..., N]`` in ``x``'s dtype (accumulated in float32).
 
     ``use_kernel``: None picks the C++ kernel when the default backend is the CPU and ``x`` has
@@ -186,6 +212,11 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None) 
     reference (dequantise, then ``jnp.dot`` with operands in ``x``'s dtype and float32
     accumulation; int8: the int8 codes converted in the dot, the scale on its output) elsewhere;
     True / False force one.
+
+    ``act8``: for weights in :data:`A8_FORMATS`, ``x`` is first rounded to 8 bits per 32-value
+    block (:func:`quantize_activations`; llama.cpp's way: the kernel then multiplies integers);
+    other formats ignore it. It changes the function (a different model), so it is a static
+    choice of the whole model (``LlamaConfig.act8``), never a per-call speed switch.
     """
     if w.data.ndim != 2:
         raise ValueError(f"linear takes one weight (data [N, R]), got data {w.data.shape}: slice "
@@ -193,15 +224,18 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None) 
     k, n = w.in_features, w.out_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
+    act8 = act8 and w.fmt in A8_FORMATS
     rows = math.prod(x.shape[:-1])
     if use_kernel is None:
         use_kernel = jax.default_backend() == "cpu" and rows <= KERNEL_MAX_ROWS
     if use_kernel:
         from specjax.kernels import cpu_matmul
         y = cpu_matmul.packed_matmul(x.reshape(-1, k).astype(jnp.float32), w.data, w.scale,
-                                     w.fmt)
+                                     w.fmt, act8=act8)
     else:  # operands in x's dtype (bf16 on accelerators), float32 accumulation
         x2 = x.reshape(-1, k)
+        if act8:
+            x2 = dequantize_activations(*quantize_activations(x2)).astype(x.dtype)
         if w.fmt == "i8":
             q = jax.lax.bitcast_convert_type(w.data, jnp.int8)
             y = jnp.dot(x2, q.T.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale
@@ -273,6 +307,7 @@ def is_packed(leaf) -> bool:
     return isinstance(leaf, PackedWeight)
 
 
-__all__ = ["FORMATS", "GGUF_FORMATS", "PackedWeight", "dequantize", "linear", "pack_f32",
+__all__ = ["A8_FORMATS", "FORMATS", "GGUF_FORMATS", "dequantize_activations",
+           "quantize_activations", "PackedWeight", "dequantize", "linear", "pack_f32",
            "pack_gguf", "pack_int8", "row_bytes", "stack", "take_rows", "zeros", "as_jax",
            "is_packed"]

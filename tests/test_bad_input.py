@@ -68,7 +68,7 @@ CASES = {
     "gen_gguf_weights_of_hf_dir": ("generate", ["--weights=gguf", "--model={hf_heads}"],
                                    "HF checkpoint directory: use --weights=int8"),
     "ar_weights_list": ("benchmark_ar", ["--weights_list=float32,int4", "--nohf"],
-                        "--weights_list: give distinct formats among float32, gguf, int8"),
+                        "--weights_list: give distinct formats among float32, gguf, gguf_a8, int8"),
     "device_check_widths": ("device_check", ["--widths=0,2", "--out={tmp}/o"],
                             "--widths must be >= 1 and below --cache_len"),
     "gen_flag_not_for_method": ("generate", ["--method=prompt_lookup", "--window=3"],

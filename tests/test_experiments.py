@@ -118,20 +118,28 @@ def test_benchmark_ar_smoke(tmp_path):
     js, md = tmp_path / "ar.json", tmp_path / "ar.md"
     rc, _, err = _run("experiments.benchmark_ar", [
         "--model=tiny-llama", "--nohf", "--nollama_cpp", "--num_prompts=1", "--max_new_tokens=4",
-        "--weights_list=float32,gguf", "--verify_widths=1,3", "--verify_calls=1",
+        "--weights_list=float32,gguf,gguf_a8", "--verify_widths=1,3", "--verify_calls=1",
         "--verify_cache_len=16", f"--output_json={js}", f"--output_md={md}"])
     assert rc == 0, err
     res = json.loads(js.read_text())
-    assert set(res["tokens_per_s"]) == {"generate", "stream", "generate_gguf"}
+    assert set(res["tokens_per_s"]) == {"generate", "stream", "generate_gguf",
+                                        "generate_gguf_a8"}
     assert res["ratios"]["stream/generate"] > 0 and res["ratios"]["generate_gguf/generate"] > 0
     row = res["per_prompt"][0]
     assert row["stream"]["same_tokens_as_generate"]
     assert row["generate"]["new_tokens"] == 4 and row["generate"]["target_calls"] == 4
     assert row["generate_gguf"]["new_tokens"] == 4  # a quantised tiny model: its own tokens
-    assert set(res["verify_ms"]) == {"float32", "gguf"}
+    assert set(res["verify_ms"]) == {"float32", "gguf", "gguf_a8"}
     assert all(set(v) == {"1", "3"} and min(v.values()) > 0 for v in res["verify_ms"].values())
+    # the packed products alone, for the packed formats only
+    assert set(res["packed_products"]) == {"gguf", "gguf_a8"}
+    for by_width in res["packed_products"].values():
+        assert set(by_width) == {"1", "3"}
+        assert all(v["ms"] > 0 and v["g_multiply_adds_per_s"] > 0 and v["gb_per_s"] > 0
+                   for v in by_width.values())
     text = md.read_text()
     assert "| stream |" in text and "| generate (gguf) |" in text and "T=3" in text
+    assert "## Packed products of one forward" in text
 
 
 def test_memory_limits_smoke(tmp_path):

@@ -206,8 +206,148 @@ def test_packed_model_computes_the_dequantized_float_model(name, weights):
                                   np.asarray(LlamaModel(float_config).embed(float_params, tokens)))
 
 
+# 8-bit activations (act8, --weights=gguf_a8) ----------------------------------------------
+
+
+def _block_mins(w):
+    """float64 [N, K]: each value's block min m (w = d q + m): Q4_1's, -8 d for Q4_0, 0 for Q8_0."""
+    _, values, nbytes = packed.FORMATS[w.fmt]
+    n, k = w.data.shape[0], w.in_features
+    b = w.data.reshape(n, k // values, nbytes)
+    half = lambda o: b[..., o:o + 2].copy().view(np.float16)[..., 0].astype(np.float64)  # noqa
+    m = {"q4_1": lambda: half(2), "q4_0": lambda: -8 * half(0),
+         "q8_0": lambda: np.zeros((n, k // values))}[w.fmt]()
+    return np.repeat(m, values, axis=1)
+
+
+def _quantized_x(x):
+    q, d = packed.quantize_activations(jnp.asarray(x))
+    q, d = np.asarray(q).astype(np.float64), np.asarray(d).astype(np.float64)
+    m, k = x.shape
+    return q, d, (q.reshape(m, k // 32, 32) * d[..., None]).reshape(m, k)
+
+
+def test_quantize_activations():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 96)).astype(np.float32) * np.array([1e-3, 1.0, 50.0])[:, None]
+    x[1, 32:64] = 0.0  # an all-zero block
+    q, d, xhat = _quantized_x(x)
+    assert np.abs(q).max() <= 127 and np.all(q == np.round(q))
+    assert np.all(np.abs(xhat - x) <= d.repeat(32, axis=1) / 2 * (1 + 1e-6))
+    assert np.all(np.abs(q).reshape(3, 3, 32).max(-1)[[0, 1, 1, 2], [0, 0, 2, 1]] == 127)
+    assert not q[1, 32:64].any() and d[1, 1] == 0
+
+
+@pytest.mark.parametrize("fmt", packed.A8_FORMATS)
+def test_act8_kernel_equals_the_quantized_product(fmt):
+    """Kernel (both paths, M = 1..17) == float64 W @ xhat (xhat: x rounded by the reference
+    quantize_activations) within the float32 accumulation bound of its terms |d q| |xhat| and
+    |m| |xhat|; far from W @ x (it does round the activations)."""
+    rng = np.random.default_rng(5)
+    n, k = 37, 96
+    w = _random_weight(rng, fmt, n, k)
+    values = _numpy_values(w).astype(np.float64)
+    mins = _block_mins(w)
+    terms = np.abs(values - mins) + np.abs(mins)
+    wj = packed.as_jax(w, jnp.float32)
+    paths = [False, True] if cpu_matmul.code_path() == "avx2" else [True]
+    gamma = k * U / (1 - k * U)
+    for m in range(1, 18):
+        x = rng.normal(size=(m, k)).astype(np.float32)
+        _, _, xhat = _quantized_x(x)
+        exact = xhat @ values.T
+        bound = gamma * (np.abs(xhat) @ terms.T)
+        for portable in paths:
+            y = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), wj.data, wj.scale, fmt,
+                                                    portable=portable, act8=True))
+            excess = np.abs(y - exact) - bound
+            assert excess.max() <= 0, (m, portable, excess.max())
+            # it does round the activations: far from the unrounded product
+            unrounded = x.astype(np.float64) @ values.T
+            assert np.abs(y - unrounded).max() > 10 * np.abs(y - exact).max()
+    y = np.asarray(packed.linear(jnp.asarray(x), wj, use_kernel=False, act8=True))
+    assert (np.abs(y - exact) - 2 * bound).max() <= 0  # the reference: xhat rounded to float32
+
+
+def test_act8_kernel_quantizes_as_the_reference_and_sums_integers_exactly():
+    """A Q8_0 weight whose row n holds a single 1 (scale 1.0) at column n reads back
+    xhat[:, n] = d q exactly: the kernel's quantisation equals the JAX reference's. Then scale-1
+    weights with integer x (dx ~ 1): the integer products and sums are exact."""
+    rng = np.random.default_rng(6)
+    k = 64
+    blocks = np.zeros((k, k // 32, 34), np.uint8)
+    blocks[..., :2] = np.array([1.0], np.float16).view(np.uint8)
+    for col in range(k):
+        blocks[col, col // 32, 2 + col % 32] = 1
+    w = packed.PackedWeight(jnp.asarray(blocks.reshape(k, -1)), jnp.ones((1,), jnp.float32),
+                            "q8_0", k)
+    x = rng.normal(size=(5, k)).astype(np.float32) * 3
+    q, d = packed.quantize_activations(jnp.asarray(x))
+    want = np.asarray(packed.dequantize_activations(q, d))
+    for portable in (False, True):
+        got = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), w.data, w.scale, "q8_0",
+                                                  portable=portable, act8=True))
+        np.testing.assert_array_equal(got, want)
+    for fmt in packed.A8_FORMATS:
+        wt = _random_weight(rng, fmt, 11, k)
+        data = np.asarray(wt.data).reshape(11, k // 32, -1).copy()
+        data[..., :2] = np.array([1.0], np.float16).view(np.uint8)
+        if fmt == "q4_1":
+            data[..., 2:4] = np.array([0.5], np.float16).view(np.uint8)
+        wt = packed.PackedWeight(data.reshape(11, -1), np.zeros((1,), np.float32), fmt, k)
+        values = _numpy_values(wt).astype(np.float64)
+        xi = rng.integers(-127, 128, size=(3, k)).astype(np.float32)
+        xi[:, ::32] = 127  # each block's max: dx = 127 * (1/127) in float32, q = x
+        _, dx, xhat = _quantized_x(xi)
+        assert np.array_equal(np.round(xhat / dx.repeat(32, axis=1)), xi)
+        exact = xhat @ values.T
+        wj = packed.as_jax(wt, jnp.float32)
+        for portable in (False, True):
+            got = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(xi), wj.data, wj.scale, fmt,
+                                                      portable=portable, act8=True))
+            np.testing.assert_allclose(got, exact, rtol=2e-6, atol=0)
+
+
+def test_act8_is_refused_for_other_formats():
+    w = packed.as_jax(_random_weight(np.random.default_rng(7), "q6_k", 4, 256), jnp.float32)
+    with pytest.raises(ValueError, match="8-bit activations take"):
+        cpu_matmul.packed_matmul(jnp.ones((1, 256)), w.data, w.scale, "q6_k", act8=True)
+    # linear() leaves a format without 8-bit products on float inputs
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 256)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(packed.linear(x, w, act8=True)),
+                                  np.asarray(packed.linear(x, w)))
+
+
+def test_gguf_a8_model_kernel_steps_match_its_prefill_and_differ_from_gguf():
+    """The same gguf_a8 model through the kernel (incremental steps of <= 32 rows) and through
+    the reference (a 40-token prefill: dequantised x-hat and W in XLA's GEMM); and it is another
+    model than gguf (rounded activations move the logits far beyond float noise)."""
+    lm = models.load("tiny-gqa", weights="gguf_a8")
+    assert lm.model.config.act8
+    with pytest.raises(ValueError, match="no float model"):
+        packing.unpack(lm.model.config, lm.params)
+    t, slots = 40, 48
+    tokens = jnp.asarray((np.arange(t) * 7 + 3)[None] % lm.model.vocab_size, jnp.int32)
+    pos = jnp.arange(t)[None]
+    mask = jnp.tril(jnp.ones((t, slots), bool))[None]
+    fwd = jax.jit(lm.model.forward)
+    full = fwd(lm.params, tokens, pos, lm.model.init_cache(1, slots), mask)
+    head = fwd(lm.params, tokens[:, :30], pos[:, :30], lm.model.init_cache(1, slots),
+               mask[:, :30])
+    cache = head.cache.replace(lengths=head.cache.lengths + 30)
+    tail = fwd(lm.params, tokens[:, 30:], pos[:, 30:], cache, mask[:, 30:])
+    want = np.asarray(full.logits[0, 30:])
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(tail.logits[0]), want, atol=1e-4 * scale)
+    plain = models.load("tiny-gqa", weights="gguf")
+    other = np.asarray(jax.jit(plain.model.forward)(plain.params, tokens, pos,
+                                                    plain.model.init_cache(1, slots),
+                                                    mask).logits[0, 30:])
+    assert np.abs(other - want).max() > 1e-3 * scale
+
+
 def test_weights_are_checked_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="weights must be one of float32, gguf, int8"):
+    with pytest.raises(ValueError, match="weights must be one of float32, gguf, gguf_a8, int8"):
         models.load("tiny-llama", weights="int4")
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()

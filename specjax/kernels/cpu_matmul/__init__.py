@@ -49,7 +49,7 @@ def code_path() -> str:
 
 
 def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
-                  max_threads: int = 0, portable: bool = False) -> jax.Array:
+                  max_threads: int = 0, portable: bool = False, act8: bool = False) -> jax.Array:
     """``y [M, N] = x [M, K] @ W^T`` for W's rows ``data [N, R]`` in format ``fmt``.
 
     Args:
@@ -58,18 +58,24 @@ def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
       fmt: a key of :data:`specjax.packed.FORMATS`.
       max_threads: at most this many threads (0: the CPU client's intra-op pool size).
       portable: take the portable code path even where AVX2 + FMA is available.
+      act8: quantise ``x`` to 8 bits per 32-value block first and multiply integers
+        (``q8_0``, ``q4_0``, ``q4_1`` only; :func:`specjax.packed.quantize_activations` is the
+        reference of the quantisation).
     """
-    from specjax.packed import FORMATS, row_bytes
+    from specjax.packed import A8_FORMATS, FORMATS, row_bytes
     ensure_registered()
     m, k = x.shape
     n, r = data.shape
+    if act8 and fmt not in A8_FORMATS:
+        raise ValueError(f"8-bit activations take {', '.join(A8_FORMATS)} weights, not {fmt}")
     if r != row_bytes(fmt, k):
         raise ValueError(f"{fmt} rows of {k} values take {row_bytes(fmt, k)} bytes, W has {r}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
                             vmap_method="expand_dims")
     return call(x.astype(jnp.float32), data, scale.astype(jnp.float32),
                 fmt=np.int64(FORMATS[fmt][0]), k=np.int64(k), n=np.int64(n),
-                max_threads=np.int64(max_threads), portable=np.int64(bool(portable)))
+                max_threads=np.int64(max_threads), portable=np.int64(bool(portable)),
+                act8=np.int64(bool(act8)))
 
 
 __all__ = ["KernelBuildError", "code_path", "ensure_registered", "packed_matmul", "TARGET"]

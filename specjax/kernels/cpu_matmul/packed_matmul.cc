@@ -24,6 +24,15 @@
 //           bit j of qh for value j; w = d * (q - 16)                           (22 B)
 // The block layouts are GGUF's (ggml's "block_q4_1" etc.).
 //
+// 8-bit activations (the `act8` attribute, Q8_0 / Q4_0 / Q4_1 weights only): every 32-value
+// block of every row of x is first quantised as GGUF's Q8_0 quantises (dx = max|x| * (1/127),
+// qx = round-half-even(x * (1 / dx)), 0 for an all-zero block); a weight block times an
+// activation block is then  d_w * dx * sum(qw * qx) + m_w * dx * sum(qx)  with exact integer
+// sums (Q4_1: m_w its min; Q4_0: m_w = -8 d_w; Q8_0: m_w = 0). This is llama.cpp's way of
+// computing with these formats: integer multiply-adds (AVX2 `vpmaddubsw`, 32 products per
+// instruction) instead of float FMAs (8 per instruction), at the price of rounding x to 8 bits:
+// another model than the float32 one (specjax/packed.py: quantize_activations is the reference).
+//
 // Instruction sets: the fused block path (Q8_0, Q4_0, Q4_1, I8), the I8 row dequantiser and the
 // dot products have an AVX2 + FMA version (compiled with a target attribute, so the file builds
 // for any x86-64) beside the portable one; the path is chosen once per process from the CPU's
@@ -36,6 +45,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -378,6 +388,193 @@ SPECJAX_AVX2 bool FusedRow(int64_t fmt, const uint8_t* row, int64_t k, float row
 }
 #endif  // SPECJAX_X86
 
+// ---- 8-bit activations --------------------------------------------------------------------
+
+// x [M, K] quantised per 32-value block: q [M, K] int8, d [M, K/32] (the block's scale) and
+// s [M, K/32] = d * sum(q) (the block's sum, for the weights' min term).
+struct Act8 {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+void QuantizeActivations(const float* x, int64_t m, int64_t k, Act8* a) {
+  const int64_t nb = k / 32;
+  a->q.resize(m * k);
+  a->d.resize(m * nb);
+  a->s.resize(m * nb);
+  for (int64_t i = 0; i < m * nb; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax * (1.0f / 127.0f);
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      // Round half to even (the default rounding mode), as jnp.round does: adding and
+      // subtracting 1.5 * 2^23 rounds any |v| <= 2^22 to an integer in that mode, inline.
+      const float magic = 12582912.0f;
+      const float v = xb[j] * id;
+      const int32_t q = static_cast<int32_t>((v + magic) - magic);
+      a->q[i * 32 + j] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    a->d[i] = d;
+    a->s[i] = d * static_cast<float>(sum);
+  }
+}
+
+// Scale and min of block b of a Q8_0 / Q4_0 / Q4_1 row as (d_w, m_w) with w = d_w * qw + m_w,
+// qw the block's unsigned nibbles (Q4_*) or signed bytes (Q8_0).
+template <int64_t F>
+inline void BlockScaleMin(const uint8_t* blk, float* d, float* m) {
+  *d = LoadHalf(blk);
+  if constexpr (F == kQ4_1) *m = LoadHalf(blk + 2);
+  else if constexpr (F == kQ4_0) *m = -8.0f * *d;
+  else *m = 0.0f;
+}
+
+template <int64_t F>
+constexpr int64_t BlockBytesOf() { return F == kQ8_0 ? 34 : (F == kQ4_1 ? 20 : 18); }
+
+// Portable: y[r * ldy] = row . x[r] for every row r of the quantised activations.
+template <int64_t F>
+void Act8RowPortable(const uint8_t* row, int64_t k, const Act8& a, int64_t m, float* y,
+                     int64_t ldy) {
+  const int64_t nb = k / 32;
+  for (int64_t r = 0; r < m; ++r) {
+    const int8_t* xq = a.q.data() + r * k;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * BlockBytesOf<F>();
+      float dw, mw;
+      BlockScaleMin<F>(blk, &dw, &mw);
+      const int8_t* xb = xq + b * 32;
+      int32_t sum = 0;
+      if constexpr (F == kQ8_0) {
+        const int8_t* qw = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int j = 0; j < 32; ++j) sum += qw[j] * xb[j];
+      } else {
+        const uint8_t* qs = blk + (F == kQ4_1 ? 4 : 2);
+        for (int j = 0; j < 16; ++j) sum += (qs[j] & 0x0F) * xb[j] + (qs[j] >> 4) * xb[j + 16];
+      }
+      acc += dw * a.d[r * nb + b] * static_cast<float>(sum) + mw * a.s[r * nb + b];
+    }
+    y[r * ldy] = acc;
+  }
+}
+
+#if SPECJAX_X86
+// AVX2: a weight block's 32 quants in one register (unsigned; Q8_0 as |qw| with the signs moved
+// onto x), `vpmaddubsw` + `vpmaddwd` give 8 int32 partial sums per activation row, converted and
+// scaled into float accumulators. R (1..4) rows of x per pass, two accumulators per row.
+// One block b of the row into acc[r] for R rows of x; returns the block's m_w (its min term is
+// added after the loop, as a dot product of the row's m_w with the rows' block sums).
+template <int64_t F, int R>
+SPECJAX_AVX2 inline float Act8Block(const uint8_t* row, int64_t b, int64_t k, int64_t nb,
+                                    const int8_t* xq, const float* xd, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* blk = row + b * BlockBytesOf<F>();
+  const float dwf = LoadHalfF16c(blk);
+  const __m256 dw = _mm256_set1_ps(dwf);
+  __m256i qw, signs;
+  float mw = 0.0f;
+  if constexpr (F == kQ8_0) {
+    signs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    qw = _mm256_sign_epi8(signs, signs);
+  } else {
+    mw = F == kQ4_1 ? LoadHalfF16c(blk + 2) : -8.0f * dwf;
+    const __m128i q =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (F == kQ4_1 ? 4 : 2)));
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low_mask),
+                          _mm_and_si128(q, low_mask));
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * 32));
+    if constexpr (F == kQ8_0) xv = _mm256_sign_epi8(xv, signs);
+    const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, xv), ones);
+    const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(sums),
+                                        _mm256_broadcast_ss(xd + r * nb + b));
+    acc[r] = _mm256_fmadd_ps(scaled, dw, acc[r]);
+  }
+  return mw;
+}
+
+// AVX2: a weight block's 32 quants in one register (unsigned; Q8_0 as |qw| with the signs moved
+// onto x), `vpmaddubsw` + `vpmaddwd` give 8 int32 partial sums per activation row, converted and
+// scaled into float accumulators. R (1..4) rows of x per pass; even and odd blocks go to two
+// sets of accumulators (independent FMA chains), all held in registers. `mins` is scratch for
+// the row's block mins (nb floats).
+template <int64_t F, int R>
+SPECJAX_AVX2 void Act8Tile(const uint8_t* row, int64_t k, const int8_t* xq, const float* xd,
+                           const float* xs, float* mins, float* y, int64_t ldy) {
+  const int64_t nb = k / 32;
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    mins[b] = Act8Block<F, R>(row, b, k, nb, xq, xd, acc0);
+    mins[b + 1] = Act8Block<F, R>(row, b + 1, k, nb, xq, xd, acc1);
+  }
+  if (b < nb) mins[b] = Act8Block<F, R>(row, b, k, nb, xq, xd, acc0);
+  for (int r = 0; r < R; ++r) {
+    float min_term = 0.0f;
+    if constexpr (F != kQ8_0) {
+      __m256 m_acc = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= nb; j += 8)
+        m_acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + j), _mm256_loadu_ps(xs + r * nb + j),
+                                m_acc);
+      min_term = HorizontalSum(m_acc);
+      for (; j < nb; ++j) min_term += mins[j] * xs[r * nb + j];
+    }
+    y[r * ldy] = HorizontalSum(_mm256_add_ps(acc0[r], acc1[r])) + min_term;
+  }
+}
+
+template <int64_t F>
+SPECJAX_AVX2 void Act8RowsAvx2(const uint8_t* row, int64_t k, const Act8& a, int64_t m,
+                               float* y, int64_t ldy) {
+  const int64_t nb = k / 32;
+  const int8_t* xq = a.q.data();
+  const float* xd = a.d.data();
+  const float* xs = a.s.data();
+  thread_local std::vector<float> mins;
+  if (static_cast<int64_t>(mins.size()) < nb) mins.resize(nb);
+  float* mn = mins.data();
+  auto tile = [&](auto rows, int64_t r) {
+    Act8Tile<F, decltype(rows)::value>(row, k, xq + r * k, xd + r * nb, xs + r * nb, mn,
+                                       y + r * ldy, ldy);
+  };
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) tile(std::integral_constant<int, 4>(), r);
+  switch (m - r) {
+    case 3: tile(std::integral_constant<int, 3>(), r); break;
+    case 2: tile(std::integral_constant<int, 2>(), r); break;
+    case 1: tile(std::integral_constant<int, 1>(), r); break;
+    default: break;
+  }
+}
+#endif  // SPECJAX_X86
+
+void Act8Row(int64_t fmt, bool avx2, const uint8_t* row, int64_t k, const Act8& a, int64_t m,
+             float* y, int64_t ldy) {
+#if SPECJAX_X86
+  if (avx2) {
+    switch (fmt) {
+      case kQ8_0: Act8RowsAvx2<kQ8_0>(row, k, a, m, y, ldy); return;
+      case kQ4_0: Act8RowsAvx2<kQ4_0>(row, k, a, m, y, ldy); return;
+      default: Act8RowsAvx2<kQ4_1>(row, k, a, m, y, ldy); return;
+    }
+  }
+#endif
+  switch (fmt) {
+    case kQ8_0: Act8RowPortable<kQ8_0>(row, k, a, m, y, ldy); return;
+    case kQ4_0: Act8RowPortable<kQ4_0>(row, k, a, m, y, ldy); return;
+    default: Act8RowPortable<kQ4_1>(row, k, a, m, y, ldy); return;
+  }
+}
+
 bool HasAvx2Fma() {
 #if SPECJAX_X86 && defined(__GNUC__)
   __builtin_cpu_init();
@@ -426,12 +623,18 @@ struct Problem {
   float* y;              // [M, N]
   int64_t m, n, k, row_bytes, fmt;
   bool avx2;
+  const Act8* act8;      // the quantised x (8-bit activations), or null
 };
 
 // Output rows [begin, end) of the problem.
 void RunRows(const Problem& p, int64_t begin, int64_t end) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < p.k) buf.resize(p.k);
+  if (p.act8 != nullptr) {
+    for (int64_t n = begin; n < end; ++n)
+      Act8Row(p.fmt, p.avx2, p.w + n * p.row_bytes, p.k, *p.act8, p.m, p.y + n, p.n);
+    return;
+  }
   for (int64_t n = begin; n < end; ++n) {
 #if SPECJAX_X86
     if (p.avx2 && FusedRow(p.fmt, p.w + n * p.row_bytes, p.k, p.fmt == kI8 ? p.scale[n] : 1.0f,
@@ -455,6 +658,7 @@ void RunRows(const Problem& p, int64_t begin, int64_t end) {
 // alive through its shared_ptr), and the caller never waits for a task that has not started.
 struct SharedWork {
   Problem problem;
+  Act8 act8;
   int64_t chunk_rows, num_chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -470,7 +674,8 @@ struct SharedWork {
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t fmt,
-                        int64_t k, int64_t n, int64_t max_threads, int64_t portable) {
+                        int64_t k, int64_t n, int64_t max_threads, int64_t portable,
+                        int64_t act8) {
   if (fmt < 0 || fmt >= kNumFormats)
     return ffi::Error::InvalidArgument("packed_matmul: unknown weight format");
   if (k <= 0 || n <= 0 || k % kBlockValues[fmt] != 0)
@@ -488,11 +693,19 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("packed_matmul: y's size is not M * N");
   if (fmt == kI8 && static_cast<int64_t>(scale.element_count()) != n)
     return ffi::Error::InvalidArgument("packed_matmul: I8 needs one scale per output row");
+  if (act8 != 0 && fmt != kQ8_0 && fmt != kQ4_0 && fmt != kQ4_1)
+    return ffi::Error::InvalidArgument("packed_matmul: 8-bit activations take Q8_0, Q4_0 or "
+                                       "Q4_1 weights");
   if (m == 0) return ffi::Error::Success();
 
   auto work = std::make_shared<SharedWork>();
   work->problem = Problem{x.typed_data(), w.typed_data(), scale.typed_data(),
-                          y->typed_data(), m, n, k, row_bytes, fmt, UseAvx2() && portable == 0};
+                          y->typed_data(), m, n, k, row_bytes, fmt, UseAvx2() && portable == 0,
+                          nullptr};
+  if (act8 != 0) {
+    QuantizeActivations(x.typed_data(), m, k, &work->act8);
+    work->problem.act8 = &work->act8;
+  }
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (max_threads > 0) threads = std::min(threads, max_threads);
   // About four chunks per thread balance the load; each chunk keeps >= 16 rows.
@@ -524,7 +737,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxPackedMatmul, specjax::PackedMatmul,
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("max_threads")
-                                  .Attr<int64_t>("portable"));
+                                  .Attr<int64_t>("portable")
+                                  .Attr<int64_t>("act8"));
 
 // Which code path the kernel takes in this process: 2 = AVX2 + FMA, 1 = portable.
 extern "C" int SpecjaxPackedMatmulPath() { return specjax::UseAvx2() ? 2 : 1; }
