@@ -204,8 +204,10 @@ def packed_weights_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file
 
     Tensors of a type the kernel reads (:data:`specjax.packed.GGUF_FORMATS`) keep their bytes
     (q / k rows un-permuted as whole rows). A fused group (q, k, v; gate, up) or a name whose
-    tensors differ in type between its parts or layers, or a type the kernel does not read, is
-    dequantised to ``f32`` rows instead (lossless, but without the bytes saved).
+    tensors differ in type between its parts or layers is widened to ``q8_0`` when every type
+    is Q8_0, Q5_0 or Q4_0 (the same values exactly: :func:`specjax.packed.widen_to_q8_0`; e.g.
+    Gemma 3's and Qwen2.5's q / k / v); otherwise, or for a type the kernel does not read, it is
+    dequantised to ``f32`` rows (lossless, but without the bytes saved).
     """
     from gguf.quants import dequantize
     arch = _field(reader, "general.architecture")
@@ -240,6 +242,11 @@ def packed_weights_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file
         if len(fmts) == 1 and None not in fmts:
             return packed.PackedWeight(np.concatenate([p[1] for p in parts]),
                                        np.zeros((1,), np.float32), fmts.pop(), k)
+        if fmts <= set(packed.WIDENS_TO_Q8_0):
+            wide = [packed.widen_to_q8_0(packed.PackedWeight(p[1], np.zeros((1,), np.float32),
+                                                             p[0], k)) for p in parts]
+            return packed.PackedWeight(np.concatenate([w.data for w in wide]),
+                                       np.zeros((1,), np.float32), "q8_0", k)
         return as_f32(parts)
 
     c = config
@@ -253,7 +260,10 @@ def packed_weights_from_gguf(reader, config: LlamaConfig, path: str = "GGUF file
     for name, parts in groups.items():
         per_layer = [weight([(f"blk.{i}.{n}", h) for n, h in parts])
                      for i in range(c.num_layers)]
-        if len({w.fmt for w in per_layer}) > 1:
+        fmts = {w.fmt for w in per_layer}
+        if len(fmts) > 1 and fmts <= set(packed.WIDENS_TO_Q8_0):
+            per_layer = [packed.widen_to_q8_0(w) for w in per_layer]
+        elif len(fmts) > 1:
             per_layer = [packed.pack_f32(packed_np_dequantize(w)) for w in per_layer]
         out[name] = packed.stack(per_layer)
     out["embedding"] = weight([("token_embd.weight", None)])

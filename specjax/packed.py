@@ -280,6 +280,37 @@ def pack_gguf(w: np.ndarray, fmt: str) -> PackedWeight:
                         fmt, w.shape[-1])
 
 
+# Formats whose every value is d * (integer in [-128, 127]) with Q8_0's f16 block scale d: they
+# widen to Q8_0 exactly (widen_to_q8_0).
+WIDENS_TO_Q8_0 = ("q8_0", "q4_0", "q5_0")
+
+
+def widen_to_q8_0(w: PackedWeight) -> PackedWeight:
+    """A ``q4_0`` / ``q5_0`` weight (numpy) rewritten as ``q8_0`` with the same values exactly:
+    each block keeps its f16 scale ``d`` and its integers ``q - 8`` / ``q - 16`` become int8.
+    Lets tensors of these formats share one format (a fused q / k / v group, a stack of layers)
+    at 34 bytes per 32 values instead of float32's 128."""
+    if w.fmt == "q8_0":
+        return w
+    if w.fmt not in WIDENS_TO_Q8_0:
+        raise ValueError(f"{w.fmt} does not widen to q8_0 exactly")
+    _, values, nbytes = FORMATS[w.fmt]
+    data = np.asarray(w.data)
+    blocks = data.reshape(data.shape[:-1] + (data.shape[-1] // nbytes, nbytes))
+    if w.fmt == "q4_0":
+        qs = blocks[..., 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16) - 8
+    else:  # q5_0: qh (uint32 LE) holds the fifth bit of value j at bit j
+        qh = blocks[..., 2:6].copy().view("<u4")[..., 0].astype(np.uint32)
+        qs = blocks[..., 6:]
+        nib = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)
+        bits = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+        q = (nib | (bits.astype(np.int16) << 4)) - 16
+    out = np.concatenate([blocks[..., :2], q.astype(np.int8).view(np.uint8)], axis=-1)
+    return PackedWeight(np.ascontiguousarray(out.reshape(data.shape[:-1] + (-1,))),
+                        np.asarray(w.scale), "q8_0", w.in_features)
+
+
 def stack(weights: list) -> PackedWeight:
     """Stacks equal-format :class:`PackedWeight` s (numpy) along a new leading axis."""
     fmts = {(w.fmt, w.in_features) for w in weights}
@@ -308,6 +339,6 @@ def is_packed(leaf) -> bool:
 
 
 __all__ = ["A8_FORMATS", "FORMATS", "GGUF_FORMATS", "dequantize_activations",
-           "quantize_activations", "PackedWeight", "dequantize", "linear", "pack_f32",
+           "quantize_activations", "widen_to_q8_0", "WIDENS_TO_Q8_0", "PackedWeight", "dequantize", "linear", "pack_f32",
            "pack_gguf", "pack_int8", "row_bytes", "stack", "take_rows", "zeros", "as_jax",
            "is_packed"]

@@ -355,11 +355,28 @@ def test_weights_are_checked_before_loading(tmp_path):
         models.check_weights("gguf", str(hf_dir))
 
 
-def _write_quantized_gguf(path, config, params):
+@pytest.mark.parametrize("fmt", ["q4_0", "q5_0"])
+def test_widen_to_q8_0_keeps_every_value(fmt):
+    rng = np.random.default_rng(9)
+    w = _random_weight(rng, fmt, 7, 96)
+    wide = packed.widen_to_q8_0(w)
+    assert wide.fmt == "q8_0" and wide.data.shape == (7, 3 * 34)
+    np.testing.assert_array_equal(_numpy_values(wide), _numpy_values(w))
+    stacked = packed.stack([w, _random_weight(rng, fmt, 7, 96)])  # [L, N, R] too
+    np.testing.assert_array_equal(
+        np.asarray(packed.dequantize(packed.as_jax(packed.widen_to_q8_0(stacked), jnp.float32))),
+        np.asarray(packed.dequantize(packed.as_jax(stacked, jnp.float32))))
+    with pytest.raises(ValueError, match="does not widen"):
+        packed.widen_to_q8_0(_random_weight(rng, "q4_1", 2, 32))
+
+
+def _write_quantized_gguf(path, config, params, widening=False):
     """A llama-architecture GGUF of float ``params`` (specjax layout), laid out as llama.cpp's
     converter writes it (q / k rows permuted), with MIXED block types: attn_v in Q8_0 (so the
     fused q/k/v group differs in type), ffn_down Q8_0 in layer 0 only (so the stack differs
-    across layers), the other projections Q4_1, the embedding Q8_0, the untied head Q4_1."""
+    across layers), the other projections Q4_1, the embedding Q8_0, the untied head Q4_1.
+    ``widening``: q / k in Q5_0 and ffn_down Q4_0 after layer 0 instead (types that widen to
+    Q8_0 exactly, as Gemma 3's and Qwen2.5's files mix them)."""
     import gguf
     from models.gguf import unpermute_rows
     c = config
@@ -396,13 +413,15 @@ def _write_quantized_gguf(path, config, params):
         qkv = rows["wqkv"][i]
         assert np.array_equal(unpermute_rows(permute(qkv[:hd], c.num_heads), c.num_heads),
                               qkv[:hd])
-        put(f"blk.{i}.attn_q.weight", permute(qkv[:hd], c.num_heads), q.Q4_1)
-        put(f"blk.{i}.attn_k.weight", permute(qkv[hd:hd + kd], c.num_kv_heads), q.Q4_1)
+        qk = q.Q5_0 if widening else q.Q4_1
+        put(f"blk.{i}.attn_q.weight", permute(qkv[:hd], c.num_heads), qk)
+        put(f"blk.{i}.attn_k.weight", permute(qkv[hd:hd + kd], c.num_kv_heads), qk)
         put(f"blk.{i}.attn_v.weight", qkv[hd + kd:], q.Q8_0)
         put(f"blk.{i}.attn_output.weight", rows["wo"][i], q.Q4_1)
         put(f"blk.{i}.ffn_gate.weight", rows["w_gate_up"][i][:c.intermediate_size], q.Q4_1)
         put(f"blk.{i}.ffn_up.weight", rows["w_gate_up"][i][c.intermediate_size:], q.Q4_1)
-        put(f"blk.{i}.ffn_down.weight", rows["w_down"][i], q.Q8_0 if i == 0 else q.Q4_1)
+        put(f"blk.{i}.ffn_down.weight", rows["w_down"][i],
+            q.Q8_0 if i == 0 else (q.Q4_0 if widening else q.Q4_1))
         put(f"blk.{i}.attn_norm.weight", lay["attn_norm"][i])
         put(f"blk.{i}.ffn_norm.weight", lay["mlp_norm"][i])
     w.write_header_to_file()
@@ -411,17 +430,19 @@ def _write_quantized_gguf(path, config, params):
     w.close()
 
 
-def test_gguf_blocks_load_as_the_file_stores_them(tmp_path):
+@pytest.mark.parametrize("widening", [False, True])
+def test_gguf_blocks_load_as_the_file_stores_them(tmp_path, widening):
     """--weights=gguf on a GGUF file: uniform tensors keep their blocks (q / k rows
-    un-permuted), mixed groups / stacks fall back to f32 rows, and the model computes what the
-    float32 load of the same file computes."""
+    un-permuted), mixed groups / stacks of Q8_0 / Q5_0 / Q4_0 widen to Q8_0, other mixes fall
+    back to f32 rows, and the model computes what the float32 load of the same file computes."""
     config = models.TINY_CONFIGS["tiny-llama"]
     path = tmp_path / "tiny.gguf"
-    _write_quantized_gguf(path, config, models.tiny_params(config))
+    _write_quantized_gguf(path, config, models.tiny_params(config), widening=widening)
     packed_lm = models.load(str(path), weights="gguf")
     float_lm = models.load(str(path))
+    mixed = "q8_0" if widening else "f32"
     assert dict(packed_lm.model.config.weight_formats) == {
-        "wqkv": "f32", "wo": "q4_1", "w_gate_up": "q4_1", "w_down": "f32",
+        "wqkv": mixed, "wo": "q4_1", "w_gate_up": "q4_1", "w_down": mixed,
         "embedding": "q8_0", "lm_head": "q4_1"}
     t, slots = 6, 8
     tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]], jnp.int32)
