@@ -366,7 +366,8 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     if choices is not None and tree != "static":
         raise ValueError(f"tree={tree!r} with explicit choices: use tree='static'")
     if tree != "chain" and choices is None:
-        choices = head_weights.tuned_tree(None if tree == "static" else tree, path)[0]
+        choices = head_weights.tuned_tree(None if tree == "static" else tree, path,
+                                          head_weights.is_packed(target))[0]
     drafter = _file_drafter(path, config, target, tree="chain" if tree == "chain" else "static",
                             choices=choices, max_nodes=max_nodes)
     return drafter, load_weights(path, drafter)

@@ -237,7 +237,8 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     its draft vocabulary and feature layers are the file's.
 
     ``tree``: ``"static"`` (the tree tuned for these weights, ``eagle3.tree.json``, when there
-    is one, else :data:`drafters.eagle.DEFAULT_CHOICES`), ``"tunedN"``, ``"generic"``
+    is one, at its default size for the target's weight format; else
+    :data:`drafters.eagle.DEFAULT_CHOICES`), ``"tunedN"``, ``"generic"``
     (``DEFAULT_CHOICES``) or ``"dynamic"`` (EAGLE-2: ``top_k`` / ``depth`` / ``budget`` in
     ``create_kwargs``).
     """
@@ -253,7 +254,8 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     kwargs = dict(create_kwargs)
     if tree != "dynamic" and kwargs.get("choices") is None:
         # A tuned file's draft_vocab does not apply: the draft vocabulary is the weights' map.
-        kwargs["choices"] = head_weights.tuned_tree(None if tree == "static" else tree, path)[0]
+        kwargs["choices"] = head_weights.tuned_tree(None if tree == "static" else tree, path,
+                                                    head_weights.is_packed(target))[0]
     elif tree not in ("static", "dynamic"):
         raise ValueError(f"tree={tree!r} with explicit choices: use tree='static'")
     drafter = Eagle3Drafter.create(target, config.get("draft_vocab") or 0,

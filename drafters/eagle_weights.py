@@ -70,7 +70,8 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
         drafter = EagleDrafter.create(target, "dynamic", **kwargs)
     else:
         if kwargs.get("choices") is None:
-            choices, vocab = head_weights.tuned_tree(None if tree == "static" else tree, path)
+            choices, vocab = head_weights.tuned_tree(None if tree == "static" else tree, path,
+                                                     head_weights.is_packed(target))
             kwargs["choices"] = choices
             kwargs.setdefault("draft_vocab", vocab)
         elif tree != "static":

@@ -142,11 +142,13 @@ TREE_HELP = ("tuned (the tree tuned for these weights, its default size), tunedN
              "N-node tree), generic (the drafter's built-in tree)")
 
 
-def tuned_tree(tree: Optional[str], weights_path: str) -> tuple[Optional[list], int]:
+def tuned_tree(tree: Optional[str], weights_path: str,
+               packed: bool = False) -> tuple[Optional[list], int]:
     """``(choices, draft_vocab)`` of the Medusa / Hydra tree that ``tree`` names for the
     weights at ``weights_path``.
 
-    ``tree``: ``"tuned"`` (the tuned file's default size and its ``draft_vocab``), ``"tunedN"``
+    ``tree``: ``"tuned"`` (the tuned file's default size, its packed-weights default when
+    ``packed`` and the file has one, and its ``draft_vocab``), ``"tunedN"``
     (its first N choices: the best N-node tree on its tuning data), ``"generic"`` (``(None,
     0)``: the drafter's ``DEFAULT_CHOICES``, whole vocabulary), or None (tuned when the weights
     have a tuned file, else generic).
@@ -165,8 +167,14 @@ def tuned_tree(tree: Optional[str], weights_path: str) -> tuple[Optional[list], 
     if not match:
         raise ValueError(f"unknown tree {tree!r}: use {TREE_HELP}")
     tuned = tree_tuning.load_tree_file(path)
-    choices = tuned.choices(int(match.group(1)) if match.group(1) else None)
+    choices = tuned.choices(int(match.group(1)) if match.group(1) else None, packed=packed)
     return [list(c) for c in choices], tuned.draft_vocab
+
+
+def is_packed(model) -> bool:
+    """Whether a target (a ``LlamaModel``) keeps its weights packed (``--weights=gguf|gguf_a8|
+    int8``): tuned trees then take their packed-weights default size."""
+    return bool(getattr(getattr(model, "config", None), "weight_formats", ()))
 
 
 DRAFTER_NAMES = ("blockwise", "medusa", "hydra")
@@ -220,7 +228,7 @@ def load_shipped(name: str, target, model_name: Optional[str] = None, *,
     config, _ = read_weights(path)
     kwargs = dict(drafter_kwargs)
     if choices is None and name in ("medusa", "hydra"):
-        choices, vocab = tuned_tree(tree, path)
+        choices, vocab = tuned_tree(tree, path, is_packed(target))
         kwargs.setdefault("draft_vocab", vocab)
     elif tree is not None and (name not in ("medusa", "hydra") or choices is not None):
         raise ValueError(f"tree={tree!r} applies to medusa / hydra without explicit choices")

@@ -301,7 +301,7 @@ def build(ctx: registry.BuildContext, options: TokenRecyclingOptions):
     choices = None
     if options.tree != "generic" and os.path.exists(head_weights.tree_file_of(path)):
         choices = head_weights.tuned_tree(None if options.tree == "static" else options.tree,
-                                          path)[0]
+                                          path, head_weights.is_packed(ctx.lm.model))[0]
     elif options.tree.startswith("tuned"):
         head_weights.tuned_tree(options.tree, path)  # raises: no tuned tree for this model
     drafter = TokenRecyclingDrafter.create(ctx.lm.model.vocab_size, choices, options.table_width)

@@ -96,6 +96,10 @@ flags.DEFINE_integer("measure_prompts", 6, "Held-out prompts decoded per timed s
 flags.DEFINE_integer("max_new_tokens", 128, "New tokens per timed prompt.", lower_bound=1)
 flags.DEFINE_integer("default_nodes", 0, "The file's default size (0 = the best measured).",
                      lower_bound=0)
+flags.DEFINE_integer("packed_default_nodes", 0, "The file's default size for targets with "
+                     "packed weights (--weights=gguf|gguf_a8|int8), e.g. the best size of a "
+                     "tune_tree run with --weights=gguf (0 = the default size for every "
+                     "format).", lower_bound=0)
 flags.DEFINE_integer("draft_vocab", 0, "Draft only token ids < N (0 = all): the heads read "
                      "N / V of the LM head per round; stored with the tree.", lower_bound=0)
 flags.DEFINE_string("output", None, "Tree file; default: <weights>.tree.json.")
@@ -349,6 +353,8 @@ def main(argv):
             raise common.UserError("--measure_prompts=0 needs --default_nodes")
         if FLAGS.default_nodes > FLAGS.max_nodes:
             raise common.UserError("--default_nodes is over --max_nodes")
+        if FLAGS.packed_default_nodes > FLAGS.max_nodes:
+            raise common.UserError("--packed_default_nodes is over --max_nodes")
         common.check_outputs(FLAGS, "output")
         method_flags.model_config(FLAGS)  # an unknown or malformed model, before the load
         if FLAGS.corpus_dir:
@@ -411,10 +417,13 @@ def main(argv):
             "command": "python -m experiments.tune_tree " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
         }
+        info["weights_format"] = FLAGS.weights
         tree_tuning.save_tree_file(output, tree_tuning.TunedTree(
-            tuple(order), default_nodes, FLAGS.draft_vocab, info))
+            tuple(order), default_nodes, FLAGS.draft_vocab, info, FLAGS.packed_default_nodes))
         _say(f"wrote {output}: {len(order)} choices, default {default_nodes} nodes: "
-             f"{[list(c) for c in order[:default_nodes]]}")
+             f"{[list(c) for c in order[:default_nodes]]}"
+             + (f"; {FLAGS.packed_default_nodes} for packed weights"
+                if FLAGS.packed_default_nodes else ""))
 
 
 if __name__ == "__main__":

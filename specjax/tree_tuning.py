@@ -137,16 +137,24 @@ class TunedTree:
       default_nodes: the size used by default (the best measured speed).
       draft_vocab: the drafter's ``draft_vocab`` the order was tuned with (0 = all ids).
       info: how it was made (data, measured figures, date).
+      packed_default_nodes: the default size for a target with packed weights (``--weights=
+        gguf|gguf_a8|int8``), tuned on that format's timings, where steps are cheaper and wide
+        verifies dearer than in float32; 0: ``default_nodes`` for every format.
     """
 
     order: tuple
     default_nodes: int
     draft_vocab: int = 0
     info: dict = dataclasses.field(default_factory=dict, compare=False)
+    packed_default_nodes: int = 0
 
-    def choices(self, num_nodes: Optional[int] = None) -> list[tuple[int, ...]]:
-        """The tuned tree of ``num_nodes`` drafted nodes (default ``default_nodes``)."""
-        n = self.default_nodes if num_nodes is None else num_nodes
+    def choices(self, num_nodes: Optional[int] = None,
+                packed: bool = False) -> list[tuple[int, ...]]:
+        """The tuned tree of ``num_nodes`` drafted nodes (default: ``default_nodes``, or
+        ``packed_default_nodes`` when it is set and ``packed``: the target's weights are)."""
+        default = self.packed_default_nodes if packed and self.packed_default_nodes \
+            else self.default_nodes
+        n = default if num_nodes is None else num_nodes
         if not 1 <= n <= len(self.order):
             raise ValueError(f"a tuned tree has 1..{len(self.order)} nodes, asked for {n}")
         return list(self.order[:n])
@@ -155,13 +163,15 @@ class TunedTree:
 def save_tree_file(path: str, tuned: TunedTree) -> str:
     """Writes ``tuned`` as JSON, atomically (:class:`TunedTreeError` if it is invalid)."""
     order = [list(map(int, c)) for c in tuned.order]
-    _validate(order, tuned.default_nodes, tuned.draft_vocab, path)
+    _validate(order, tuned.default_nodes, tuned.draft_vocab, path, tuned.packed_default_nodes)
     doc = {"format": TREE_FILE_FORMAT, "default_nodes": int(tuned.default_nodes),
            "draft_vocab": int(tuned.draft_vocab), "order": order, "info": tuned.info}
+    if tuned.packed_default_nodes:
+        doc["packed_default_nodes"] = int(tuned.packed_default_nodes)
     return write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
-def _validate(order, default_nodes, draft_vocab, path) -> None:
+def _validate(order, default_nodes, draft_vocab, path, packed_default_nodes=0) -> None:
     seen = set()
     for c in order:
         c = tuple(c)
@@ -175,6 +185,9 @@ def _validate(order, default_nodes, draft_vocab, path) -> None:
     if not 1 <= default_nodes <= len(order):
         raise TunedTreeError(f"{path}: default_nodes {default_nodes} is not in 1.."
                              f"{len(order)}; re-run experiments/tune_tree.py")
+    if not 0 <= packed_default_nodes <= len(order):
+        raise TunedTreeError(f"{path}: packed_default_nodes {packed_default_nodes} is not in "
+                             f"0..{len(order)}; re-run experiments/tune_tree.py")
     if draft_vocab < 0:
         raise TunedTreeError(f"{path}: draft_vocab {draft_vocab} < 0")
 
@@ -196,9 +209,10 @@ def load_tree_file(path: str) -> TunedTree:
             raise ValueError(f"format {doc.get('format')!r}, expected {TREE_FILE_FORMAT!r}")
         order = tuple(tuple(int(r) for r in c) for c in doc["order"])
         tuned = TunedTree(order, int(doc["default_nodes"]), int(doc.get("draft_vocab", 0)),
-                          dict(doc.get("info", {})))
+                          dict(doc.get("info", {})), int(doc.get("packed_default_nodes", 0)))
     except Exception as e:  # JSON, key and type errors of a damaged file
         raise TunedTreeError(f"tuned tree file {path} is damaged ({type(e).__name__}: {e}); "
                              "re-run experiments/tune_tree.py") from None
-    _validate(tuned.order, tuned.default_nodes, tuned.draft_vocab, path)
+    _validate(tuned.order, tuned.default_nodes, tuned.draft_vocab, path,
+              tuned.packed_default_nodes)
     return tuned

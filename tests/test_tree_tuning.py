@@ -1,5 +1,6 @@
 """Tuned static trees: optimal node choice, exact expected acceptance, tree files, head ranks."""
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -14,6 +15,7 @@ import tinymodels as kit
 from drafters import head_weights, heads
 from drafters.hydra import HydraDrafter
 from drafters.medusa import DEFAULT_CHOICES, MedusaDrafter
+from models.llama import LlamaModel
 from specjax import accept, tree_tuning
 from specjax.tree import DraftTree
 
@@ -124,9 +126,18 @@ def test_tree_file_round_trip_and_damage(tmp_path):
     assert back.choices() == [(0,), (1,), (0, 0)] and back.choices(4) == list(order)
     with pytest.raises(ValueError, match="1..4"):
         back.choices(5)
+    # a second default for packed targets, kept through the file; absent: the one default
+    both = tree_tuning.TunedTree(order, 3, 4096, {}, packed_default_nodes=1)
+    tree_tuning.save_tree_file(str(tmp_path / "both.tree.json"), both)
+    back2 = tree_tuning.load_tree_file(str(tmp_path / "both.tree.json"))
+    assert back2.packed_default_nodes == 1
+    assert back2.choices() == [(0,), (1,), (0, 0)] and back2.choices(packed=True) == [(0,)]
+    assert back2.choices(4, packed=True) == list(order)  # an explicit size wins
+    assert back.choices(packed=True) == back.choices()
     T = tree_tuning.TunedTree
     for bad, match in ((T(((0, 0), (0,)), 1), "prefix"), (T(order, 5), "default_nodes"),
-                       (T(order, 2, 2), "draft_vocab")):
+                       (T(order, 2, 2), "draft_vocab"),
+                       (T(order, 2, packed_default_nodes=5), "packed_default_nodes")):
         with pytest.raises(tree_tuning.TunedTreeError, match=match):
             tree_tuning.save_tree_file(path, bad)
     assert tree_tuning.load_tree_file(path) == tuned  # a failed save left the file alone
@@ -246,6 +257,16 @@ def test_load_shipped_picks_the_tuned_tree(target, tmp_path):
     for bad, match in (("tuned7", "1..6"), ("tuned0", "1..6"), ("wide", "unknown tree")):
         with pytest.raises(ValueError, match=match):
             head_weights.load_shipped("medusa", model, path=weights, tree=bad)
+    # a packed target (--weights=gguf) takes the file's packed default size
+    tree_tuning.save_tree_file(head_weights.tree_file_of(weights), tree_tuning.TunedTree(
+        order, 4, draft_vocab=40, packed_default_nodes=2))
+    packed_model = LlamaModel(dataclasses.replace(model.config,
+                                                  weight_formats=(("wqkv", "q4_1"),)))
+    assert head_weights.is_packed(packed_model) and not head_weights.is_packed(model)
+    assert head_weights.load_shipped("medusa", packed_model, path=weights)[0].tree == \
+        DraftTree.from_choices(order[:2])
+    assert head_weights.load_shipped("medusa", model, path=weights)[0].tree == \
+        DraftTree.from_choices(order[:4])
 
 
 def test_eagle_load_shipped_tree_options(target, tmp_path):
