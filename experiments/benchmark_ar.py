@@ -23,7 +23,8 @@ Then the verify forward: one target forward of ``T`` new tokens over a cache of
 (median of ``--verify_calls`` calls, in ms and relative to that format's ``T = 1``): what a
 speculative round's verification costs. For a packed format also the packed products alone
 (every layer's four and the LM head on ``T`` rows, in one program) with the multiply-adds/s
-and weight bytes/s they reach: the kernel's share of that cost.
+and weight bytes/s they reach: the kernel's share of that cost (``--product_isas=avx2,avx512``
+times them once per instruction set).
 
   python -m experiments.benchmark_ar                                # 3 prompts, 128 tokens
   python -m experiments.benchmark_ar --weights_list=float32,gguf,int8 --max_new_tokens=64
@@ -63,6 +64,8 @@ flags.DEFINE_list("verify_widths", ["1", "2", "3", "4", "8", "16"], "Verify-forw
                   "(empty: skip the verify timing).")
 flags.DEFINE_integer("verify_cache_len", 256, "Filled cache slots in the verify timing.",
                      lower_bound=0)
+flags.DEFINE_list("product_isas", ["auto"], "Kernel instruction sets the packed products are "
+                  "timed with (auto = the CPU's best; e.g. avx2,avx512 to compare them).")
 flags.DEFINE_integer("verify_calls", 20, "Calls per verify timing (median).", lower_bound=1)
 flags.DEFINE_string("output_json", None, "Write the results here (atomically).")
 flags.DEFINE_string("output_md", None, "Write a Markdown table here (atomically).")
@@ -127,7 +130,7 @@ def _time_verify(model, params, widths, cache_len, calls):
     return out
 
 
-def _time_products(model, params, widths, calls):
+def _time_products(model, params, widths, calls, isa="auto"):
     """For a packed model: ``{T: (median ms, G multiply-adds/s, GB/s)}`` of every packed product
     of one forward (each layer's ``wqkv``, ``wo``, ``w_gate_up``, ``w_down`` and the LM head) on
     ``T`` rows of random activations, in one jitted program (a scan over the layers, as the
@@ -148,11 +151,11 @@ def _time_products(model, params, widths, calls):
         def body(carry, ws):
             total = carry
             for name in PACKED_LAYER_NAMES:  # a dependency, so nothing is skipped
-                y = packed.linear(xs[name] + total, ws[name], act8=act8)
+                y = packed.linear(xs[name] + total, ws[name], act8=act8, isa=isa)
                 total = total + y[0, 0] * 1e-9
             return total, None
         total, _ = jax.lax.scan(body, jnp.float32(0), layer_weights)
-        return packed.linear(xs["head"] + total, head, act8=act8)[0, 0]
+        return packed.linear(xs["head"] + total, head, act8=act8, isa=isa)[0, 0]
 
     run = jax.jit(products)
     rng = np.random.default_rng(0)
@@ -220,6 +223,11 @@ def main(argv):
                                    f"{','.join(FLAGS.verify_widths)}") from None
         if any(t < 1 for t in widths):
             raise common.UserError("--verify_widths: widths must be >= 1")
+        from specjax.kernels.cpu_matmul import ISAS
+        bad = [i for i in FLAGS.product_isas if i != "auto" and i not in ISAS]
+        if bad or len(set(FLAGS.product_isas)) != len(FLAGS.product_isas):
+            raise common.UserError(f"--product_isas: give distinct values among auto, "
+                                   f"{', '.join(ISAS)}, got {','.join(FLAGS.product_isas)}")
         for w in formats:  # --max_new_tokens against the context, the kernel's build; no weights
             FLAGS.weights = w
             method_flags.model_config(FLAGS)
@@ -271,12 +279,13 @@ def main(argv):
                                          FLAGS.verify_cache_len, FLAGS.verify_calls)
                 print(f"  verify {w}: " + ", ".join(
                     f"T={t} {ms:.1f} ms" for t, ms in verify[w].items()), file=sys.stderr)
-                if loaded.model.config.weight_formats:
-                    products[w] = _time_products(loaded.model, loaded.params, widths,
-                                                 FLAGS.verify_calls)
-                    print(f"  packed products {w}: " + ", ".join(
+                for isa in (FLAGS.product_isas if loaded.model.config.weight_formats else []):
+                    row_name = w if isa == "auto" else f"{w} ({isa})"
+                    products[row_name] = _time_products(loaded.model, loaded.params, widths,
+                                                        FLAGS.verify_calls, isa)
+                    print(f"  packed products {row_name}: " + ", ".join(
                         f"T={t} {ms:.1f} ms ({gmac:.0f} G mult-adds/s, {gbs:.1f} GB/s)"
-                        for t, (ms, gmac, gbs) in products[w].items()), file=sys.stderr)
+                        for t, (ms, gmac, gbs) in products[row_name].items()), file=sys.stderr)
             del compiled
         peer = None
         if FLAGS.hf:

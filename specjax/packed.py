@@ -203,7 +203,7 @@ def dequantize_activations(q: jax.Array, d: jax.Array) -> jax.Array:
 
 
 def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
-           act8: bool = False) -> jax.Array:
+           act8: bool = False, isa: str = "auto") -> jax.Array:
     """``x [..., K] @ W^T`` -> ``[..., N]`` in ``x``'s dtype (accumulated in float32).
 
     ``use_kernel``: None picks the C++ kernel when the default backend is the CPU and ``x`` has
@@ -217,6 +217,9 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
     block (:func:`quantize_activations`; llama.cpp's way: the kernel then multiplies integers);
     other formats ignore it. It changes the function (a different model), so it is a static
     choice of the whole model (``LlamaConfig.act8``), never a per-call speed switch.
+
+    ``isa``: caps the kernel's instruction set (``"auto"``: the CPU's best; benchmarks compare
+    ``"avx2"`` with ``"avx512"``); the result is the same up to float summation order.
     """
     if w.data.ndim != 2:
         raise ValueError(f"linear takes one weight (data [N, R]), got data {w.data.shape}: slice "
@@ -231,7 +234,7 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
     if use_kernel:
         from specjax.kernels import cpu_matmul
         y = cpu_matmul.packed_matmul(x.reshape(-1, k).astype(jnp.float32), w.data, w.scale,
-                                     w.fmt, act8=act8)
+                                     w.fmt, act8=act8, isa=isa)
     else:  # operands in x's dtype (bf16 on accelerators), float32 accumulation
         x2 = x.reshape(-1, k)
         if act8:

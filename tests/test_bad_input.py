@@ -69,6 +69,8 @@ CASES = {
                                    "HF checkpoint directory: use --weights=int8"),
     "ar_weights_list": ("benchmark_ar", ["--weights_list=float32,int4", "--nohf"],
                         "--weights_list: give distinct formats among float32, gguf, gguf_a8, int8"),
+    "ar_product_isas": ("benchmark_ar", ["--product_isas=auto,sse2", "--nohf"],
+                        "--product_isas: give distinct values among auto, portable, avx2"),
     "device_check_widths": ("device_check", ["--widths=0,2", "--out={tmp}/o"],
                             "--widths must be >= 1 and below --cache_len"),
     "gen_flag_not_for_method": ("generate", ["--method=prompt_lookup", "--window=3"],

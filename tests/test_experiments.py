@@ -119,7 +119,8 @@ def test_benchmark_ar_smoke(tmp_path):
     rc, _, err = _run("experiments.benchmark_ar", [
         "--model=tiny-llama", "--nohf", "--nollama_cpp", "--num_prompts=1", "--max_new_tokens=4",
         "--weights_list=float32,gguf,gguf_a8", "--verify_widths=1,3", "--verify_calls=1",
-        "--verify_cache_len=16", f"--output_json={js}", f"--output_md={md}"])
+        "--verify_cache_len=16", "--product_isas=auto,portable", f"--output_json={js}",
+        f"--output_md={md}"])
     assert rc == 0, err
     res = json.loads(js.read_text())
     assert set(res["tokens_per_s"]) == {"generate", "stream", "generate_gguf",
@@ -132,7 +133,8 @@ def test_benchmark_ar_smoke(tmp_path):
     assert set(res["verify_ms"]) == {"float32", "gguf", "gguf_a8"}
     assert all(set(v) == {"1", "3"} and min(v.values()) > 0 for v in res["verify_ms"].values())
     # the packed products alone, for the packed formats only
-    assert set(res["packed_products"]) == {"gguf", "gguf_a8"}
+    assert set(res["packed_products"]) == {"gguf", "gguf_a8", "gguf (portable)",
+                                           "gguf_a8 (portable)"}
     for by_width in res["packed_products"].values():
         assert set(by_width) == {"1", "3"}
         assert all(v["ms"] > 0 and v["g_multiply_adds_per_s"] > 0 and v["gb_per_s"] > 0

@@ -5,7 +5,8 @@
 * kernel == reference (float64 products of the same dequantised values) within the float32
   accumulation bound ``gamma_K * sum |x_k w_k|`` (``gamma_K = K u / (1 - K u)``, u = 2^-24): the
   kernel's weights are the same numbers, only the summation order differs. Every format, odd
-  row counts, every M from 1 to 17, both code paths (AVX2 + FMA and portable);
+  row counts, every M from 1 to 17, every code path the CPU has (AVX-512, AVX2 + FMA,
+  portable);
 * the kernel under ``jit``, inside ``lax.while_loop`` and under ``vmap``; a batched weight and
   malformed shapes are refused;
 * a packed tiny model (gguf / int8 formats, every tiny architecture) computes what the float
@@ -90,16 +91,24 @@ def test_kernel_equals_reference_for_every_row_count_and_both_code_paths(fmt):
     w = _random_weight(rng, fmt, n, k)
     values = _numpy_values(w)
     wj = packed.as_jax(w, jnp.float32)
-    paths = [False, True] if cpu_matmul.code_path() == "avx2" else [True]
     for m in range(1, 18):
         x = rng.normal(size=(m, k)).astype(np.float32)
-        for portable in paths:
+        for isa in cpu_matmul.available_isas():
             y = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), wj.data, wj.scale, fmt,
-                                                    portable=portable))
+                                                    isa=isa))
             _check_within_accumulation_bound(y, x, values)
     # the reference route (dequantise, then jnp.dot) obeys the same bound
     y = np.asarray(packed.linear(jnp.asarray(x), wj, use_kernel=False))
     _check_within_accumulation_bound(y, x, values)
+
+
+def test_isa_choice():
+    assert cpu_matmul.code_path() in cpu_matmul.ISAS
+    assert cpu_matmul.available_isas()[0] == "portable"
+    assert cpu_matmul.available_isas()[-1] == cpu_matmul.code_path()
+    with pytest.raises(ValueError, match="isa must be"):
+        cpu_matmul.packed_matmul(jnp.ones((1, 32)), jnp.zeros((1, 34), jnp.uint8),
+                                 jnp.ones((1,)), "q8_0", isa="sse2")
 
 
 def test_kernel_with_odd_k_and_one_thread():
@@ -109,9 +118,9 @@ def test_kernel_with_odd_k_and_one_thread():
         w = _random_weight(rng, fmt, 9, 43)
         wj = packed.as_jax(w, jnp.float32)
         x = rng.normal(size=(5, 43)).astype(np.float32)
-        for portable in (False, True):
+        for isa in cpu_matmul.available_isas():
             y = cpu_matmul.packed_matmul(jnp.asarray(x), wj.data, wj.scale, fmt, max_threads=1,
-                                         portable=portable)
+                                         isa=isa)
             _check_within_accumulation_bound(np.asarray(y), x, _numpy_values(w))
 
 
@@ -250,18 +259,17 @@ def test_act8_kernel_equals_the_quantized_product(fmt):
     mins = _block_mins(w)
     terms = np.abs(values - mins) + np.abs(mins)
     wj = packed.as_jax(w, jnp.float32)
-    paths = [False, True] if cpu_matmul.code_path() == "avx2" else [True]
     gamma = k * U / (1 - k * U)
     for m in range(1, 18):
         x = rng.normal(size=(m, k)).astype(np.float32)
         _, _, xhat = _quantized_x(x)
         exact = xhat @ values.T
         bound = gamma * (np.abs(xhat) @ terms.T)
-        for portable in paths:
+        for isa in cpu_matmul.available_isas():
             y = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), wj.data, wj.scale, fmt,
-                                                    portable=portable, act8=True))
+                                                    isa=isa, act8=True))
             excess = np.abs(y - exact) - bound
-            assert excess.max() <= 0, (m, portable, excess.max())
+            assert excess.max() <= 0, (m, isa, excess.max())
             # it does round the activations: far from the unrounded product
             unrounded = x.astype(np.float64) @ values.T
             assert np.abs(y - unrounded).max() > 10 * np.abs(y - exact).max()
@@ -284,9 +292,9 @@ def test_act8_kernel_quantizes_as_the_reference_and_sums_integers_exactly():
     x = rng.normal(size=(5, k)).astype(np.float32) * 3
     q, d = packed.quantize_activations(jnp.asarray(x))
     want = np.asarray(packed.dequantize_activations(q, d))
-    for portable in (False, True):
+    for isa in cpu_matmul.available_isas():
         got = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), w.data, w.scale, "q8_0",
-                                                  portable=portable, act8=True))
+                                                  isa=isa, act8=True))
         np.testing.assert_array_equal(got, want)
     for fmt in packed.A8_FORMATS:
         wt = _random_weight(rng, fmt, 11, k)
@@ -302,9 +310,9 @@ def test_act8_kernel_quantizes_as_the_reference_and_sums_integers_exactly():
         assert np.array_equal(np.round(xhat / dx.repeat(32, axis=1)), xi)
         exact = xhat @ values.T
         wj = packed.as_jax(wt, jnp.float32)
-        for portable in (False, True):
+        for isa in cpu_matmul.available_isas():
             got = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(xi), wj.data, wj.scale, fmt,
-                                                      portable=portable, act8=True))
+                                                      isa=isa, act8=True))
             np.testing.assert_allclose(got, exact, rtol=2e-6, atol=0)
 
 

@@ -42,14 +42,24 @@ def ensure_registered() -> ctypes.CDLL:
     return _library
 
 
+# Instruction-set paths of the kernel, slowest first (a call's ``isa`` caps the path).
+ISAS = ("portable", "avx2", "avx512")
+
+
 def code_path() -> str:
-    """The instruction-set path the kernel takes on this CPU: ``"avx2"`` or ``"portable"``
-    (a call's ``portable=True`` forces the latter)."""
-    return {2: "avx2", 1: "portable"}[ensure_registered().SpecjaxPackedMatmulPath()]
+    """The best instruction-set path of the kernel on this CPU: ``"avx512"`` (AVX-512 F / BW /
+    VL / DQ), ``"avx2"`` (AVX2 + FMA + F16C) or ``"portable"``."""
+    return ISAS[ensure_registered().SpecjaxPackedMatmulPath() - 1]
+
+
+def available_isas() -> tuple:
+    """Every path this CPU can run, slowest first (what the tests compare)."""
+    return ISAS[:ISAS.index(code_path()) + 1]
 
 
 def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
-                  max_threads: int = 0, portable: bool = False, act8: bool = False) -> jax.Array:
+                  max_threads: int = 0, portable: bool = False, isa: str = "auto",
+                  act8: bool = False) -> jax.Array:
     """``y [M, N] = x [M, K] @ W^T`` for W's rows ``data [N, R]`` in format ``fmt``.
 
     Args:
@@ -57,7 +67,9 @@ def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
       data: uint8 ``[N, R]``; scale: float32 ``[N]`` for ``i8``, else ``[1]``.
       fmt: a key of :data:`specjax.packed.FORMATS`.
       max_threads: at most this many threads (0: the CPU client's intra-op pool size).
-      portable: take the portable code path even where AVX2 + FMA is available.
+      portable: take the portable code path (the same as ``isa="portable"``).
+      isa: ``"auto"`` (the best path of this CPU) or a cap: ``"portable"``, ``"avx2"``,
+        ``"avx512"`` (a path the CPU lacks falls back to the best it has).
       act8: quantise ``x`` to 8 bits per 32-value block first and multiply integers
         (``q8_0``, ``q4_0``, ``q4_1`` only; :func:`specjax.packed.quantize_activations` is the
         reference of the quantisation).
@@ -66,6 +78,9 @@ def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
     ensure_registered()
     m, k = x.shape
     n, r = data.shape
+    if isa != "auto" and isa not in ISAS:
+        raise ValueError(f"isa must be auto or one of {', '.join(ISAS)}, got {isa!r}")
+    level = 1 if portable else (0 if isa == "auto" else ISAS.index(isa) + 1)
     if act8 and fmt not in A8_FORMATS:
         raise ValueError(f"8-bit activations take {', '.join(A8_FORMATS)} weights, not {fmt}")
     if r != row_bytes(fmt, k):
@@ -74,8 +89,9 @@ def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
                             vmap_method="expand_dims")
     return call(x.astype(jnp.float32), data, scale.astype(jnp.float32),
                 fmt=np.int64(FORMATS[fmt][0]), k=np.int64(k), n=np.int64(n),
-                max_threads=np.int64(max_threads), portable=np.int64(bool(portable)),
+                max_threads=np.int64(max_threads), isa=np.int64(level),
                 act8=np.int64(bool(act8)))
 
 
-__all__ = ["KernelBuildError", "code_path", "ensure_registered", "packed_matmul", "TARGET"]
+__all__ = ["ISAS", "KernelBuildError", "available_isas", "code_path", "ensure_registered",
+           "packed_matmul", "TARGET"]

@@ -33,11 +33,14 @@
 // instruction) instead of float FMAs (8 per instruction), at the price of rounding x to 8 bits:
 // another model than the float32 one (specjax/packed.py: quantize_activations is the reference).
 //
-// Instruction sets: the fused block path (Q8_0, Q4_0, Q4_1, I8), the I8 row dequantiser and the
-// dot products have an AVX2 + FMA version (compiled with a target attribute, so the file builds
-// for any x86-64) beside the portable one; the path is chosen once per process from the CPU's
-// features. There is no
-// AVX-512 path: the development CPU has none to test it on.
+// Instruction sets (each compiled with a target attribute, so the file builds for any x86-64;
+// the path is chosen once per process from the CPU's features, and a call's `isa` attribute can
+// cap it: the tests run every path the CPU has):
+//   portable  plain C++;
+//   AVX2      + FMA + F16C: the fused block path (Q8_0, Q4_0, Q4_1, I8) in 8-lane registers, the
+//             I8 row dequantiser, the dot products, 8-bit activations via vpmaddubsw/vpmaddwd;
+//   AVX-512   (F, BW, VL, DQ): the fused block path in 16-lane registers (a block in two); the
+//             rest (row buffers, 8-bit activations) as AVX2.
 
 #include <algorithm>
 #include <atomic>
@@ -386,6 +389,101 @@ SPECJAX_AVX2 bool FusedRow(int64_t fmt, const uint8_t* row, int64_t k, float row
     default: return false;
   }
 }
+
+// ---- AVX-512 (F, BW, VL, DQ) versions of the fused block path and the 8-bit products -------
+
+#define SPECJAX_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+// The 32 values of block b of a row, in w[0] (values 0..15) and w[1] (16..31), computed as the
+// portable dequantisers do (d * q exact, + bias rounded once).
+template <int64_t F>
+SPECJAX_AVX512 inline void BlockValues512(const uint8_t* row, int64_t b, float row_scale,
+                                          __m512* w) {
+  if constexpr (F == kQ8_0 || F == kI8) {
+    const uint8_t* q = F == kQ8_0 ? row + b * 34 + 2 : row + b * 32;
+    const __m512 d = _mm512_set1_ps(F == kQ8_0 ? LoadHalfF16c(row + b * 34) : row_scale);
+    for (int j = 0; j < 2; ++j)
+      w[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j)))), d);
+  } else {
+    constexpr bool kHasMin = F == kQ4_1;
+    const uint8_t* blk = row + b * (kHasMin ? 20 : 18);
+    const float df = LoadHalfF16c(blk);
+    const __m512 d = _mm512_set1_ps(df);
+    const __m512 bias = _mm512_set1_ps(kHasMin ? LoadHalfF16c(blk + 2) : -8.0f * df);
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kHasMin ? 4 : 2)));
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(q, low_mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, bias);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, bias);
+  }
+}
+
+// y[r * ldy] = row . x[r] for R (1..8) rows of x (2R accumulators: up to 16 of the 32 registers);
+// for R <= 2 even and odd blocks go to two sets of accumulators, so every tile has at least 4
+// independent FMA chains.
+template <int64_t F, int R>
+SPECJAX_AVX512 void FusedTile512(const uint8_t* row, int64_t k, float row_scale, const float* x,
+                                 int64_t ldx, float* y, int64_t ldy) {
+  constexpr int S = R <= 2 ? 2 : 1;  // accumulator sets (blocks per step)
+  __m512 acc[S][R][2];
+  for (int t = 0; t < S; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r][0] = acc[t][r][1] = _mm512_setzero_ps();
+  const int64_t nb = k / 32;
+  auto block = [&](int64_t b, int t) SPECJAX_AVX512 {
+    __m512 w[2];
+    BlockValues512<F>(row, b, row_scale, w);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + b * 32;
+      acc[t][r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc[t][r][0]);
+      acc[t][r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc[t][r][1]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + S <= nb; b += S)
+    for (int t = 0; t < S; ++t) block(b + t, t);
+  for (; b < nb; ++b) block(b, 0);
+  for (int r = 0; r < R; ++r) {
+    __m512 total = _mm512_add_ps(acc[0][r][0], acc[0][r][1]);
+    for (int t = 1; t < S; ++t)
+      total = _mm512_add_ps(total, _mm512_add_ps(acc[t][r][0], acc[t][r][1]));
+    y[r * ldy] = _mm512_reduce_add_ps(total);
+  }
+}
+
+template <int64_t F>
+SPECJAX_AVX512 void FusedRows512(const uint8_t* row, int64_t k, float row_scale, const float* x,
+                                 int64_t m, float* y, int64_t ldy) {
+  auto tile = [&](auto rows, int64_t r) SPECJAX_AVX512 {
+    FusedTile512<F, decltype(rows)::value>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
+  };
+  int64_t r = 0;
+  for (; r + 8 <= m; r += 8) tile(std::integral_constant<int, 8>(), r);
+  switch (m - r) {
+    case 7: tile(std::integral_constant<int, 7>(), r); break;
+    case 6: tile(std::integral_constant<int, 6>(), r); break;
+    case 5: tile(std::integral_constant<int, 5>(), r); break;
+    case 4: tile(std::integral_constant<int, 4>(), r); break;
+    case 3: tile(std::integral_constant<int, 3>(), r); break;
+    case 2: tile(std::integral_constant<int, 2>(), r); break;
+    case 1: tile(std::integral_constant<int, 1>(), r); break;
+    default: break;
+  }
+}
+
+SPECJAX_AVX512 bool FusedRow512(int64_t fmt, const uint8_t* row, int64_t k, float row_scale,
+                                const float* x, int64_t m, float* y, int64_t ldy) {
+  if (k % 32 != 0) return false;
+  switch (fmt) {
+    case kQ8_0: FusedRows512<kQ8_0>(row, k, row_scale, x, m, y, ldy); return true;
+    case kQ4_0: FusedRows512<kQ4_0>(row, k, row_scale, x, m, y, ldy); return true;
+    case kQ4_1: FusedRows512<kQ4_1>(row, k, row_scale, x, m, y, ldy); return true;
+    case kI8: FusedRows512<kI8>(row, k, row_scale, x, m, y, ldy); return true;
+    default: return false;
+  }
+}
 #endif  // SPECJAX_X86
 
 // ---- 8-bit activations --------------------------------------------------------------------
@@ -575,6 +673,18 @@ void Act8Row(int64_t fmt, bool avx2, const uint8_t* row, int64_t k, const Act8& 
   }
 }
 
+bool HasAvx512() {
+#if SPECJAX_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
 bool HasAvx2Fma() {
 #if SPECJAX_X86 && defined(__GNUC__)
   __builtin_cpu_init();
@@ -585,11 +695,13 @@ bool HasAvx2Fma() {
 #endif
 }
 
-// Whether this CPU takes the AVX2 path (checked once per process); a call's `portable`
-// attribute forces the portable path (tests check both).
-bool UseAvx2() {
-  static const bool use = HasAvx2Fma();
-  return use;
+// The instruction set this CPU takes (checked once per process): kIsaAvx512, kIsaAvx2 or
+// kIsaPortable; a call's `isa` attribute can cap it (tests run every path the CPU has).
+enum Isa : int64_t { kIsaAuto = 0, kIsaPortable = 1, kIsaAvx2 = 2, kIsaAvx512 = 3 };
+
+int64_t BestIsa() {
+  static const int64_t best = HasAvx512() ? kIsaAvx512 : (HasAvx2Fma() ? kIsaAvx2 : kIsaPortable);
+  return best;
 }
 
 // Dequantises row n of W (format fmt) into buf[K]; returns the pointer to read (for F32 the row
@@ -622,7 +734,8 @@ struct Problem {
   const float* scale;    // [N] (I8) or unused
   float* y;              // [M, N]
   int64_t m, n, k, row_bytes, fmt;
-  bool avx2;
+  bool avx2;             // AVX2 + FMA (also true on the AVX-512 path)
+  bool avx512;
   const Act8* act8;      // the quantised x (8-bit activations), or null
 };
 
@@ -637,6 +750,9 @@ void RunRows(const Problem& p, int64_t begin, int64_t end) {
   }
   for (int64_t n = begin; n < end; ++n) {
 #if SPECJAX_X86
+    if (p.avx512 && FusedRow512(p.fmt, p.w + n * p.row_bytes, p.k,
+                                p.fmt == kI8 ? p.scale[n] : 1.0f, p.x, p.m, p.y + n, p.n))
+      continue;
     if (p.avx2 && FusedRow(p.fmt, p.w + n * p.row_bytes, p.k, p.fmt == kI8 ? p.scale[n] : 1.0f,
                            p.x, p.m, p.y + n, p.n))
       continue;
@@ -674,7 +790,7 @@ struct SharedWork {
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t fmt,
-                        int64_t k, int64_t n, int64_t max_threads, int64_t portable,
+                        int64_t k, int64_t n, int64_t max_threads, int64_t isa,
                         int64_t act8) {
   if (fmt < 0 || fmt >= kNumFormats)
     return ffi::Error::InvalidArgument("packed_matmul: unknown weight format");
@@ -693,6 +809,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("packed_matmul: y's size is not M * N");
   if (fmt == kI8 && static_cast<int64_t>(scale.element_count()) != n)
     return ffi::Error::InvalidArgument("packed_matmul: I8 needs one scale per output row");
+  if (isa < kIsaAuto || isa > kIsaAvx512)
+    return ffi::Error::InvalidArgument("packed_matmul: isa must be 0 (auto), 1 (portable), "
+                                       "2 (AVX2) or 3 (AVX-512)");
   if (act8 != 0 && fmt != kQ8_0 && fmt != kQ4_0 && fmt != kQ4_1)
     return ffi::Error::InvalidArgument("packed_matmul: 8-bit activations take Q8_0, Q4_0 or "
                                        "Q4_1 weights");
@@ -700,8 +819,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
   auto work = std::make_shared<SharedWork>();
   work->problem = Problem{x.typed_data(), w.typed_data(), scale.typed_data(),
-                          y->typed_data(), m, n, k, row_bytes, fmt, UseAvx2() && portable == 0,
-                          nullptr};
+                          y->typed_data(), m, n, k, row_bytes, fmt, false, false, nullptr};
+  const int64_t use = isa == kIsaAuto ? BestIsa() : std::min(isa, BestIsa());
+  work->problem.avx2 = use >= kIsaAvx2;
+  work->problem.avx512 = use >= kIsaAvx512;
   if (act8 != 0) {
     QuantizeActivations(x.typed_data(), m, k, &work->act8);
     work->problem.act8 = &work->act8;
@@ -737,8 +858,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxPackedMatmul, specjax::PackedMatmul,
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("max_threads")
-                                  .Attr<int64_t>("portable")
+                                  .Attr<int64_t>("isa")
                                   .Attr<int64_t>("act8"));
 
-// Which code path the kernel takes in this process: 2 = AVX2 + FMA, 1 = portable.
-extern "C" int SpecjaxPackedMatmulPath() { return specjax::UseAvx2() ? 2 : 1; }
+// The best code path of this CPU: 3 = AVX-512, 2 = AVX2 + FMA, 1 = portable.
+extern "C" int SpecjaxPackedMatmulPath() { return static_cast<int>(specjax::BestIsa()); }
