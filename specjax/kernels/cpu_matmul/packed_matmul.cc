@@ -221,6 +221,38 @@ void DotRowsPortable(const float* w, const float* x, int64_t ldx, int64_t k, int
   }
 }
 
+// Calls tile(std::integral_constant<int, R>(), r) for the row tiles of m rows: tiles of 8, then
+// one of the rest (R = 1..7).
+template <typename Tile>
+inline void ForRowTiles8(int64_t m, Tile tile) {
+  int64_t r = 0;
+  for (; r + 8 <= m; r += 8) tile(std::integral_constant<int, 8>(), r);
+  switch (m - r) {
+    case 7: tile(std::integral_constant<int, 7>(), r); break;
+    case 6: tile(std::integral_constant<int, 6>(), r); break;
+    case 5: tile(std::integral_constant<int, 5>(), r); break;
+    case 4: tile(std::integral_constant<int, 4>(), r); break;
+    case 3: tile(std::integral_constant<int, 3>(), r); break;
+    case 2: tile(std::integral_constant<int, 2>(), r); break;
+    case 1: tile(std::integral_constant<int, 1>(), r); break;
+    default: break;
+  }
+}
+
+// Whether (fmt, K) takes a fused block path (Q8_0, Q4_0, Q4_1, I8 with K a multiple of 32); if
+// so, calls rows(std::integral_constant<int64_t, F>()).
+template <typename Rows>
+inline bool ForFusedFormat(int64_t fmt, int64_t k, Rows rows) {
+  if (k % 32 != 0) return false;
+  switch (fmt) {
+    case kQ8_0: rows(std::integral_constant<int64_t, kQ8_0>()); return true;
+    case kQ4_0: rows(std::integral_constant<int64_t, kQ4_0>()); return true;
+    case kQ4_1: rows(std::integral_constant<int64_t, kQ4_1>()); return true;
+    case kI8: rows(std::integral_constant<int64_t, kI8>()); return true;
+    default: return false;
+  }
+}
+
 #if SPECJAX_X86
 // ---- AVX2 + FMA versions of the hot dequantisers and the dot products. ---------------------
 
@@ -360,34 +392,21 @@ SPECJAX_AVX2 void FusedTile(const uint8_t* row, int64_t k, float row_scale, cons
   }
 }
 
+// Output row `row` . x[r] into y[r * ldy] for every row r of x, in tiles of up to 8 rows.
 template <int64_t F>
 SPECJAX_AVX2 void FusedRows(const uint8_t* row, int64_t k, float row_scale, const float* x,
                             int64_t m, float* y, int64_t ldy) {
-  int64_t r = 0;
-  for (; r + 8 <= m; r += 8) FusedTile<F, 8>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
-  switch (m - r) {
-    case 7: FusedTile<F, 7>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    case 6: FusedTile<F, 6>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    case 5: FusedTile<F, 5>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    case 4: FusedTile<F, 4>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    case 3: FusedTile<F, 3>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    case 2: FusedTile<F, 2>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    case 1: FusedTile<F, 1>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy); break;
-    default: break;
-  }
+  ForRowTiles8(m, [&](auto rows, int64_t r) SPECJAX_AVX2 {
+    FusedTile<F, decltype(rows)::value>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
+  });
 }
 
 // Whether (fmt, K) takes the fused path; if so, computes output row n into y.
 SPECJAX_AVX2 bool FusedRow(int64_t fmt, const uint8_t* row, int64_t k, float row_scale,
                            const float* x, int64_t m, float* y, int64_t ldy) {
-  if (k % 32 != 0) return false;
-  switch (fmt) {
-    case kQ8_0: FusedRows<kQ8_0>(row, k, row_scale, x, m, y, ldy); return true;
-    case kQ4_0: FusedRows<kQ4_0>(row, k, row_scale, x, m, y, ldy); return true;
-    case kQ4_1: FusedRows<kQ4_1>(row, k, row_scale, x, m, y, ldy); return true;
-    case kI8: FusedRows<kI8>(row, k, row_scale, x, m, y, ldy); return true;
-    default: return false;
-  }
+  return ForFusedFormat(fmt, k, [&](auto f) SPECJAX_AVX2 {
+    FusedRows<decltype(f)::value>(row, k, row_scale, x, m, y, ldy);
+  });
 }
 
 // ---- AVX-512 (F, BW, VL, DQ) versions of the fused block path and the 8-bit products -------
@@ -456,33 +475,16 @@ SPECJAX_AVX512 void FusedTile512(const uint8_t* row, int64_t k, float row_scale,
 template <int64_t F>
 SPECJAX_AVX512 void FusedRows512(const uint8_t* row, int64_t k, float row_scale, const float* x,
                                  int64_t m, float* y, int64_t ldy) {
-  auto tile = [&](auto rows, int64_t r) SPECJAX_AVX512 {
+  ForRowTiles8(m, [&](auto rows, int64_t r) SPECJAX_AVX512 {
     FusedTile512<F, decltype(rows)::value>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
-  };
-  int64_t r = 0;
-  for (; r + 8 <= m; r += 8) tile(std::integral_constant<int, 8>(), r);
-  switch (m - r) {
-    case 7: tile(std::integral_constant<int, 7>(), r); break;
-    case 6: tile(std::integral_constant<int, 6>(), r); break;
-    case 5: tile(std::integral_constant<int, 5>(), r); break;
-    case 4: tile(std::integral_constant<int, 4>(), r); break;
-    case 3: tile(std::integral_constant<int, 3>(), r); break;
-    case 2: tile(std::integral_constant<int, 2>(), r); break;
-    case 1: tile(std::integral_constant<int, 1>(), r); break;
-    default: break;
-  }
+  });
 }
 
 SPECJAX_AVX512 bool FusedRow512(int64_t fmt, const uint8_t* row, int64_t k, float row_scale,
                                 const float* x, int64_t m, float* y, int64_t ldy) {
-  if (k % 32 != 0) return false;
-  switch (fmt) {
-    case kQ8_0: FusedRows512<kQ8_0>(row, k, row_scale, x, m, y, ldy); return true;
-    case kQ4_0: FusedRows512<kQ4_0>(row, k, row_scale, x, m, y, ldy); return true;
-    case kQ4_1: FusedRows512<kQ4_1>(row, k, row_scale, x, m, y, ldy); return true;
-    case kI8: FusedRows512<kI8>(row, k, row_scale, x, m, y, ldy); return true;
-    default: return false;
-  }
+  return ForFusedFormat(fmt, k, [&](auto f) SPECJAX_AVX512 {
+    FusedRows512<decltype(f)::value>(row, k, row_scale, x, m, y, ldy);
+  });
 }
 #endif  // SPECJAX_X86
 
