@@ -221,22 +221,21 @@ void DotRowsPortable(const float* w, const float* x, int64_t ldx, int64_t k, int
   }
 }
 
-// Calls tile(std::integral_constant<int, R>(), r) for the row tiles of m rows: tiles of 8, then
-// one of the rest (R = 1..7).
-template <typename Tile>
-inline void ForRowTiles8(int64_t m, Tile tile) {
-  int64_t r = 0;
-  for (; r + 8 <= m; r += 8) tile(std::integral_constant<int, 8>(), r);
-  switch (m - r) {
-    case 7: tile(std::integral_constant<int, 7>(), r); break;
-    case 6: tile(std::integral_constant<int, 6>(), r); break;
-    case 5: tile(std::integral_constant<int, 5>(), r); break;
-    case 4: tile(std::integral_constant<int, 4>(), r); break;
-    case 3: tile(std::integral_constant<int, 3>(), r); break;
-    case 2: tile(std::integral_constant<int, 2>(), r); break;
-    case 1: tile(std::integral_constant<int, 1>(), r); break;
-    default: break;
+// Calls tile(std::integral_constant<int, R>(), r) for the row tiles of m rows: tiles of Max
+// rows, then one tile of the rest (R = 1..Max-1).
+template <int R, typename Tile>
+inline void LastRowTile(int64_t rest, int64_t r, Tile& tile) {
+  if constexpr (R > 0) {
+    if (rest == R) tile(std::integral_constant<int, R>(), r);
+    else LastRowTile<R - 1>(rest, r, tile);
   }
+}
+
+template <int Max, typename Tile>
+inline void ForRowTiles(int64_t m, Tile tile) {
+  int64_t r = 0;
+  for (; r + Max <= m; r += Max) tile(std::integral_constant<int, Max>(), r);
+  LastRowTile<Max - 1>(m - r, r, tile);
 }
 
 // Whether (fmt, K) takes a fused block path (Q8_0, Q4_0, Q4_1, I8 with K a multiple of 32); if
@@ -396,7 +395,7 @@ SPECJAX_AVX2 void FusedTile(const uint8_t* row, int64_t k, float row_scale, cons
 template <int64_t F>
 SPECJAX_AVX2 void FusedRows(const uint8_t* row, int64_t k, float row_scale, const float* x,
                             int64_t m, float* y, int64_t ldy) {
-  ForRowTiles8(m, [&](auto rows, int64_t r) SPECJAX_AVX2 {
+  ForRowTiles<8>(m, [&](auto rows, int64_t r) SPECJAX_AVX2 {
     FusedTile<F, decltype(rows)::value>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
   });
 }
@@ -475,7 +474,7 @@ SPECJAX_AVX512 void FusedTile512(const uint8_t* row, int64_t k, float row_scale,
 template <int64_t F>
 SPECJAX_AVX512 void FusedRows512(const uint8_t* row, int64_t k, float row_scale, const float* x,
                                  int64_t m, float* y, int64_t ldy) {
-  ForRowTiles8(m, [&](auto rows, int64_t r) SPECJAX_AVX512 {
+  ForRowTiles<8>(m, [&](auto rows, int64_t r) SPECJAX_AVX512 {
     FusedTile512<F, decltype(rows)::value>(row, k, row_scale, x + r * k, k, y + r * ldy, ldy);
   });
 }
@@ -564,9 +563,6 @@ void Act8RowPortable(const uint8_t* row, int64_t k, const Act8& a, int64_t m, fl
 }
 
 #if SPECJAX_X86
-// AVX2: a weight block's 32 quants in one register (unsigned; Q8_0 as |qw| with the signs moved
-// onto x), `vpmaddubsw` + `vpmaddwd` give 8 int32 partial sums per activation row, converted and
-// scaled into float accumulators. R (1..4) rows of x per pass, two accumulators per row.
 // One block b of the row into acc[r] for R rows of x; returns the block's m_w (its min term is
 // added after the loop, as a dot product of the row's m_w with the rows' block sums).
 template <int64_t F, int R>
@@ -642,36 +638,26 @@ SPECJAX_AVX2 void Act8RowsAvx2(const uint8_t* row, int64_t k, const Act8& a, int
   thread_local std::vector<float> mins;
   if (static_cast<int64_t>(mins.size()) < nb) mins.resize(nb);
   float* mn = mins.data();
-  auto tile = [&](auto rows, int64_t r) {
+  ForRowTiles<4>(m, [&](auto rows, int64_t r) SPECJAX_AVX2 {
     Act8Tile<F, decltype(rows)::value>(row, k, xq + r * k, xd + r * nb, xs + r * nb, mn,
                                        y + r * ldy, ldy);
-  };
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4) tile(std::integral_constant<int, 4>(), r);
-  switch (m - r) {
-    case 3: tile(std::integral_constant<int, 3>(), r); break;
-    case 2: tile(std::integral_constant<int, 2>(), r); break;
-    case 1: tile(std::integral_constant<int, 1>(), r); break;
-    default: break;
-  }
+  });
 }
 #endif  // SPECJAX_X86
 
 void Act8Row(int64_t fmt, bool avx2, const uint8_t* row, int64_t k, const Act8& a, int64_t m,
              float* y, int64_t ldy) {
+  auto rows = [&](auto f) {
+    constexpr int64_t F = decltype(f)::value;
 #if SPECJAX_X86
-  if (avx2) {
-    switch (fmt) {
-      case kQ8_0: Act8RowsAvx2<kQ8_0>(row, k, a, m, y, ldy); return;
-      case kQ4_0: Act8RowsAvx2<kQ4_0>(row, k, a, m, y, ldy); return;
-      default: Act8RowsAvx2<kQ4_1>(row, k, a, m, y, ldy); return;
-    }
-  }
+    if (avx2) return Act8RowsAvx2<F>(row, k, a, m, y, ldy);
 #endif
-  switch (fmt) {
-    case kQ8_0: Act8RowPortable<kQ8_0>(row, k, a, m, y, ldy); return;
-    case kQ4_0: Act8RowPortable<kQ4_0>(row, k, a, m, y, ldy); return;
-    default: Act8RowPortable<kQ4_1>(row, k, a, m, y, ldy); return;
+    Act8RowPortable<F>(row, k, a, m, y, ldy);
+  };
+  switch (fmt) {  // the caller checked fmt: Q8_0, Q4_0 or Q4_1
+    case kQ8_0: rows(std::integral_constant<int64_t, kQ8_0>()); return;
+    case kQ4_0: rows(std::integral_constant<int64_t, kQ4_0>()); return;
+    default: rows(std::integral_constant<int64_t, kQ4_1>()); return;
   }
 }
 
