@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from drafters import corpus, draft_vocab, head_weights, heads, registry
+from drafters import corpus, draft_vocab, drafter_packing, head_weights, heads, registry
 from drafters.block_diffusion_net import BlockNet, init_block_net
 from drafters.target_readout import TargetReadout
 from models import decoder_block as block
@@ -339,7 +339,7 @@ def load_weights(path, drafter: BlockDiffusionDrafter, dtype: Optional[str] = No
 
 def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str] = None,
                  tree: str = "static", choices=None,
-                 max_nodes: Optional[int] = DEFAULT_MAX_NODES):
+                 max_nodes: Optional[int] = DEFAULT_MAX_NODES, drafter_weights: str = "float32"):
     """``(drafter, dparams)``: the trained block drafter for ``target`` (a ``LoadedModel`` or a
     ``LlamaModel``) from ``drafters/weights/<model_name>/block_diffusion.safetensors`` or
     ``path``, its architecture read from the file.
@@ -348,6 +348,9 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     written by ``experiments/tune_tree.py``, when there is one, else :data:`DEFAULT_CHOICES`),
     ``"tunedN"`` (the tuned file's best N-node tree), ``"generic"`` (:data:`DEFAULT_CHOICES`)
     or ``"chain"`` (every slot's argmax); explicit ``choices`` go with ``"static"``.
+    ``drafter_weights``: ``"float32"``, ``"q8_0"`` (the layers, fusion and head as 8-bit blocks
+    through the CPU kernel: :mod:`drafters.drafter_packing`) or ``"auto"`` (q8_0 on a packed
+    target on the CPU).
 
     Raises:
       head_weights.HeadWeightsError: missing or unfitting weights.
@@ -356,6 +359,7 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     if hasattr(target, "model") and hasattr(target, "params"):  # a LoadedModel
         model_name = model_name or target.name
         target = target.model
+    fmt = drafter_packing.resolve(drafter_weights, target)
     model_name = model_name or "smollm2-135m"
     path = path or head_weights.shipped_path(NAME, model_name)
     if not os.path.isfile(path):
@@ -370,7 +374,7 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
                                           head_weights.is_packed(target))[0]
     drafter = _file_drafter(path, config, target, tree="chain" if tree == "chain" else "static",
                             choices=choices, max_nodes=max_nodes)
-    return drafter, load_weights(path, drafter)
+    return drafter, drafter_packing.pack_params(load_weights(path, drafter), fmt)
 
 
 # The method -----------------------------------------------------------------------------------
@@ -383,10 +387,12 @@ class BlockDiffusionOptions(registry.Options):
         "(or the built-in one); tunedN: its best N-node tree; generic: the built-in tree; "
         "chain: every slot's argmax (block_size deep).",
         choices=("static", "chain", "tunedN", "generic"), patterns=heads.TUNED_N)
+    drafter_weights: str = registry.option(
+        "auto", drafter_packing.OPTION_HELP, choices=drafter_packing.DRAFTER_WEIGHTS)
 
 
 def build(ctx: registry.BuildContext, options: BlockDiffusionOptions):
-    return load_shipped(ctx.lm, tree=options.tree)
+    return load_shipped(ctx.lm, tree=options.tree, drafter_weights=options.drafter_weights)
 
 
 registry.register(registry.Method(

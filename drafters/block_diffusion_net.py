@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drafters import drafter_packing
 from drafters.target_readout import fuse_taps
 from models import decoder_block as block
+from specjax import packed
 
 # The network ---------------------------------------------------------------------------------
 
@@ -29,8 +31,8 @@ class DraftLayer(nn.Module):
     config: Any  # the target's LlamaConfig
 
     def setup(self):
-        self.p = {name: self.param(name, init, shape, jnp.float32)
-                  for name, (shape, _, init) in block.param_specs(self.config).items()}
+        # float32, or Q8_0 blocks when packed at load (drafters/drafter_packing.py)
+        self.p = drafter_packing.layer_params(self, block.param_specs(self.config), jnp.float32)
 
     def __call__(self, x, positions, attend):
         """``x [B, Q, E]`` -> ``[B, Q, E]``; ``attend(q, k, v) -> attn [B, Q, H, Dh]``."""
@@ -56,11 +58,13 @@ class BlockNet(nn.Module):
         dense = nn.initializers.normal(0.02)
         self.tap_norm = self.param("tap_norm", nn.initializers.ones, (self.num_taps, e),
                                    jnp.float32)
-        self.fc = self.param("fc", dense, (self.num_taps * e, e), jnp.float32)
+        self.fc = drafter_packing.param_or_packed(self, "fc", dense, (self.num_taps * e, e),
+                                                  jnp.float32)
         self.mask_embedding = self.param("mask_embedding", dense, (e,), jnp.float32)
         self.layers = [DraftLayer(self.config) for _ in range(self.num_layers)]
         self.out_norm = self.param("out_norm", nn.initializers.ones, (e,), jnp.float32)
-        self.head = self.param("head", dense, (e, self.vocab), jnp.float32)
+        self.head = drafter_packing.param_or_packed(self, "head", dense, (e, self.vocab),
+                                                    jnp.float32)
 
     @property
     def dtype(self):
@@ -93,6 +97,8 @@ class BlockNet(nn.Module):
 
     def logits(self, h):
         """``float32[..., N]`` draft-vocabulary logits of normed outputs ``h [..., E]``."""
+        if packed.is_packed(self.head):
+            return packed.linear(h, self.head).astype(jnp.float32)
         return jnp.einsum("...e,en->...n", h, self.head.astype(h.dtype),
                           preferred_element_type=jnp.float32)
 

@@ -50,10 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from drafters import heads
+from drafters import drafter_packing, heads
 from drafters.target_readout import TargetReadout
 from models import decoder_block as block
-from specjax import masks
+from specjax import masks, packed
 from specjax.cache import KVCache
 from specjax.drafter import DrafterBase, Proposal, features_of
 from specjax.tree import DraftTree, select_top_nodes
@@ -84,9 +84,10 @@ class EagleLayer(nn.Module):
     def setup(self):
         e = self.config.hidden_size
         dense = nn.initializers.normal(0.02)
-        self.fc = self.param("fc", dense, (2 * e, e), jnp.float32)
-        self.layer = {name: self.param(name, init, shape, jnp.float32)
-                      for name, (shape, _, init) in block.param_specs(self.config).items()}
+        # float32, or Q8_0 blocks when packed at load (drafters/drafter_packing.py)
+        self.fc = drafter_packing.param_or_packed(self, "fc", dense, (2 * e, e), jnp.float32)
+        self.layer = drafter_packing.layer_params(self, block.param_specs(self.config),
+                                                  jnp.float32)
         self.out_norm = self.param("out_norm", nn.initializers.ones, (e,), jnp.float32)
 
     def run(self, features, emb, positions, attend: block.Attend):
@@ -94,7 +95,8 @@ class EagleLayer(nn.Module):
         v [B,T,K,D]) -> (attn [B,T,H,D], extra)`` (rope applied to ``q`` and ``k``)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
-        x = jnp.concatenate([emb.astype(dt), features.astype(dt)], axis=-1) @ self.fc.astype(dt)
+        x = packed.dense(jnp.concatenate([emb.astype(dt), features.astype(dt)], axis=-1),
+                         self.fc)
         x, extra = block.decoder_block(self.layer, x, positions, c, attend)
         return block.rms_norm(x, self.out_norm.astype(dt), c.rms_norm_eps), extra
 

@@ -54,6 +54,8 @@ from drafters.corpus import default_layers
 from drafters.target_readout import fuse_taps
 from drafters.eagle import (DEFAULT_BUDGET, DEFAULT_DEPTH, DEFAULT_TOP_K, EagleDrafter,
                             EagleLayer)
+from drafters import drafter_packing
+from specjax import packed
 
 STEM = "eagle3"  # drafters/weights/<model>/eagle3.safetensors
 TRAIN_COMMAND = ("python -m experiments.train_corpus_drafter --drafter=eagle3 "
@@ -162,7 +164,7 @@ class Eagle3Drafter(EagleDrafter):
         """``float32[..., N]``: predicted features through the drafter's own head."""
         del target_params
         dt = jnp.dtype(self.target.config.dtype)
-        return (features.astype(dt) @ params["head"].astype(dt)).astype(jnp.float32)
+        return packed.dense(features.astype(dt), params["head"]).astype(jnp.float32)
 
     def target_ids(self, params, draft_ids: jax.Array) -> jax.Array:
         return vocab_lib.to_target(params["vocab_map"], draft_ids)
@@ -231,7 +233,7 @@ def load_weights(path, drafter: Eagle3Drafter, dtype: Optional[str] = None) -> d
 
 
 def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str] = None,
-                 tree: str = "static", **create_kwargs):
+                 tree: str = "static", drafter_weights: str = "float32", **create_kwargs):
     """``(drafter, dparams)``: the trained EAGLE-3 drafter for ``target`` (a ``LoadedModel`` or
     a ``LlamaModel``) from ``drafters/weights/<model_name>/eagle3.safetensors`` or ``path``;
     its draft vocabulary and feature layers are the file's.
@@ -241,10 +243,15 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     :data:`drafters.eagle.DEFAULT_CHOICES`), ``"tunedN"``, ``"generic"``
     (``DEFAULT_CHOICES``) or ``"dynamic"`` (EAGLE-2: ``top_k`` / ``depth`` / ``budget`` in
     ``create_kwargs``).
+
+    ``drafter_weights``: ``"float32"``, ``"q8_0"`` (the layer, fusion and head as 8-bit blocks
+    through the CPU kernel: :mod:`drafters.drafter_packing`) or ``"auto"`` (q8_0 on a packed
+    target on the CPU).
     """
     if hasattr(target, "model") and hasattr(target, "params"):  # a LoadedModel
         model_name = model_name or target.name
         target = target.model
+    fmt = drafter_packing.resolve(drafter_weights, target)
     path = path or head_weights.shipped_path(STEM, model_name or "smollm2-135m")
     config, _ = _read(path)
     c = target.config
@@ -261,7 +268,7 @@ def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str
     drafter = Eagle3Drafter.create(target, config.get("draft_vocab") or 0,
                                    "dynamic" if tree == "dynamic" else "static",
                                    feature_layers=config.get("feature_layers") or (), **kwargs)
-    return drafter, load_weights(path, drafter)
+    return drafter, drafter_packing.pack_params(load_weights(path, drafter), fmt)
 
 
 # The method -----------------------------------------------------------------------------------
@@ -282,6 +289,8 @@ class Eagle3Options(registry.Options):
     dynamic_budget: Optional[int] = registry.option(
         None, f"--tree=dynamic: drafted nodes kept per round (default {DEFAULT_BUDGET}).",
         minimum=1)
+    drafter_weights: str = registry.option(
+        "auto", drafter_packing.OPTION_HELP, choices=drafter_packing.DRAFTER_WEIGHTS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -298,7 +307,8 @@ class Eagle3Options(registry.Options):
 
 
 def build(ctx: registry.BuildContext, options: Eagle3Options):
-    return load_shipped(ctx.lm, tree=options.tree, **options.dynamic_kwargs())
+    return load_shipped(ctx.lm, tree=options.tree, drafter_weights=options.drafter_weights,
+                        **options.dynamic_kwargs())
 
 
 registry.register(registry.Method(

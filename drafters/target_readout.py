@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from models.decoder_block import rms_norm
+from specjax import packed
 
 
 def fuse_taps(taps: jax.Array, norms: jax.Array, fc: jax.Array, eps: float) -> jax.Array:
@@ -30,7 +31,7 @@ def fuse_taps(taps: jax.Array, norms: jax.Array, fc: jax.Array, eps: float) -> j
     then ``fc [n * E, E']`` (EAGLE-3's fusion; the block drafter's context features)."""
     x = taps.reshape(taps.shape[:-1] + norms.shape)
     x = rms_norm(x, norms.astype(taps.dtype), eps)
-    return x.reshape(taps.shape) @ fc.astype(taps.dtype)
+    return packed.dense(x.reshape(taps.shape), fc)  # fc: float [n*E, E'] or packed rows
 
 
 class TargetReadout:

@@ -13,7 +13,11 @@ weight formats:
   model is not a GGUF file.
 
 Batch 1, greedy. Each prompt is timed once per way, prefill included; tokens/s is the mean over
-prompts of new tokens / seconds, and the ratios are between those means. Token sequences are
+prompts of new tokens / seconds, and the ratios are between those means. Each way is also timed
+once with one new token (the prefill and the first token: "first token ms"), and "decode tok/s"
+is the rest, ``(new tokens - 1) / (seconds - first token seconds)``: the rate of the steps after
+the prefill, which llama.cpp reports as its "eval" rate. Long prompts make the end-to-end rate
+mostly prefill; the decode rate is the per-step speed the weight formats change. Token sequences are
 compared with the first format's ``generate`` (``stream`` must equal it exactly; ``gguf`` holds
 the same numbers as ``float32`` and differs only where float summation order flips a near-tie;
 ``int8`` is another model; ``hf`` and ``llama_cpp`` may differ in near-ties).
@@ -75,12 +79,22 @@ flags.adopt_module_key_flags(method_flags)
 
 def _time_generate(model, params, batch, config, key, cache):
     from specjax.engine import Engine
-    bucket = int(batch.tokens.shape[1])
-    if bucket not in cache:
-        cache[bucket] = Engine(model, config).compile(params, None, batch, key)
-        cache[bucket].run()  # warm-up
-    gen = cache[bucket].run(batch)
+    slot = (int(batch.tokens.shape[1]), config.max_new_tokens)
+    if slot not in cache:
+        cache[slot] = Engine(model, config).compile(params, None, batch, key)
+        cache[slot].run()  # warm-up
+    gen = cache[slot].run(batch)
     return gen.tokens[0], gen.wall_s, gen.stats.target_calls
+
+
+def _timing(generated, wall_s, first_s, **more):
+    """One way's record for one prompt: end-to-end and after-the-first-token rates."""
+    n = len(generated)
+    decode_s = wall_s - first_s
+    return {"new_tokens": n, "wall_s": wall_s, "tokens_per_s": n / wall_s,
+            "first_token_s": first_s,
+            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+            **more}
 
 
 def _stream_once(model, params, batch, config, key, limit=None):
@@ -96,10 +110,10 @@ def _stream_once(model, params, batch, config, key, limit=None):
 
 
 def _time_stream(model, params, batch, config, key, warmed):
-    bucket = int(batch.tokens.shape[1])
-    if bucket not in warmed:  # compiles the start and the step for this bucket
+    slot = (int(batch.tokens.shape[1]), config.max_new_tokens)
+    if slot not in warmed:  # compiles the start and the step for this bucket
         _stream_once(model, params, batch, config, key, limit=3)
-        warmed.add(bucket)
+        warmed.add(slot)
     t0 = time.perf_counter()
     gen, calls = _stream_once(model, params, batch, config, key)
     return gen, time.perf_counter() - t0, calls
@@ -249,6 +263,7 @@ def main(argv):
             loaded = method_flags.load_model(FLAGS)
             eos = loaded.tokenizer.eos_ids if loaded.tokenizer is not None else ()
             config = decode.DecodeConfig(max_new_tokens=FLAGS.max_new_tokens, eos_ids=tuple(eos))
+            one = decode.DecodeConfig(max_new_tokens=1, eos_ids=tuple(eos))
             compiled, warmed = {}, set()
             for p, row in zip(prompts, rows):
                 ids = spec_bench.encode_prompt(loaded.tokenizer, p.text, loaded.model.vocab_size)
@@ -256,9 +271,11 @@ def main(argv):
                 row |= {"prompt_len": len(ids), "bucket": int(batch.tokens.shape[1])}
                 g, wall, calls = _time_generate(loaded.model, loaded.params, batch, config, key,
                                                 compiled)
+                _, first_s, _ = _time_generate(loaded.model, loaded.params, batch, one, key,
+                                               compiled)
                 name = "generate" if w == first else f"generate_{w}"
-                row[name] = {"new_tokens": len(g), "wall_s": wall, "target_calls": calls,
-                             "tokens_per_s": len(g) / wall, "tokens": [int(t) for t in g]}
+                row[name] = _timing(g, wall, first_s, target_calls=calls,
+                                    tokens=[int(t) for t in g])
                 if w != first:
                     ref = row["generate"]["tokens"]
                     row[name] |= {"same_tokens_as_generate": g == ref,
@@ -266,9 +283,10 @@ def main(argv):
                 else:
                     s, wall, calls = _time_stream(loaded.model, loaded.params, batch, config, key,
                                                   warmed)
-                    row["stream"] = {"new_tokens": len(s), "wall_s": wall, "target_calls": calls,
-                                     "tokens_per_s": len(s) / wall,
-                                     "same_tokens_as_generate": s == g}
+                    _, first_s, _ = _time_stream(loaded.model, loaded.params, batch, one, key,
+                                                 warmed)
+                    row["stream"] = _timing(s, wall, first_s, target_calls=calls,
+                                            same_tokens_as_generate=s == g)
                     if s != g:
                         print(f"BUG: stream and generate differ on question {p.question_id} at "
                               f"token {first_mismatch(g, s)}", file=sys.stderr)
@@ -303,31 +321,46 @@ def main(argv):
             g = row["generate"]["tokens"]
             if peer is not None:
                 r = peer.generate(ids, FLAGS.max_new_tokens)
-                row["hf"] = {"new_tokens": len(r.generated), "wall_s": r.wall_s,
-                             "target_calls": r.target_calls, "tokens_per_s": r.tokens_per_s,
-                             "same_tokens_as_generate": r.generated == g,
-                             "first_difference": first_mismatch(g, r.generated)}
+                r1 = peer.generate(ids, 1)
+                row["hf"] = _timing(r.generated, r.wall_s, r1.wall_s,
+                                    target_calls=r.target_calls,
+                                    same_tokens_as_generate=r.generated == g,
+                                    first_difference=first_mismatch(g, r.generated))
             if llm is not None:
                 if p is prompts[0]:
                     _time_llama_cpp(llm, ids, 4, set(eos))  # warm-up
                 lg, wall = _time_llama_cpp(llm, ids, FLAGS.max_new_tokens, set(eos))
-                row["llama_cpp"] = {"new_tokens": len(lg), "wall_s": wall,
-                                    "tokens_per_s": len(lg) / wall,
-                                    "same_tokens_as_generate": lg == g,
-                                    "first_difference": first_mismatch(g, lg)}
+                _, first_s = _time_llama_cpp(llm, ids, 1, set(eos))
+                row["llama_cpp"] = _timing(lg, wall, first_s,
+                                           same_tokens_as_generate=lg == g,
+                                           first_difference=first_mismatch(g, lg))
         ways = ["generate", "stream"] + [f"generate_{w}" for w in formats[1:]] + (
             ["hf"] if peer is not None else []) + (["llama_cpp"] if llm is not None else [])
         mean = {k: float(np.mean([r[k]["tokens_per_s"] for r in rows])) for k in ways}
-        ratios = {f"{k}/generate": mean[k] / mean["generate"] for k in ways if k != "generate"}
+        decode_rates = {k: [r[k]["decode_tokens_per_s"] for r in rows] for k in ways}
+        mean_decode = {k: float(np.mean(v)) if None not in v else None
+                       for k, v in decode_rates.items()}
+        mean_first = {k: float(np.mean([r[k]["first_token_s"] for r in rows])) for k in ways}
+
+        def ratio(table, a, b):
+            return table[a] / table[b] if table[a] and table[b] else None
+
+        ratios = {f"{k}/generate": ratio(mean, k, "generate") for k in ways if k != "generate"}
+        decode_ratios = {f"{k}/generate": ratio(mean_decode, k, "generate") for k in ways
+                         if k != "generate"}
         if llm is not None:
-            ratios |= {f"{k}/llama_cpp": mean[k] / mean["llama_cpp"] for k in ways
+            ratios |= {f"{k}/llama_cpp": ratio(mean, k, "llama_cpp") for k in ways
                        if k.startswith("generate")}
+            decode_ratios |= {f"{k}/llama_cpp": ratio(mean_decode, k, "llama_cpp")
+                              for k in ways if k.startswith("generate")}
         env = env_start
         result = {"config": {"model": FLAGS.model, "max_new_tokens": FLAGS.max_new_tokens,
                              "num_prompts": len(rows), "scan_layers": FLAGS.scan_layers,
                              "dtype": FLAGS.dtype, "weights": formats, "batch": 1,
                              "greedy": True, "verify_cache_len": FLAGS.verify_cache_len},
                   "environment": env, "tokens_per_s": mean, "ratios": ratios,
+                  "first_token_s": mean_first, "decode_tokens_per_s": mean_decode,
+                  "decode_ratios": decode_ratios,
                   "verify_ms": {w: {str(t): ms for t, ms in v.items()}
                                 for w, v in verify.items()},
                   "packed_products": {w: {str(t): {"ms": ms, "g_multiply_adds_per_s": gmac,
@@ -351,16 +384,26 @@ def main(argv):
             return f"generate ({first})" if k == "generate" else (
                 f"generate ({k[9:]})" if k.startswith("generate_") else k)
 
+        def rate(v):
+            return "-" if v is None else f"{v:.1f}"
+
         for k in ways:
-            print(f"{label(k):<20} {mean[k]:8.1f} tok/s")
+            print(f"{label(k):<20} {mean[k]:8.1f} tok/s  first token {1e3 * mean_first[k]:.0f} "
+                  f"ms  decode {rate(mean_decode[k])} tok/s")
         for w, v in verify.items():
             print(f"verify {w:<8} " + "  ".join(f"T={t}: {ms:.1f} ms ({ms / v[widths[0]]:.2f}x)"
                                                 for t, ms in v.items()))
 
         def markdown() -> str:
+            def times(v):
+                return "-" if v is None else f"{v:.2f}x"
+
             table = md_table(
-                ["way", "tok/s", "vs generate", "same tokens as generate"],
-                [[label(k), f"{mean[k]:.1f}", f"{mean[k] / mean['generate']:.2f}x",
+                ["way", "tok/s", "vs generate", "first token ms", "decode tok/s",
+                 "decode vs generate", "same tokens as generate"],
+                [[label(k), f"{mean[k]:.1f}", times(ratio(mean, k, "generate")),
+                  f"{1e3 * mean_first[k]:.0f}", rate(mean_decode[k]),
+                  times(ratio(mean_decode, k, "generate")),
                   "-" if k == "generate" else
                   f"{sum(r[k]['same_tokens_as_generate'] for r in rows)}/{len(rows)}"]
                  for k in ways])

@@ -52,21 +52,30 @@ def packed_shapes(config) -> dict:
     return shapes
 
 
+def layer_rows(lay: dict, hidden_size: int) -> dict:
+    """One layer's (or a stack's) float linear weights (numpy, the float layout: ``wq [(L,) E,
+    H, D]``, ...) as the rows of :data:`PACKED_LAYER_NAMES`: ``{name: float32 [(L,) N, K]}``."""
+    e = hidden_size
+    el = lambda w: np.asarray(w, np.float32)  # noqa: E731
+    lead = el(lay["w_down"]).shape[:-2]  # () for one layer, (L,) for a stack
+
+    def rows(w):  # [..., E, X...] -> [..., N, E]
+        return np.swapaxes(el(w).reshape(lead + (e, -1)), -1, -2)
+
+    return {
+        "wqkv": np.concatenate([rows(lay["wq"]), rows(lay["wk"]), rows(lay["wv"])], axis=-2),
+        "wo": np.swapaxes(el(lay["wo"]).reshape(lead + (-1, e)), -1, -2),
+        "w_gate_up": np.concatenate([rows(lay["w_gate"]), rows(lay["w_up"])], axis=-2),
+        "w_down": np.swapaxes(el(lay["w_down"]), -1, -2),
+    }
+
+
 def float_rows(config, params: dict) -> dict:
     """The packable weights of float ``params`` (numpy) as rows: ``{name: float32 [(L,) N, K]}``."""
-    c = config
-    lay = params["layers"]
+    out = layer_rows(params["layers"], config.hidden_size)
     el = lambda w: np.asarray(w, np.float32)  # noqa: E731
-    num_l, e = c.num_layers, c.hidden_size
-    rows = lambda w: el(w).reshape(num_l, e, -1).transpose(0, 2, 1)  # [L, E, ...] -> [L, N, E]
-    out = {
-        "wqkv": np.concatenate([rows(lay["wq"]), rows(lay["wk"]), rows(lay["wv"])], axis=1),
-        "wo": el(lay["wo"]).reshape(num_l, -1, e).transpose(0, 2, 1),
-        "w_gate_up": np.concatenate([rows(lay["w_gate"]), rows(lay["w_up"])], axis=1),
-        "w_down": el(lay["w_down"]).transpose(0, 2, 1),
-        "embedding": el(params["embedder"]["embedding"]),
-    }
-    if not c.tie_embeddings:
+    out["embedding"] = el(params["embedder"]["embedding"])
+    if not config.tie_embeddings:
         out["lm_head"] = el(params["lm_head"]).T
     return out
 
@@ -103,6 +112,25 @@ def pack_float(config, params: dict, weights: str):
     return assemble(config, params, out)
 
 
+def dequantize_layer(config, lay: dict) -> dict:
+    """The float linear weights (jax, float32, the float layout ``wq [(L,) E, H, D]``, ...) that
+    one packed layer's (or a stack's) :data:`PACKED_LAYER_NAMES` compute: the inverse of
+    :func:`layer_rows` up to the format's rounding."""
+    import jax.numpy as jnp
+    c = config
+    e, f, h, k, d = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                     c.head_dim)
+    lead = lay["w_down"].data.shape[:-2]
+    cols = lambda w: jnp.swapaxes(packed.dequantize(lay[w]), -1, -2)  # [.., N, K] -> [.., K, N]
+    qkv = cols("wqkv")  # [(L,) E, (H + 2K) D]
+    gate_up = cols("w_gate_up")
+    return {"wq": qkv[..., :h * d].reshape(lead + (e, h, d)),
+            "wk": qkv[..., h * d:(h + k) * d].reshape(lead + (e, k, d)),
+            "wv": qkv[..., (h + k) * d:].reshape(lead + (e, k, d)),
+            "wo": cols("wo").reshape(lead + (h, d, e)),
+            "w_gate": gate_up[..., :f], "w_up": gate_up[..., f:], "w_down": cols("w_down")}
+
+
 def unpack(config, params: dict):
     """The float model a packed one computes: ``(config, params)`` with every packed weight
     dequantised (:func:`specjax.packed.dequantize`) back into the float layout (jax arrays, the
@@ -114,19 +142,9 @@ def unpack(config, params: dict):
         raise ValueError("a gguf_a8 model rounds its activations to 8 bits: no float model "
                          "computes it (unpack a gguf one)")
     c = config
-    e, f, h, k, d = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
-                     c.head_dim)
     dt = jnp.dtype(c.param_dtype)
-    lay = dict(params["layers"])
-    cols = lambda w: jnp.swapaxes(packed.dequantize(lay.pop(w)), 1, 2)  # [L, N, K] -> [L, K, N]
-    qkv = cols("wqkv")  # [L, E, (H + 2K) D]
-    lay["wq"] = qkv[..., :h * d].reshape(-1, e, h, d)
-    lay["wk"] = qkv[..., h * d:(h + k) * d].reshape(-1, e, k, d)
-    lay["wv"] = qkv[..., (h + k) * d:].reshape(-1, e, k, d)
-    lay["wo"] = cols("wo").reshape(-1, h, d, e)
-    gate_up = cols("w_gate_up")
-    lay["w_gate"], lay["w_up"] = gate_up[..., :f], gate_up[..., f:]
-    lay["w_down"] = cols("w_down")
+    lay = {n: w for n, w in params["layers"].items() if n not in PACKED_LAYER_NAMES}
+    lay.update(dequantize_layer(c, params["layers"]))
     out = dict(params)
     out["layers"] = {name: w.astype(dt) for name, w in lay.items()}
     out["embedder"] = {"embedding": packed.dequantize(params["embedder"]["embedding"]).astype(dt)}

@@ -247,6 +247,15 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
     return y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)
 
 
+def dense(x: jax.Array, w) -> jax.Array:
+    """``x [..., K]`` times a weight given either as a float matrix ``[K, N]`` (``x @ w`` in
+    ``x``'s dtype) or as a :class:`PackedWeight` of ``N`` rows (:func:`linear`): for modules
+    whose matrices may be packed at load (e.g. a drafter's, ``drafters/drafter_packing.py``)."""
+    if isinstance(w, PackedWeight):
+        return linear(x, w)
+    return x @ w.astype(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Packing on the host (numpy).
 
@@ -342,6 +351,6 @@ def is_packed(leaf) -> bool:
 
 
 __all__ = ["A8_FORMATS", "FORMATS", "GGUF_FORMATS", "dequantize_activations",
-           "quantize_activations", "widen_to_q8_0", "WIDENS_TO_Q8_0", "PackedWeight", "dequantize", "linear", "pack_f32",
+           "quantize_activations", "widen_to_q8_0", "WIDENS_TO_Q8_0", "PackedWeight", "dense", "dequantize", "linear", "pack_f32",
            "pack_gguf", "pack_int8", "row_bytes", "stack", "take_rows", "zeros", "as_jax",
            "is_packed"]

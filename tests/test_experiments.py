@@ -130,6 +130,11 @@ def test_benchmark_ar_smoke(tmp_path):
     assert row["stream"]["same_tokens_as_generate"]
     assert row["generate"]["new_tokens"] == 4 and row["generate"]["target_calls"] == 4
     assert row["generate_gguf"]["new_tokens"] == 4  # a quantised tiny model: its own tokens
+    # the prefill + first token timed apart (on a tiny model the 3 steps after it are within
+    # the timing noise: the rate's arithmetic is tested below)
+    for way in ("generate", "stream", "generate_gguf"):
+        assert row[way]["first_token_s"] > 0 and "decode_tokens_per_s" in row[way]
+    assert set(res["decode_tokens_per_s"]) == set(res["tokens_per_s"])
     assert set(res["verify_ms"]) == {"float32", "gguf", "gguf_a8"}
     assert all(set(v) == {"1", "3"} and min(v.values()) > 0 for v in res["verify_ms"].values())
     # the packed products alone, for the packed formats only
@@ -141,7 +146,19 @@ def test_benchmark_ar_smoke(tmp_path):
                    for v in by_width.values())
     text = md.read_text()
     assert "| stream |" in text and "| generate (gguf) |" in text and "T=3" in text
+    assert "decode tok/s" in text and "first token ms" in text
     assert "## Packed products of one forward" in text
+
+
+def test_benchmark_ar_decode_rate():
+    from experiments.benchmark_ar import _timing
+    r = _timing([5] * 11, 2.5, 0.5, target_calls=11)
+    assert r["tokens_per_s"] == 11 / 2.5 and r["decode_tokens_per_s"] == 10 / 2.0
+    assert r["first_token_s"] == 0.5 and r["target_calls"] == 11
+    # one token, or a first-token time not below the whole (noise): no decode rate, not a
+    # negative or infinite one
+    assert _timing([5], 0.4, 0.4)["decode_tokens_per_s"] is None
+    assert _timing([5] * 4, 0.01, 0.012)["decode_tokens_per_s"] is None
 
 
 def test_memory_limits_smoke(tmp_path):

@@ -69,3 +69,67 @@ def test_drafter_with_weights_is_lossless_on_a_packed_target(weights, name):
     drafter, dparams = method_kit.weighted_drafter(name, model)
     out = speculative_generate(model, params, drafter, dparams, PROMPTS, CONFIG)
     assert rows_of(out) == rows
+
+
+# A drafter's own matrices as Q8_0 blocks (drafters/drafter_packing.py) ----------------------
+
+
+def _drafter_outputs(name, drafter, dparams, model):
+    """The drafter network's outputs on fixed random inputs: EAGLE's layer and (EAGLE-3) its
+    fusion and draft-vocabulary scores; the block drafter's logits of one block."""
+    rng = np.random.default_rng(5)
+    e, b, s = model.config.hidden_size, 2, 6
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if name == "block_diffusion":
+        taps = jnp.asarray(rng.normal(size=(b, s, len(drafter.feature_layers) * e)),
+                           jnp.float32)
+        first = jnp.asarray(rng.normal(size=(b, e)), jnp.float32)
+        return [drafter.module.apply({"params": dparams["net"]}, taps, pos, first, 4)]
+    feats = jnp.asarray(rng.normal(size=(b, s, e)), jnp.float32)
+    out = [drafter.module.apply({"params": drafter.layer_params(dparams)}, feats, feats, pos)]
+    if name == "eagle3":
+        taps = jnp.asarray(rng.normal(size=(b, s, drafter.num_taps * e)), jnp.float32)
+        out += [drafter.input_features(dparams, taps), drafter.draft_scores(dparams, None, out[0])]
+    return out
+
+
+@pytest.mark.parametrize("name,num_packed", [("eagle3", 7), ("block_diffusion", 6),
+                                             ("eagle", 5)])
+def test_drafter_packed_as_q8_0_is_its_dequantised_float_drafter_and_lossless(name, num_packed):
+    from drafters import drafter_packing
+    model, params, rows = _packed_target("gguf")
+    drafter, dparams = method_kit.weighted_drafter(name, model)
+    qparams = drafter_packing.pack_params(jax.device_get(dparams))
+    # the layer's four products, fc, and (EAGLE-3) fuse and head, (block) head
+    assert len(drafter_packing.packed_leaves(qparams)) == num_packed
+    reference = drafter_packing.unpack_params(qparams, model.config)
+    assert not drafter_packing.packed_leaves(reference)
+    assert jax.tree.structure(reference) == jax.tree.structure(jax.device_get(dparams))
+    # the kernel computes the float drafter of the dequantised values (float summation order
+    # only), which differs from the unrounded drafter
+    got = _drafter_outputs(name, drafter, qparams, model)
+    want = _drafter_outputs(name, drafter, reference, model)
+    unrounded = _drafter_outputs(name, drafter, dparams, model)
+    for g, w, u in zip(got, want, unrounded):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+        assert float(jnp.abs(u - w).max()) > 1e-4 * float(jnp.abs(w).max())
+    # lossless, and the same rounds as the float drafter of the same values
+    out = speculative_generate(model, params, drafter, qparams, PROMPTS, CONFIG)
+    assert rows_of(out) == rows
+    ref = speculative_generate(model, params, drafter, reference, PROMPTS, CONFIG)
+    assert int(out.stats.accepted) == int(ref.stats.accepted)
+    assert int(out.stats.target_calls) == int(ref.stats.target_calls)
+
+
+def test_drafter_weights_option_resolves_by_target():
+    from drafters import drafter_packing
+    float_model, _ = kit.tiny_model("gqa")
+    packed_model, _, _ = _packed_target("gguf")
+    assert drafter_packing.resolve("auto", packed_model) == "q8_0"  # the CPU backend here
+    assert drafter_packing.resolve("auto", float_model) == "float32"
+    assert drafter_packing.resolve("q8_0", float_model) == "q8_0"
+    assert drafter_packing.resolve("float32", packed_model) == "float32"
+    with pytest.raises(ValueError, match="drafter_weights must be one of auto, float32, q8_0"):
+        drafter_packing.resolve("int4", packed_model)
+    with pytest.raises(ValueError, match="pack as q8_0"):
+        drafter_packing.pack_params({}, "q4_0")
