@@ -221,21 +221,26 @@ class LayerStack(nn.Module):
                 mask = mask.dense()  # once for all layers
         distance = key_distance(positions, offsets, cache.num_slots) if c.windowed else None
         taps = {}
+        # Packed weights stay whole stacks: each layer's products read their layer in place
+        # (PackedWeight.at), where a slice of the stack would copy the layer's bytes first.
+        stacks = {n: w for n, w in self.stacked.items() if packed.is_packed(w)}
+        floats = {n: w for n, w in self.stacked.items() if n not in stacks}
         if not c.scan_layers:
             for i in layer_ids:
-                p = jax.tree.map(lambda w: w[i], self.stacked)
+                p = jax.tree.map(lambda w: w[i], floats)
+                p.update({n: w.at(i) for n, w in stacks.items()})
                 x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask,
                                               distance)
                 if i in hidden_layers:
                     taps[i] = x
         else:
             ids = jnp.asarray(layer_ids, jnp.int32)
-            params = jax.tree.map(lambda w: w[ids], self.stacked) if layers is not None \
-                else self.stacked
+            params = jax.tree.map(lambda w: w[ids], floats) if layers is not None else floats
 
             def body(carry, xs):
                 x, k_all, v_all = carry
                 p, i = xs
+                p = dict(p, **{n: w.at(i) for n, w in stacks.items()})
                 x, k_all, v_all = self._block(p, x, positions, k_all, v_all, i, offsets, mask,
                                               distance)
                 return (x, k_all, v_all), (x if hidden_layers else None)

@@ -78,12 +78,31 @@ class PackedWeight:
       scale: ``float32[..., N]`` per-row scales (``i8``), else ``float32[..., 1]`` (unused).
       fmt: a key of :data:`FORMATS` (static).
       in_features: ``K`` (static).
+      layer: None, or ``int32[]``: ``data`` / ``scale`` are a stack ``[L, N, R]`` / ``[L, ...]``
+        and this weight is its layer ``layer`` (:meth:`at`): the kernel reads that layer in
+        place, where slicing the stack inside a layer loop would copy the layer's bytes first.
     """
 
     data: jax.Array
     scale: jax.Array
     fmt: str = struct.field(pytree_node=False)
     in_features: int = struct.field(pytree_node=False)
+    layer: Optional[jax.Array] = None
+
+    def at(self, layer) -> "PackedWeight":
+        """Layer ``layer`` (a traced or static index) of a stack ``[L, N, R]``, as a view."""
+        if self.data.ndim != 3 or self.layer is not None:
+            raise ValueError(f"at() takes a stack of weights (data [L, N, R]), got data "
+                             f"{self.data.shape}{' already at a layer' if self.layer is not None else ''}")
+        return PackedWeight(self.data, self.scale, self.fmt, self.in_features,
+                            jnp.asarray(layer, jnp.int32))
+
+    def resolved(self) -> "PackedWeight":
+        """The weight itself: a view's layer sliced out of the stack (a copy), else ``self``."""
+        if self.layer is None:
+            return self
+        return PackedWeight(self.data[self.layer], self.scale[self.layer], self.fmt,
+                            self.in_features)
 
     @property
     def out_features(self) -> int:
@@ -157,6 +176,7 @@ def _dequant_blocks(fmt: str, b: jax.Array) -> jax.Array:
 
 def dequantize(w: PackedWeight) -> jax.Array:
     """float32 ``[..., N, K]``: the weight's values (the reference of every format)."""
+    w = w.resolved()
     lead_n = w.data.shape[:-1]
     if w.fmt == "f32":
         return jax.lax.bitcast_convert_type(
@@ -221,9 +241,10 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
     ``isa``: caps the kernel's instruction set (``"auto"``: the CPU's best; benchmarks compare
     ``"avx2"`` with ``"avx512"``); the result is the same up to float summation order.
     """
-    if w.data.ndim != 2:
-        raise ValueError(f"linear takes one weight (data [N, R]), got data {w.data.shape}: slice "
-                         "the stacked layers first")
+    if w.data.ndim != (2 if w.layer is None else 3):
+        raise ValueError(f"linear takes one weight (data [N, R], or a stack's layer: "
+                         f"PackedWeight.at), got data {w.data.shape}: slice the stacked layers "
+                         "first")
     k, n = w.in_features, w.out_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
@@ -234,8 +255,9 @@ def linear(x: jax.Array, w: PackedWeight, *, use_kernel: Optional[bool] = None,
     if use_kernel:
         from specjax.kernels import cpu_matmul
         y = cpu_matmul.packed_matmul(x.reshape(-1, k).astype(jnp.float32), w.data, w.scale,
-                                     w.fmt, act8=act8, isa=isa)
+                                     w.fmt, act8=act8, isa=isa, layer=w.layer)
     else:  # operands in x's dtype (bf16 on accelerators), float32 accumulation
+        w = w.resolved()
         x2 = x.reshape(-1, k)
         if act8:
             x2 = dequantize_activations(*quantize_activations(x2)).astype(x.dtype)

@@ -461,3 +461,40 @@ def test_gguf_blocks_load_as_the_file_stores_them(tmp_path, widening):
     scale = float(np.abs(np.asarray(want.logits)).max())
     np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits),
                                atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "i8"])
+def test_kernel_reads_a_stack_layer_in_place(fmt):
+    """``PackedWeight.at(i)``: the kernel reads layer ``i`` of a stack ``[L, N, R]`` without a
+    copy; the same products as the sliced layer (bit for bit: the same code on the same
+    bytes), with a static or a traced index (a scan over layers), on every code path; an
+    index outside the stack is refused by the handler, never read."""
+    rng = np.random.default_rng(11)
+    k, n, num = 64, 72, 3
+    ws = [_random_weight(rng, fmt, n, k) for _ in range(num)]
+    stack = packed.as_jax(packed.stack(ws), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, k)).astype(np.float32))
+    for isa in cpu_matmul.available_isas():
+        for i in range(num):
+            one = packed.as_jax(ws[i], jnp.float32)
+            want = packed.linear(x, one, isa=isa)
+            got = packed.linear(x, stack.at(i), isa=isa)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # the reference path resolves the view to the same layer
+    np.testing.assert_array_equal(
+        np.asarray(packed.linear(x, stack.at(1), use_kernel=False)),
+        np.asarray(packed.linear(x, packed.as_jax(ws[1], jnp.float32), use_kernel=False)))
+
+    def scan(x0, in_place):  # x <- tanh(x W_i^T) over the stack, the index traced
+        def body(v, xs):
+            layer, i = xs
+            w = stack.at(i) if in_place else layer  # layer: the scan's slice (a copy)
+            return jnp.tanh(packed.linear(v, w)[:, :k]), None
+        return jax.lax.scan(body, x0, (stack, jnp.arange(num)))[0]
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(scan, static_argnums=1)(x, True)),
+                                  np.asarray(jax.jit(scan, static_argnums=1)(x, False)))
+    with pytest.raises(Exception, match="layer index is outside the stack"):
+        jax.jit(lambda i: packed.linear(x, stack.at(i)))(num).block_until_ready()
+    with pytest.raises(ValueError, match="takes a stack of weights"):
+        packed.as_jax(ws[0], jnp.float32).at(0)

@@ -59,12 +59,16 @@ def available_isas() -> tuple:
 
 def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
                   max_threads: int = 0, portable: bool = False, isa: str = "auto",
-                  act8: bool = False) -> jax.Array:
-    """``y [M, N] = x [M, K] @ W^T`` for W's rows ``data [N, R]`` in format ``fmt``.
+                  act8: bool = False, layer=None) -> jax.Array:
+    """``y [M, N] = x [M, K] @ W^T`` for W's rows ``data [N, R]`` in format ``fmt``, or for
+    layer ``layer`` of a stack ``data [L, N, R]`` (read in place: no copy of the layer).
 
     Args:
       x: float32 ``[M, K]``.
-      data: uint8 ``[N, R]``; scale: float32 ``[N]`` for ``i8``, else ``[1]``.
+      data: uint8 ``[N, R]`` or ``[L, N, R]``; scale: float32 ``[(L,) N]`` for ``i8``, else
+        ``[(L,) 1]``.
+      layer: with a stack, the layer's index (``int32``, traced or static); the handler
+        refuses one outside ``[0, L)``.
       fmt: a key of :data:`specjax.packed.FORMATS`.
       max_threads: at most this many threads (0: the CPU client's intra-op pool size).
       portable: take the portable code path (the same as ``isa="portable"``).
@@ -77,7 +81,11 @@ def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
     from specjax.packed import A8_FORMATS, FORMATS, row_bytes
     ensure_registered()
     m, k = x.shape
-    n, r = data.shape
+    n, r = data.shape[-2:]
+    if (data.ndim == 3) != (layer is not None) or data.ndim not in (2, 3):
+        raise ValueError(f"give a weight data [N, R], or a stack [L, N, R] with its layer; got "
+                         f"data {data.shape} and layer {'given' if layer is not None else None}")
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     if isa != "auto" and isa not in ISAS:
         raise ValueError(f"isa must be auto or one of {', '.join(ISAS)}, got {isa!r}")
     level = 1 if portable else (0 if isa == "auto" else ISAS.index(isa) + 1)
@@ -87,8 +95,9 @@ def packed_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, fmt: str, *,
         raise ValueError(f"{fmt} rows of {k} values take {row_bytes(fmt, k)} bytes, W has {r}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
                             vmap_method="expand_dims")
-    return call(x.astype(jnp.float32), data, scale.astype(jnp.float32),
+    return call(x.astype(jnp.float32), data, scale.astype(jnp.float32), index,
                 fmt=np.int64(FORMATS[fmt][0]), k=np.int64(k), n=np.int64(n),
+                num_layers=np.int64(data.shape[0] if data.ndim == 3 else 1),
                 max_threads=np.int64(max_threads), isa=np.int64(level),
                 act8=np.int64(bool(act8)))
 

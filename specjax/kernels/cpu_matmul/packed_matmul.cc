@@ -777,9 +777,10 @@ struct SharedWork {
 };
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t fmt,
-                        int64_t k, int64_t n, int64_t max_threads, int64_t isa,
-                        int64_t act8) {
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t fmt,
+                        int64_t k, int64_t n, int64_t num_layers, int64_t max_threads,
+                        int64_t isa, int64_t act8) {
   if (fmt < 0 || fmt >= kNumFormats)
     return ffi::Error::InvalidArgument("packed_matmul: unknown weight format");
   if (k <= 0 || n <= 0 || k % kBlockValues[fmt] != 0)
@@ -790,13 +791,26 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (x_size % k != 0)
     return ffi::Error::InvalidArgument("packed_matmul: x's size is not a multiple of K");
   const int64_t m = x_size / k;
-  if (static_cast<int64_t>(w.element_count()) != n * row_bytes)
+  // W is one weight [N, R] (num_layers = 1) or a stack [L, N, R] read at layer `layer` in
+  // place; a W batched under vmap has more bytes than the caller declared.
+  if (num_layers < 1 ||
+      static_cast<int64_t>(w.element_count()) != num_layers * n * row_bytes)
     return ffi::Error::InvalidArgument("packed_matmul: W's byte count does not match N rows of "
                                        "the format (a batched W is not supported)");
+  if (layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("packed_matmul: the layer index must be one int32");
+  const int64_t index = layer.typed_data()[0];
+  if (index < 0 || index >= num_layers)
+    return ffi::Error::InvalidArgument("packed_matmul: the layer index is outside the stack");
   if (static_cast<int64_t>(y->element_count()) != m * n)
     return ffi::Error::InvalidArgument("packed_matmul: y's size is not M * N");
-  if (fmt == kI8 && static_cast<int64_t>(scale.element_count()) != n)
-    return ffi::Error::InvalidArgument("packed_matmul: I8 needs one scale per output row");
+  const int64_t scale_count = static_cast<int64_t>(scale.element_count());
+  if (scale_count % num_layers != 0 ||
+      (fmt == kI8 && scale_count != num_layers * n))
+    return ffi::Error::InvalidArgument("packed_matmul: the scales do not fit W (I8 takes one "
+                                       "per output row)");
+  const uint8_t* w_layer = w.typed_data() + index * n * row_bytes;
+  const float* scale_layer = scale.typed_data() + index * (scale_count / num_layers);
   if (isa < kIsaAuto || isa > kIsaAvx512)
     return ffi::Error::InvalidArgument("packed_matmul: isa must be 0 (auto), 1 (portable), "
                                        "2 (AVX2) or 3 (AVX-512)");
@@ -806,7 +820,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (m == 0) return ffi::Error::Success();
 
   auto work = std::make_shared<SharedWork>();
-  work->problem = Problem{x.typed_data(), w.typed_data(), scale.typed_data(),
+  work->problem = Problem{x.typed_data(), w_layer, scale_layer,
                           y->typed_data(), m, n, k, row_bytes, fmt, false, false, nullptr};
   const int64_t use = isa == kIsaAuto ? BestIsa() : std::min(isa, BestIsa());
   work->problem.avx2 = use >= kIsaAvx2;
@@ -839,12 +853,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxPackedMatmul, specjax::PackedMatmul,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [..., K]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // W [N, row_bytes]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // scale [N] or [1]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // W [(L,) N, R]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // scale [(L,) N|1]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // layer index
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // y [..., N]
                                   .Attr<int64_t>("fmt")
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("n")
+                                  .Attr<int64_t>("num_layers")
                                   .Attr<int64_t>("max_threads")
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("act8"));
