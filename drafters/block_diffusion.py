@@ -339,7 +339,7 @@ def load_weights(path, drafter: BlockDiffusionDrafter, dtype: Optional[str] = No
 
 def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str] = None,
                  tree: str = "static", choices=None,
-                 max_nodes: Optional[int] = DEFAULT_MAX_NODES, drafter_weights: str = "float32"):
+                 max_nodes: Optional[int] = DEFAULT_MAX_NODES, drafter_weights: str = "auto"):
     """``(drafter, dparams)``: the trained block drafter for ``target`` (a ``LoadedModel`` or a
     ``LlamaModel``) from ``drafters/weights/<model_name>/block_diffusion.safetensors`` or
     ``path``, its architecture read from the file.

@@ -233,7 +233,7 @@ def load_weights(path, drafter: Eagle3Drafter, dtype: Optional[str] = None) -> d
 
 
 def load_shipped(target, model_name: Optional[str] = None, *, path: Optional[str] = None,
-                 tree: str = "static", drafter_weights: str = "float32", **create_kwargs):
+                 tree: str = "static", drafter_weights: str = "auto", **create_kwargs):
     """``(drafter, dparams)``: the trained EAGLE-3 drafter for ``target`` (a ``LoadedModel`` or
     a ``LlamaModel``) from ``drafters/weights/<model_name>/eagle3.safetensors`` or ``path``;
     its draft vocabulary and feature layers are the file's.
