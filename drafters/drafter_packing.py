@@ -2,9 +2,9 @@
 
 A learned drafter re-reads its weights at every drafted depth: the EAGLE-3 drafter's decoder
 layer, fusion and draft-vocabulary head are ~9M float32 values (37 MB), the block drafter's
-about the same. On a packed target (``--weights=gguf``: a plain step of ~8 ms on this CPU)
-reading them costs ~0.2 plain steps per round, as much as a quarter of what a drafted token
-saves. Kept as Q8_0 blocks (34 bytes per 32 values, 3.8x fewer bytes) and multiplied by the
+about the same. On a packed target (``--weights=gguf``: a plain step of 6-8 ms on this CPU)
+reading them cost 0.18 plain steps per round (2026-11-30), as much as a quarter of what a
+drafted token saves. Kept as Q8_0 blocks (34 bytes per 32 values, 3.8x fewer bytes) and multiplied by the
 CPU kernel (:func:`specjax.packed.linear`), the same reads take a quarter of the time.
 
 Lossless by construction: the drafter only proposes; the target verifies every drafted token

@@ -49,12 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from drafters import draft_vocab as vocab_lib
-from drafters import head_weights, heads, registry
+from drafters import drafter_packing, head_weights, heads, registry
 from drafters.corpus import default_layers
 from drafters.target_readout import fuse_taps
 from drafters.eagle import (DEFAULT_BUDGET, DEFAULT_DEPTH, DEFAULT_TOP_K, EagleDrafter,
                             EagleLayer)
-from drafters import drafter_packing
 from specjax import packed
 
 STEM = "eagle3"  # drafters/weights/<model>/eagle3.safetensors
