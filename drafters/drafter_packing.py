@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from drafters import head_weights
 from models.packing import FLOAT_LINEAR_NAMES, PACKED_LAYER_NAMES, dequantize_layer, layer_rows
 from specjax import packed
 
@@ -48,8 +49,8 @@ def resolve(choice: str, target) -> str:
                          f"{choice!r}")
     if choice != "auto":
         return choice
-    target_packed = bool(getattr(getattr(target, "config", None), "weight_formats", ()))
-    return FORMAT if target_packed and jax.default_backend() == "cpu" else "float32"
+    return FORMAT if head_weights.is_packed(target) and jax.default_backend() == "cpu" \
+        else "float32"
 
 
 def _blocks(k: int) -> bool:
