@@ -108,6 +108,10 @@ class BlockDiffusionTrainer:
     def decode_params(self, params, vocab_map) -> dict:
         return decode_params(params, vocab_map)
 
+    def trainable_params(self, dparams) -> dict:
+        """The inverse of :meth:`decode_params` (a start from trained weights)."""
+        return jax.tree.map(lambda v: jnp.array(v, jnp.float32), dparams["net"])
+
     # The forward -------------------------------------------------------------------------------
 
     def context(self, params, batch) -> list:

@@ -268,6 +268,7 @@ class Corpus:
     prompt_lengths: np.ndarray
     features: np.ndarray
     manifest: dict
+    origin: Optional[np.ndarray] = None  # int32[N]: index of the directory each record came from
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -278,7 +279,8 @@ class Corpus:
 
     def subset(self, idx) -> "Corpus":
         return Corpus(self.tokens[idx], self.labels[idx], self.lengths[idx],
-                      self.prompt_lengths[idx], self.features[idx], self.manifest)
+                      self.prompt_lengths[idx], self.features[idx], self.manifest,
+                      None if self.origin is None else self.origin[idx])
 
     def split(self, eval_fraction: float, seed: int = 0) -> tuple["Corpus", "Corpus"]:
         """``(train, held_out)`` by whole records (a seeded shuffle; one of each at least)."""
@@ -329,13 +331,63 @@ def read_manifest(corpus_dir: str) -> dict:
                                 "build it with python -m experiments.build_corpus")
 
 
-def load(corpus_dirs: Sequence[str], target=None, layers: Optional[Sequence[int]] = None
-         ) -> Corpus:
-    """Every shard of every directory, checked against ``target`` (sizes) and ``layers``."""
+def read_answers(corpus_dir: str) -> tuple[list, list, dict]:
+    """``(prompts, responses, manifest)`` of a REGENERATED corpus: token ids of each record's
+    prompt and of the target's own greedy answer (features are not read); CorpusError for a
+    teacher-forced corpus, whose responses are a data set's words, not the target's."""
+    m = read_manifest(corpus_dir)
+    if m.get("path") != "regenerated":
+        raise CorpusError(f"{corpus_dir} is a {m.get('path')} corpus: its responses are not "
+                          "the target's own; use a regenerated one (build_corpus "
+                          "--path=regenerated)")
+    prompts, responses = [], []
+    for s in m["shards"]:
+        part = shard_io.read_shard(os.path.join(corpus_dir, s["file"]),
+                                   ("tokens", "lengths", "prompt_lengths"), CorpusError,
+                                   "rebuild the corpus")
+        for row, n, p in zip(part["tokens"], part["lengths"], part["prompt_lengths"]):
+            prompts.append(row[:p].tolist())
+            responses.append(row[p:n].tolist())
+    return prompts, responses, m
+
+
+def crop_left(part: dict, max_len: int) -> dict:
+    """A shard's records cut to their last ``max_len`` positions (the start of a long prompt
+    dropped; what is kept was computed with the whole context, so its labels and features are
+    unchanged), arrays narrowed to ``max_len``; ``prompt_lengths`` shift with the cut (at least
+    0: a cut into the response keeps its tail)."""
+    lengths = np.asarray(part["lengths"])
+    drop = np.maximum(lengths - max_len, 0)
+    if not drop.any():  # nothing to cut: only narrow the padding
+        return {k: (part[k][:, :max_len] if k in ("tokens", "labels", "features") else part[k])
+                for k in FIELDS}
+    out = {k: np.asarray(part[k]) for k in FIELDS}
+    for key in ("tokens", "labels", "features"):
+        arr = out[key]
+        width = min(arr.shape[1], max_len)
+        cut = np.zeros((arr.shape[0], width) + arr.shape[2:], arr.dtype)
+        for r in range(arr.shape[0]):
+            kept = arr[r, drop[r]:drop[r] + width]
+            cut[r, :kept.shape[0]] = kept
+        out[key] = cut
+    out["lengths"] = (lengths - drop).astype(lengths.dtype)
+    out["prompt_lengths"] = np.maximum(np.asarray(part["prompt_lengths"]) - drop, 0).astype(
+        lengths.dtype)
+    return out
+
+
+def load(corpus_dirs: Sequence[str], target=None, layers: Optional[Sequence[int]] = None,
+         max_len: Optional[int] = None) -> Corpus:
+    """Every shard of every directory, checked against ``target`` (sizes) and ``layers``;
+    ``origin`` numbers each record's directory (0, 1, ... in ``corpus_dirs`` order). Records
+    are padded to the widest one, so ``max_len`` (:func:`crop_left`) keeps a corpus of long
+    prompts from widening every other directory's records in memory."""
     if isinstance(corpus_dirs, str):
         corpus_dirs = [corpus_dirs]
-    parts, manifests = [], []
-    for d in corpus_dirs:
+    if max_len is not None and max_len < 2:
+        raise CorpusError(f"max_len={max_len}: keep at least 2 positions per record")
+    parts, manifests, origin = [], [], []
+    for number, d in enumerate(corpus_dirs):
         m = read_manifest(d)
         if target is not None and (m["hidden_size"], m["vocab_size"]) != (
                 target.hidden_size, target.vocab_size):
@@ -348,12 +400,16 @@ def load(corpus_dirs: Sequence[str], target=None, layers: Optional[Sequence[int]
         if manifests and tuple(m["layers"]) != tuple(manifests[0]["layers"]):
             raise CorpusError(f"{d} and {corpus_dirs[0]} hold features of different layers")
         for s in m["shards"]:
-            parts.append(shard_io.read_shard(os.path.join(d, s["file"]), FIELDS, CorpusError,
-                                              "rebuild the corpus"))
+            part = shard_io.read_shard(os.path.join(d, s["file"]), FIELDS, CorpusError,
+                                       "rebuild the corpus")
+            if max_len is not None:
+                part = crop_left(part, max_len)
+            parts.append(part)
+            origin.append(np.full((len(part["lengths"]),), number, np.int32))
         manifests.append(m)
     if not parts:
         raise CorpusError("the corpus holds no records")
     manifest = dict(manifests[0], sources=[m.get("source") for m in manifests],
                     paths=[m.get("path") for m in manifests])
     return Corpus(**{k: shard_io.concat_padded([p[k] for p in parts]) for k in FIELDS},
-                  manifest=manifest)
+                  manifest=manifest, origin=np.concatenate(origin))

@@ -78,12 +78,15 @@ def _write_json_atomic(path: str, obj) -> None:
 def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
             max_new_tokens: int = 128, batch_size: int = 16, eos_ids: Sequence[int] = (),
             dtype: str = "bfloat16", shard_size: int = 64, max_prompt_len: Optional[int] = None,
-            model_name: str = "", source: str = "", progress: bool = False) -> dict:
+            model_name: str = "", source: str = "", progress: bool = False,
+            responses: Optional[Sequence[Sequence[int]]] = None) -> dict:
     """Generates greedy responses to ``prompts`` and writes self-distillation shards.
 
     Prompts longer than ``max_prompt_len`` tokens are skipped (counted in the manifest). Rows
     are processed in length order (less padding); each ``generate`` call has ``batch_size``
     rows (the last batch is padded with a repeated prompt, whose output is dropped).
+    ``responses`` (one per prompt): the target's own greedy answers, already decoded (e.g. a
+    regenerated corpus's, :mod:`drafters.corpus`): nothing is generated, only the forward runs.
 
     Returns:
       the manifest (also written to ``out_dir/manifest.json``).
@@ -93,7 +96,15 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
     if batch_size < 1 or shard_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size, shard_size and max_new_tokens must be >= 1")
     prompts = [list(map(int, p)) for p in prompts]
-    kept = [p for p in prompts if max_prompt_len is None or len(p) <= max_prompt_len]
+    if responses is not None and len(responses) != len(prompts):
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
+    given = None if responses is None else {}
+    kept = []
+    for i, p in enumerate(prompts):
+        if max_prompt_len is None or len(p) <= max_prompt_len:
+            if given is not None:
+                given[len(kept)] = list(map(int, responses[i]))
+            kept.append(p)
     if not kept:
         raise ValueError(f"every prompt is longer than max_prompt_len={max_prompt_len}")
     os.makedirs(out_dir, exist_ok=True)
@@ -103,6 +114,7 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
     config = DecodeConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
     fingerprint = hashlib.sha256(json.dumps([kept, max_new_tokens, list(config.eos_ids), dtype,
                                              shard_size, model.hidden_size, model.vocab_size]
+                                            + ([] if given is None else [given])
                                             ).encode()).hexdigest()[:32]
     # The complete shards of an interrupted run.
     shards = complete_shards(out_dir, fingerprint, DistillDataError, "run")
@@ -139,8 +151,12 @@ def distill(model, params, prompts: Sequence[Sequence[int]], out_dir: str, *,
 
     try:
         for start in range(total, len(order), batch_size):  # rows enter shards in this order
-            rows = _respond(model, params, [kept[i] for i in order[start:start + batch_size]],
-                            config, batch_size)
+            chunk = order[start:start + batch_size]
+            if given is None:
+                rows = _respond(model, params, [kept[i] for i in chunk], config, batch_size)
+            else:
+                rows = _with_hidden(model, params, [kept[i] for i in chunk],
+                                    [given[i] for i in chunk], batch_size)
             pending += rows
             while len(pending) >= shard_size:
                 flush(pending[:shard_size])
@@ -170,6 +186,15 @@ def _respond(model, params, batch, config: DecodeConfig, batch_size: int) -> lis
     out = generate(model, params, batch, config)
     toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
     responses = [toks[i, :lens[i]].tolist() for i in range(real)]
+    return _with_hidden(model, params, batch[:real], responses, batch_size)
+
+
+def _with_hidden(model, params, batch, responses, batch_size: int) -> list:
+    """``(prompt, response, hidden [W, E])`` of each row: one teacher-forced forward over
+    prompt + response (rows padded to ``batch_size`` with the last one)."""
+    real = len(batch)
+    batch = batch + [batch[-1]] * (batch_size - real)
+    responses = list(responses) + [responses[-1]] * (batch_size - real)
     width = _round_up(max(len(p) + len(r) for p, r in zip(batch, responses)), 64)
     seq = np.zeros((batch_size, width), np.int32)
     for i, (p, r) in enumerate(zip(batch, responses)):

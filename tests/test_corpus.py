@@ -122,6 +122,28 @@ def test_window_batches_line_up(target, built):
         assert batch["tokens"][k, 8] == (data.tokens[r, nxt] if nxt < n else 0)
 
 
+def test_long_records_keep_their_tails_and_each_record_its_directory(target, built):
+    model, _ = target
+    whole = corpus.load([built[0]], model)
+    assert whole.origin.tolist() == [0] * len(whole)
+    two = corpus.load([built[0], built[0]], model, max_len=8)
+    assert two.origin.tolist() == [0] * len(whole) + [1] * len(whole)
+    assert two.tokens.shape[1] == 8 and two.features.shape[1] == 8
+    for r in range(len(whole)):
+        n, p = int(whole.lengths[r]), int(whole.prompt_lengths[r])
+        cut = max(n - 8, 0)
+        for half in (r, r + len(whole)):  # both copies, cut alike
+            assert two.lengths[half] == n - cut and two.prompt_lengths[half] == max(p - cut, 0)
+            assert (two.tokens[half, :n - cut] == whole.tokens[r, cut:n]).all()
+            assert (two.labels[half, :n - cut] == whole.labels[r, cut:n]).all()
+            assert (two.features[half, :n - cut] == whole.features[r, cut:n]).all()
+    assert (whole.lengths > 8).any()  # the test cuts something
+    # a record cut into its response keeps labelled windows there
+    assert len(two.windows(4)) > 0
+    with pytest.raises(corpus.CorpusError, match="at least 2"):
+        corpus.load([built[0]], model, max_len=1)
+
+
 def test_damaged_or_mismatched_corpora_are_refused(target, built, tmp_path):
     model, params = target
     out = built[0]
@@ -228,6 +250,23 @@ def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
     assert summary["steps"] == 3 and summary["train_records"] == 6
     assert len(summary["held_out_top1"]) >= 2 and summary["window_positions_per_s"] > 0
     assert json.loads(proc.stdout.strip().splitlines()[-1])["drafter"] == drafter
+    # A start from those weights: one step of warmup has lr 0 and changes nothing, so the
+    # held-out accuracy and the written weights are the first run's; --corpus_weights=3 triples
+    # the windows.
+    again, metrics2 = str(base / f"{drafter}-again.safetensors"), str(base / f"{drafter}-2.json")
+    _run("experiments.train_corpus_drafter", "--model=tiny-gqa", f"--drafter={drafter}",
+         f"--corpus_dir={out}", "--corpus_weights=3", f"--init_weights={weights}", "--warmup=1",
+         "--steps=1", "--batch_size=2", "--eval_fraction=0.25", "--eval_every=0",
+         f"--trainer_options={options}", f"--output={again}", f"--metrics_json={metrics2}")
+    summary2 = json.load(open(metrics2))
+    assert summary2["train_windows"] == 3 * summary["train_windows"]
+    assert summary["held_out_top1_by_corpus"] == [summary["held_out_top1"]]
+    assert summary2["held_out_top1"] == summary["held_out_top1"]
+    _, first = head_weights.read_weights(weights)
+    _, second = head_weights.read_weights(again)
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(np.asarray(first[key]), np.asarray(second[key]))
     lm = models.load("tiny-gqa")
     dr, dparams = importlib.import_module(f"drafters.{drafter}").load_shipped(lm, path=weights)
     assert dparams["vocab_map"].shape == (48,)
@@ -249,6 +288,44 @@ def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
         tuple(c) for c in tuned.order[:tuned.default_nodes])
     got = speculative_generate(lm.model, lm.params, dr, dparams, PROMPTS, config)
     assert kit.rows_of(got) == ref
+
+
+def test_training_flags_refuse_bad_weights_and_starts(tmp_path):
+    from experiments import common, train_corpus_drafter as tcd
+    assert tcd._corpus_weights([], 2) is None
+    assert tcd._corpus_weights(["2", "1"], 2) == [2, 1]
+    for bad in (["1"], ["1", "x"], ["0", "0"], ["-1", "2"]):
+        with pytest.raises(common.UserError, match="corpus_weights"):
+            tcd._corpus_weights(bad, 2)
+    with pytest.raises(common.UserError, match="init_weights"):
+        tcd._init_vocab_map(str(tmp_path / "none.safetensors"), "eagle3")
+    shipped = os.path.join(ROOT, "drafters", "weights", "smollm2-135m")
+    with pytest.raises(common.UserError, match="not 'eagle3'"):
+        tcd._init_vocab_map(os.path.join(shipped, "block_diffusion.safetensors"), "eagle3")
+    got = tcd._init_vocab_map(os.path.join(shipped, "eagle3.safetensors"), "eagle3")
+    assert got.dtype == np.int32 and got.shape == (8192,) and len(set(got.tolist())) == 8192
+
+
+def test_head_drafter_data_from_a_regenerated_corpus(tiny_corpus, built, target):
+    """train_drafter --from_corpus: the corpus's prompts and the target's answers become
+    self-distillation records (nothing generated again); a teacher-forced corpus is refused."""
+    from drafters import distill
+    from models import registry as models
+    base, out = tiny_corpus
+    prompts, answers, manifest = corpus.read_answers(out)
+    assert len(prompts) == manifest["num_records"] == 8 and all(answers)
+    data = str(base / "hydra-data")
+    _run("experiments.train_drafter", "--model=tiny-gqa", "--drafter=hydra", f"--data_dir={data}",
+         f"--from_corpus={out}", "--steps=2", "--batch_size=8", "--eval_every=0",
+         "--gen_batch_size=4")
+    lm = models.load("tiny-gqa")
+    rec = distill.load_records(data, lm.model)
+    got = sorted((rec.tokens[i, :rec.prompt_lengths[i]].tolist(),
+                  rec.tokens[i, rec.prompt_lengths[i]:rec.lengths[i]].tolist())
+                 for i in range(len(rec)))
+    assert got == sorted(zip(prompts, answers))
+    with pytest.raises(corpus.CorpusError, match="teacher_forced corpus"):
+        corpus.read_answers(built[0])
 
 
 def test_recycling_table_and_tuned_tree_from_a_corpus_decode_losslessly(tiny_corpus):

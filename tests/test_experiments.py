@@ -205,6 +205,31 @@ def test_read_prompts_groups_and_round_robin(tmp_path):
         spec_bench.read_prompts(str(bad), 1, None)
 
 
+def test_spec_bench_split_holds_out_what_the_benchmark_measures(tmp_path):
+    path = tmp_path / "q.jsonl"
+    _write_questions(path)
+    measured = {p.text for p in spec_bench.read_prompts(str(path), 2, None)}
+    train = spec_bench.split_texts(str(path), 2, "train")
+    held = spec_bench.split_texts(str(path), 2, "eval")
+    assert set(held) == measured and not set(train) & measured
+    assert sorted(train + held) == sorted(spec_bench.split_texts(str(path), 2, "all"))
+    assert train == ["question 3", "question 1", "question 6"]  # in read_prompts order
+    # every smaller --per_category is inside the held-out part
+    assert {p.text for p in spec_bench.read_prompts(str(path), 1, None)} <= set(held)
+    assert spec_bench.split_texts(str(path), 0, "train") == spec_bench.split_texts(
+        str(path), 0, "all")
+    with pytest.raises(common.UserError, match="train, eval or all"):
+        spec_bench.split_texts(str(path), 2, "test")
+    # what the training binaries read: the split, then [offset:offset + limit]
+    import types
+    fv = types.SimpleNamespace(spec_bench_split="train", spec_bench_eval_per_category=2)
+    texts, described = spec_bench.training_texts(str(path), 2, 1, fv)
+    assert texts == train[1:3] and "train split, 2 per group held out" in described
+    lines = tmp_path / "p.txt"
+    lines.write_text("a\nb\nc\n")
+    assert spec_bench.training_texts(str(lines), 1, 1, fv) == (["b"], str(lines))
+
+
 def test_aggregate_and_mismatch():
     assert bench.first_mismatch([1, 2, 3], [1, 2, 3]) is None
     assert bench.first_mismatch([1, 2, 3], [1, 5, 3]) == 1

@@ -56,6 +56,35 @@ def test_distill_records_match_the_target(target, data_dir):
     np.testing.assert_array_equal(data["mask"].sum(0), [6 * (NEW - 1 - k) for k in range(3)])
 
 
+def test_distill_from_given_answers_equals_generating_them(target, data_dir, tmp_path,
+                                                         monkeypatch):
+    """Given the target's answers (a regenerated corpus's), distill writes the same records
+    without generating anything."""
+    model, params = target
+    rec = distill.load_records(data_dir, model)
+    prompts = [rec.tokens[i, :rec.prompt_lengths[i]].tolist() for i in range(len(rec))]
+    answers = [rec.tokens[i, rec.prompt_lengths[i]:rec.lengths[i]].tolist()
+               for i in range(len(rec))]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generate called although the answers were given")
+
+    monkeypatch.setattr(distill, "generate", refuse)
+    out = str(tmp_path / "given")
+    distill.distill(model, params, prompts, out, batch_size=4, shard_size=4, dtype="bfloat16",
+                    model_name="tiny-gqa", responses=answers)
+    got = distill.load_records(out, model)
+    key = lambda r, i: tuple(r.tokens[i, :r.lengths[i]].tolist())  # noqa: E731
+    mine = {key(got, i): i for i in range(len(got))}
+    assert sorted(mine) == sorted(key(rec, i) for i in range(len(rec)))
+    for i in range(len(rec)):
+        j, n = mine[key(rec, i)], rec.lengths[i]
+        assert got.prompt_lengths[j] == rec.prompt_lengths[i]
+        np.testing.assert_array_equal(got.hidden[j, :n], rec.hidden[i, :n])
+    with pytest.raises(ValueError, match="responses for"):
+        distill.distill(model, params, prompts, str(tmp_path / "x"), responses=answers[:2])
+
+
 def test_interrupted_distillation_resumes_from_its_last_shard(target, data_dir, tmp_path,
                                                                monkeypatch):
     """Interrupted after its first shard, a run resumes with the same prompts and settings and
