@@ -144,8 +144,11 @@ def training_texts(path: str, limit: Optional[int], offset: int, fv) -> tuple[li
         return read_prompt_texts(path, limit, offset), path
     texts = split_texts(path, fv.spec_bench_eval_per_category, fv.spec_bench_split)
     end = None if limit is None else offset + limit
-    return texts[offset:end], (f"{path} ({fv.spec_bench_split} split, "
-                               f"{fv.spec_bench_eval_per_category} per group held out)")
+    described = (f"{path} ({fv.spec_bench_split} split, {fv.spec_bench_eval_per_category} per "
+                 "group held out)")
+    if not texts[offset:end]:
+        raise ValueError(f"{described} gave no prompts (offset={offset}, limit={limit})")
+    return texts[offset:end], described
 
 
 # Prompt files for self-distillation ------------------------------------------------------------

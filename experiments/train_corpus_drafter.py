@@ -14,6 +14,12 @@ Training checkpoints every ``--ckpt_every`` steps to ``--ckpt_dir``: an interrup
 SIGTERM, a kill) resumes there when rerun with the same flags. The end writes the bf16 weights
 (``--output``) and a summary with the training throughput (``--metrics_json``).
 
+Several corpora train together (``--corpus_dir=a,b,c``): ``--corpus_weights=4,2,1`` repeats
+each one's windows per epoch, ``--max_record_len`` keeps the last N positions of longer records
+(a corpus of long prompts would widen every record in memory), and the held-out accuracy is
+printed per directory. ``--init_weights`` starts from trained weights of the same drafter (a
+fine-tune; their draft vocabulary is kept).
+
 Each drafter's training is ``drafters/<name>_train.py``: ``make_trainer(target, vocab_map,
 **options)``; ``--trainer_options=key=value,...`` passes its own options (e.g.
 ``block_size=8``; a list inside a value takes colons: ``feature_layers=2:15:27``).
@@ -188,9 +194,10 @@ def main(argv):
         options = trainer_options(FLAGS.trainer_options)
         common.check_outputs(FLAGS, "output", "metrics_json",
                              dirs=("ckpt_dir",) if FLAGS.ckpt_dir else ())
-        dirs = common.corpus_dirs(FLAGS.corpus_dir)
-        repeats = _corpus_weights(FLAGS.corpus_weights, len(dirs))
+        repeats = _corpus_weights(FLAGS.corpus_weights,
+                                  len([d for d in FLAGS.corpus_dir.split(",") if d]))
         init_map = _init_vocab_map(FLAGS.init_weights, FLAGS.drafter)
+        dirs = common.corpus_dirs(FLAGS.corpus_dir)
         from drafters import corpus as corpus_lib
         method_flags.model_config(FLAGS)
         import jax

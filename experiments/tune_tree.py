@@ -12,7 +12,7 @@ the block drafter or Token Recycling's table walk; writes ``<weights>.tree.json`
       --corpus_dir=/work/corpus/extra-regen-0 --sizes=2,4,6,8,12,16
 
 The self-distillation drafters (medusa, hydra, eagle) read ``--data_dir`` (``train_drafter``'s
-data); the corpus drafters (eagle3, block_diffusion) read ``--corpus_dir``
+data; ``--eval_fraction=1``: every record, for data they never trained on); the corpus drafters (eagle3, block_diffusion) read ``--corpus_dir``
 (``build_corpus``'s), whose held-out records are ``train_corpus_drafter``'s split (same
 ``--eval_fraction`` / ``--seed``), or every record with ``--eval_fraction=1`` (a corpus the
 drafter never trained on, e.g. a regenerated one: there every drafted chain is the target's
@@ -207,10 +207,11 @@ def _check_flags() -> float:
     fraction = FLAGS.eval_fraction
     if fraction is None:
         fraction = 0.5 if FLAGS.drafter == RECYCLING else 0.05 if corpus_drafter else 0.1
-    if corpus_drafter and not 0.0 < fraction <= 1.0:
+    if FLAGS.drafter != RECYCLING and not 0.0 < fraction <= 1.0:
         raise common.UserError("--eval_fraction must be in (0, 1] (1 = every record)")
-    if not corpus_drafter and not 0.0 < fraction < 1.0:
-        raise common.UserError("--eval_fraction must be in (0, 1)")
+    if FLAGS.drafter == RECYCLING and not 0.0 < fraction < 1.0:
+        raise common.UserError("--eval_fraction must be in (0, 1): token_recycling builds its "
+                               "table from the rest")
     return fraction
 
 
@@ -219,7 +220,8 @@ def _self_distilled_ranks(loaded, drafter, params, fraction):
     from drafters import distill, heads
     dirs = [d for d in FLAGS.data_dir.split(",") if d]
     records = distill.concat_records([distill.load_records(d, loaded.model) for d in dirs])
-    _, held_out = distill.split_records(records, fraction, FLAGS.seed)
+    held_out = (records if fraction >= 1.0 else  # data the drafter never trained on
+                distill.split_records(records, fraction, FLAGS.seed)[1])
     if FLAGS.drafter == "eagle":
         from drafters import eagle_train
         depth = FLAGS.max_depth or DEFAULT_EAGLE_DEPTH

@@ -228,6 +228,8 @@ def test_spec_bench_split_holds_out_what_the_benchmark_measures(tmp_path):
     lines = tmp_path / "p.txt"
     lines.write_text("a\nb\nc\n")
     assert spec_bench.training_texts(str(lines), 1, 1, fv) == (["b"], str(lines))
+    with pytest.raises(ValueError, match="gave no prompts"):
+        spec_bench.training_texts(str(path), 2, 3, fv)
 
 
 def test_aggregate_and_mismatch():
