@@ -84,6 +84,18 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     return config, flat
 
 
+def read_vocab_map(path: str | os.PathLike, drafter: str) -> np.ndarray:
+    """``int32[N]`` draft id -> target id of ``drafter``'s weights at ``path`` (a start for
+    further training); HeadWeightsError when missing, damaged, another drafter's or without a
+    map."""
+    config, flat = read_weights(path)
+    if config.get("drafter") != drafter:
+        raise HeadWeightsError(f"{os.fspath(path)} holds {config.get('drafter')!r} weights, not "
+                               f"{drafter!r}")
+    if "vocab_map" not in flat:
+        raise HeadWeightsError(f"{os.fspath(path)} has no vocab_map: retrain it")
+    return np.asarray(flat["vocab_map"], np.int32)
+
 def load_weights(path: str | os.PathLike, drafter: HeadDrafter, dtype: Optional[str] = None
                  ) -> dict:
     """Head params for ``drafter`` from ``path``, checked against its architecture.

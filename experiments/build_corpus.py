@@ -14,10 +14,11 @@ jsonl: first turns), usable on the regenerated path only. A Spec-Bench jsonl is 
 benchmark's own selection: ``--spec_bench_split=train`` (default) leaves out every question
 ``experiments.benchmark --per_category=N`` measures for N <= ``--spec_bench_eval_per_category``
 (default 5), so a drafter trained on it is still measured on unseen prompts; ``eval`` gives
-exactly those questions (to measure a drafter's acceptance offline). Prompts go through the model's chat
-template. The corpus format and its resume rule are in ``drafters/corpus.py``; an interrupted
-run resumes when rerun with the same flags. The corpus holds no Spec-Bench text unless a
-Spec-Bench file is given as ``--source`` (the shipped drafters' corpora hold none).
+exactly those questions (to measure a drafter's acceptance offline). Prompts go through the
+model's chat template. The corpus format and its resume rule are in ``drafters/corpus.py``; an
+interrupted run resumes when rerun with the same flags. The corpus holds no Spec-Bench text
+unless a Spec-Bench file is given as ``--source`` (the shipped EAGLE-3 and block drafter
+trained on the train split's answers, never on the questions the benchmark measures).
 """
 
 from __future__ import annotations

@@ -170,6 +170,23 @@ def run_training(FLAGS, state, step_fn, get_batch, frozen, meta: dict, eval_fn, 
     return state, start, time.time() - t
 
 
+def corpus_weights(given, num_dirs: int):
+    """The per-directory repeat counts of a ``--corpus_weights`` list (None when empty);
+    UserError unless there is one whole number >= 0 per directory, not all 0."""
+    if not given:
+        return None
+    try:
+        repeats = [int(w) for w in given]
+    except ValueError:
+        raise UserError(f"--corpus_weights={','.join(given)}: give whole numbers, one per "
+                        "--corpus_dir") from None
+    if len(repeats) != num_dirs or min(repeats) < 0 or not any(repeats):
+        raise UserError(f"--corpus_weights gives {len(repeats)} weights for {num_dirs} "
+                        "--corpus_dir entries: give one whole number >= 0 per directory, not "
+                        "all 0")
+    return repeats
+
+
 def corpus_dirs(value: str) -> list[str]:
     """The directories of a ``--corpus_dir`` flag (comma-separated), each checked to hold a
     complete corpus before any slow load (UserError: what is wrong and how to build one)."""

@@ -99,41 +99,6 @@ def trainer_options(text: str) -> dict:
     return out
 
 
-def _corpus_weights(given, num_dirs: int):
-    """The per-directory repeat counts of ``--corpus_weights`` (None when not given)."""
-    if not given:
-        return None
-    try:
-        repeats = [int(w) for w in given]
-    except ValueError:
-        raise common.UserError(f"--corpus_weights={','.join(given)}: give whole numbers, one "
-                               "per --corpus_dir") from None
-    if len(repeats) != num_dirs or min(repeats) < 0 or not any(repeats):
-        raise common.UserError(f"--corpus_weights gives {len(repeats)} weights for {num_dirs} "
-                               "--corpus_dir entries: give one whole number >= 0 per directory, "
-                               "not all 0")
-    return repeats
-
-
-def _init_vocab_map(path, drafter: str):
-    """The draft vocabulary of ``--init_weights`` (None when not given), checked to be the
-    same drafter's, before the model is loaded."""
-    if not path:
-        return None
-    import numpy as np
-    from drafters import head_weights
-    try:
-        config, flat = head_weights.read_weights(path)
-    except (head_weights.HeadWeightsError, OSError) as e:
-        raise common.UserError(f"--init_weights: {e}") from None
-    if config.get("drafter") != drafter:
-        raise common.UserError(f"--init_weights {path} holds {config.get('drafter')!r} "
-                               f"weights, not {drafter!r}")
-    if "vocab_map" not in flat:
-        raise common.UserError(f"--init_weights {path} has no vocab_map: retrain it")
-    return np.asarray(flat["vocab_map"], np.int32)
-
-
 def _hits(trainer, params, frozen, corpus, windows, seq_len):
     """``(hits, counts)`` per draft depth over ``windows``."""
     import numpy as np
@@ -194,9 +159,15 @@ def main(argv):
         options = trainer_options(FLAGS.trainer_options)
         common.check_outputs(FLAGS, "output", "metrics_json",
                              dirs=("ckpt_dir",) if FLAGS.ckpt_dir else ())
-        repeats = _corpus_weights(FLAGS.corpus_weights,
-                                  len([d for d in FLAGS.corpus_dir.split(",") if d]))
-        init_map = _init_vocab_map(FLAGS.init_weights, FLAGS.drafter)
+        repeats = common.corpus_weights(FLAGS.corpus_weights,
+                                        len([d for d in FLAGS.corpus_dir.split(",") if d]))
+        init_map = None
+        if FLAGS.init_weights:
+            from drafters import head_weights as hw
+            try:
+                init_map = hw.read_vocab_map(FLAGS.init_weights, FLAGS.drafter)
+            except hw.HeadWeightsError as e:
+                raise common.UserError(f"--init_weights: {e}") from None
         dirs = common.corpus_dirs(FLAGS.corpus_dir)
         from drafters import corpus as corpus_lib
         method_flags.model_config(FLAGS)

@@ -12,9 +12,10 @@ the block drafter or Token Recycling's table walk; writes ``<weights>.tree.json`
       --corpus_dir=/work/corpus/extra-regen-0 --sizes=2,4,6,8,12,16
 
 The self-distillation drafters (medusa, hydra, eagle) read ``--data_dir`` (``train_drafter``'s
-data; ``--eval_fraction=1``: every record, for data they never trained on); the corpus drafters (eagle3, block_diffusion) read ``--corpus_dir``
-(``build_corpus``'s), whose held-out records are ``train_corpus_drafter``'s split (same
-``--eval_fraction`` / ``--seed``), or every record with ``--eval_fraction=1`` (a corpus the
+data; ``--eval_fraction=1``: every record, for data they never trained on); the corpus
+drafters (eagle3, block_diffusion) read ``--corpus_dir`` (``build_corpus``'s), whose held-out
+records are ``train_corpus_drafter``'s split (same ``--eval_fraction`` / ``--seed``), or every
+record with ``--eval_fraction=1`` (a corpus the
 drafter never trained on, e.g. a regenerated one: there every drafted chain is the target's
 own, while on a teacher-forced corpus a chain through a data token the target would not pick
 counts as a miss from there on).

@@ -291,18 +291,19 @@ def test_build_corpus_then_train_then_decode_losslessly(tiny_corpus, drafter):
 
 
 def test_training_flags_refuse_bad_weights_and_starts(tmp_path):
-    from experiments import common, train_corpus_drafter as tcd
-    assert tcd._corpus_weights([], 2) is None
-    assert tcd._corpus_weights(["2", "1"], 2) == [2, 1]
+    from experiments import common
+    assert common.corpus_weights([], 2) is None
+    assert common.corpus_weights(["2", "1"], 2) == [2, 1]
     for bad in (["1"], ["1", "x"], ["0", "0"], ["-1", "2"]):
         with pytest.raises(common.UserError, match="corpus_weights"):
-            tcd._corpus_weights(bad, 2)
-    with pytest.raises(common.UserError, match="init_weights"):
-        tcd._init_vocab_map(str(tmp_path / "none.safetensors"), "eagle3")
+            common.corpus_weights(bad, 2)
+    with pytest.raises(head_weights.HeadWeightsError, match="no head weights file"):
+        head_weights.read_vocab_map(str(tmp_path / "none.safetensors"), "eagle3")
     shipped = os.path.join(ROOT, "drafters", "weights", "smollm2-135m")
-    with pytest.raises(common.UserError, match="not 'eagle3'"):
-        tcd._init_vocab_map(os.path.join(shipped, "block_diffusion.safetensors"), "eagle3")
-    got = tcd._init_vocab_map(os.path.join(shipped, "eagle3.safetensors"), "eagle3")
+    with pytest.raises(head_weights.HeadWeightsError, match="not 'eagle3'"):
+        head_weights.read_vocab_map(os.path.join(shipped, "block_diffusion.safetensors"),
+                                    "eagle3")
+    got = head_weights.read_vocab_map(os.path.join(shipped, "eagle3.safetensors"), "eagle3")
     assert got.dtype == np.int32 and got.shape == (8192,) and len(set(got.tolist())) == 8192
 
 
