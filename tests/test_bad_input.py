@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The node range the refusal must name: the shipped medusa tree file's (json, no jax import).
+with open(os.path.join(ROOT, "drafters", "weights", "smollm2-135m", "medusa.tree.json")) as _f:
+    MEDUSA_TREE_NODES = len(json.load(_f)["order"])
 SMALL_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
                 "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -80,7 +83,8 @@ CASES = {
     "gen_bad_tree": ("generate", ["--method=medusa", "--tree=static"],
                      "--tree must be one of tuned, tunedN, generic"),
     "gen_tree_too_big": ("generate", ["--method=medusa", "--tree=tuned999"],
-                         "--method=medusa --tree=tuned999: a tuned tree has 1..32 nodes"),
+                         f"--method=medusa --tree=tuned999: a tuned tree has "
+                         f"1..{MEDUSA_TREE_NODES} nodes"),
     "gen_compose_unknown_part": ("generate", ["--method=first_of", "--tree=nope+prompt_lookup"],
                                  "--tree=nope+prompt_lookup: unknown method 'nope'"),
     "gen_compose_one_part": ("generate", ["--method=merge", "--tree=prompt_lookup"],
