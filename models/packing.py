@@ -2,8 +2,10 @@
 
 ``--weights`` (every binary) chooses one:
 
-* ``float32``: every weight a float array in the config's dtype (the default, and the only
-  choice for sharding over a mesh and for training);
+* ``float32``: every weight a float array in the config's dtype (the default, the only choice
+  for training, and the only one whose weights split over a mesh's ``model`` axis: packed
+  weights have no logical axes, so on a mesh they are replicated while the cache and the batch
+  rows still shard; tested exact on 8 fake devices in ``tests/multidevice_sharding.py``);
 * ``gguf``: the checkpoint's own blocks (e.g. SmolLM2's Q4_1 layers and Q8_0 embedding) read from
   the GGUF file as they are; every linear layer and the LM head run through
   :func:`specjax.packed.linear` (the C++ kernel on CPU). For a tiny test model, its float weights

@@ -330,3 +330,38 @@ def test_draft_model_params_fit_the_mesh_or_replicate():
     _assert_sharding(placed["layers"]["w_up"], plan, P(None, None, TP))  # MLP 128 over 8
     np.testing.assert_array_equal(np.asarray(placed["layers"]["w_up"]),
                                   np.asarray(small_params["layers"]["w_up"]))
+
+
+def _packed_model():
+    """The test model with ``--weights=gguf``'s packed params (Q4_1 layers, Q8_0 embedding)."""
+    import jax.numpy as jnp
+    from models import packing
+    from models.llama import LlamaModel
+    from specjax import packed
+    model, params = _model()
+    config, pparams = packing.pack_float(model.config, jax.tree.map(np.asarray, params), "gguf")
+    return LlamaModel(config), packed.as_jax(pparams, jnp.float32)
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=MESH_IDS)
+def test_packed_weights_replicate_and_decode_exactly(mesh):
+    # Packed weights have no logical axes (the kernel is a CPU custom call with no partitioning
+    # rule): on a mesh they are replicated, the cache and rows still shard, and the tokens equal
+    # the single-device packed model's, for plain decoding and a tree method.
+    model, params = _packed_model()
+    plain = np.asarray(decode.generate(model, params, _prompts(), CONFIG).tokens)
+    drafter, dparams = _medusa(model)
+    spec = np.asarray(speculative.speculative_generate(model, params, drafter, dparams,
+                                                       _prompts(), CONFIG).tokens)
+    plan = sharding.plan_for_config(*mesh, model.config)
+    placed = plan.shard_params(params, model.logical_axes())
+    packed_leaves = [leaf for leaf in jax.tree.leaves(placed) if leaf.dtype != np.float32]
+    assert packed_leaves  # the quantised blocks really are there
+    for leaf in packed_leaves:
+        assert leaf.sharding.is_fully_replicated and leaf.sharding.mesh == plan.mesh
+    out = decode.generate(model, placed, _prompts(), CONFIG, plan=plan)
+    np.testing.assert_array_equal(np.asarray(out.tokens), plain)
+    out = speculative.speculative_generate(model, placed, drafter,
+                                           sharding.shard_drafter_params(plan, dparams),
+                                           _prompts(), CONFIG, plan=plan)
+    np.testing.assert_array_equal(np.asarray(out.tokens), spec)
