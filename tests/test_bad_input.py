@@ -179,6 +179,8 @@ CASES = {
                       "--layers [99] are outside the model's layers 0..29"),
     "corpus_layers_text": ("build_corpus", ["--out_dir={tmp}", "--layers=2,x"],
                            "give comma-separated layer numbers"),
+    "task_prompts_not_jsonl": ("build_task_prompts", ["--output={tmp}/prompts.txt"],
+                               "give the prompt file to write, ending in .jsonl"),
     "fdt_no_drafter": ("train_corpus_drafter", [], "--drafter is required"),
     "fdt_no_corpus": ("train_corpus_drafter", ["--drafter=eagle3"], "--corpus_dir is required"),
     "fdt_not_a_corpus": ("train_corpus_drafter", ["--drafter=eagle3", "--corpus_dir={tmp}"],
