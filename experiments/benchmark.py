@@ -30,8 +30,9 @@ Metrics, per task group and overall:
   * ``accept_rate_by_depth[d]``: fraction of (row, round) pairs in which the draft token at depth
     d+1 was accepted.
   * Round-cost breakdown (``--round_cost_calls``, :mod:`experiments.bench_round_cost`): on the
-    median-length prompt, one round of each draft-then-verify method, the same round with a
-    drafter that drafts the same tree shape at no cost, and a plain step, timed interleaved:
+    median-length prompt, rounds of each draft-then-verify method, the same rounds with a
+    drafter that drafts the same tree shape at no cost, and plain steps, timed interleaved
+    (4 rounds fused in one ``lax.fori_loop`` per timed call, as the decoding loop runs them):
     ``verify_steps`` (verification, acceptance, commit) and ``drafting_steps`` (the drafter's
     own work) per round, in plain decoding steps. Drafters whose verification width follows
     their drafts (``verify_widths``: prompt lookup, the adaptive wrapper) are left out.

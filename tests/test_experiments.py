@@ -114,6 +114,37 @@ def test_tree_shape_drafter_is_lossless_and_drafts_the_shape():
     assert kit.rows_of(got) == want
 
 
+def test_round_cost_breakdown_fuses_the_same_rounds():
+    """The breakdown's fused rounds are the loop's rounds (same tokens as one call per round),
+    and its figures are per round."""
+    import jax
+    import numpy as np
+    import tinymodels as kit
+    from drafters import prompt_lookup
+    from experiments import bench_round_cost
+    from specjax.decode import DecodeConfig, DecodeLoop
+    from specjax.speculative import SpecConfig, SpecLoop
+    model, params = kit.tiny_model("gqa")
+    config = DecodeConfig(max_new_tokens=12)
+    loop = SpecLoop(model, prompt_lookup.PromptLookupDrafter(draft_len=3), config, SpecConfig())
+    batch, slots = loop.prepare([kit.PROMPTS[0]])
+    start = loop.jit_start(params, None, batch, jax.random.key(0), slots)
+    fused = bench_round_cost._rounds(loop, params, None, start, 3)
+    one = loop.jit_start(params, None, batch, jax.random.key(0), slots)
+    for _ in range(3):
+        one = loop.jit_round(params, None, one)
+    np.testing.assert_array_equal(np.asarray(fused.out_tokens), np.asarray(one.out_tokens))
+    assert int(fused.stats.rounds) == int(one.stats.rounds) == 3
+    got = bench_round_cost.breakdown(loop, DecodeLoop(model, config), params, None,
+                                     kit.PROMPTS[0], calls=2, rounds_per_call=3)
+    assert got["rounds_per_call"] == 3 and got["calls"] == 2
+    assert got["round_steps"] == pytest.approx(got["round_s"] / got["step_s"])
+    assert got["drafting_steps"] == pytest.approx(got["round_steps"] - got["verify_steps"])
+    with pytest.raises(ValueError, match="at least 1"):
+        bench_round_cost.breakdown(loop, DecodeLoop(model, config), params, None,
+                                   kit.PROMPTS[0], rounds_per_call=0)
+
+
 def test_benchmark_ar_smoke(tmp_path):
     js, md = tmp_path / "ar.json", tmp_path / "ar.md"
     rc, _, err = _run("experiments.benchmark_ar", [
