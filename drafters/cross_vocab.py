@@ -34,6 +34,16 @@ vocabulary; their target expansions are concatenated into one chain (cut at the 
 token without a translation) and its first ``draft_len`` target tokens are proposed. The
 target verifies them as usual, so the output is plain greedy decoding's whatever is proposed.
 
+**Re-joining pieces (greedy).** A target token whose text spans two draft tokens (Qwen's
+``"():\n"`` after SmolLM2's ``"():"`` and ``"\n"``) would never be proposed by the per-token
+expansions alone. With ``merge_pieces`` (the default when the maps hold the target's merge
+table, :func:`drafters.cross_vocab_maps.merge_table`) the concatenated expansions pass once,
+left to right, through that table: the token being built absorbs the next piece whenever the
+two are one target token, else it is proposed and the piece starts the next one (SLEM's
+re-tokenisation of the drafted text, approximated by greedy pair merges on the device:
+it can re-join pieces but not move a boundary inside one, and the last token may still grow
+with text not drafted yet). Whatever it proposes is verified as always.
+
 **Sampling (TLI).** Each draft step restricts the draft's processed distribution (the
 decoding's temperature / top-k / top-p / min-p) to the intersection, renormalises it and draws
 a draft token there; as the intersection pairs ids one to one, that draw IS a draw of the
@@ -112,6 +122,8 @@ class CrossVocabDrafter(SampledChainDrafter):
       expansion: draft tokens per target token in typical text (sizes the feed blocks and the
         draft cache; ``VocabMaps.sample_expansion`` unless the user gives one).
       draft_start: a draft id every rendering starts with (the draft's BOS), or -1.
+      merge_steps: binary-search steps of the target's merge table
+        (``VocabMaps.merge_search_steps``); 0: the greedy chain's pieces are not re-joined.
     """
 
     model: Any
@@ -123,6 +135,7 @@ class CrossVocabDrafter(SampledChainDrafter):
     d2t_width: int = 1
     expansion: float = 1.0
     draft_start: int = -1
+    merge_steps: int = 0
 
     def __post_init__(self):
         if self.draft_len < 1 or self.draft_steps < 0:
@@ -192,7 +205,11 @@ class CrossVocabDrafter(SampledChainDrafter):
         (cache, _), rest = jax.lax.scan(step, (cache, first[0]), keys[1:])
         picks = jax.tree.map(lambda a, r: jnp.concatenate([a[:, None], jnp.moveaxis(r, 0, 1)],
                                                           axis=1), first, rest)
-        if self.sampling.greedy:
+        if self.sampling.greedy and self.merge_steps:
+            pieces, ok = _chain(maps, picks[0], self.steps * self.d2t_width)
+            chain, valid = _merge_pieces(maps, pieces, ok, self.draft_len, self.merge_steps)
+            draft_probs = None
+        elif self.sampling.greedy:
             chain, valid = _chain(maps, picks[0], self.draft_len)
             draft_probs = None
         else:
@@ -305,12 +322,76 @@ def _chain(maps, drafted, length: int):
     return jnp.where(valid, jnp.maximum(tokens, 0), 0), valid
 
 
+def _merged(maps, first: jax.Array, second: jax.Array, steps: int) -> jax.Array:
+    """``int32[...]`` (the ids' shape): the target id whose bytes are ``first``'s then ``second``'s (the merge
+    table's entry, found by ``steps`` binary-search steps in ``first``'s row), or -1."""
+    start, nxt, into = maps["merge_start"], maps["merge_next"], maps["merge_into"]
+    last = nxt.shape[0] - 1
+    first = jnp.maximum(first, 0)
+    lo, end = start[first], start[first + 1]
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        less = nxt[jnp.minimum(mid, last)] < second
+        open_ = lo < hi
+        return jnp.where(open_ & less, mid + 1, lo), jnp.where(open_ & ~less, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, steps, step, (lo, end))
+    at = jnp.minimum(lo, last)
+    return jnp.where((lo < end) & (nxt[at] == second), into[at], -1)
+
+
+def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: int):
+    """The chain of ``pieces[B, S]`` (a valid prefix ``ok``) with neighbours re-joined as a BPE
+    would: while any two neighbours are one target token, the pair that makes the lowest id
+    (byte-level BPE vocabularies number their tokens in merge order) is joined; then the first
+    ``length`` tokens.
+
+    Returns:
+      ``(tokens int32[B, length], valid bool[B, length])``.
+    """
+    b, s = pieces.shape
+    col = jnp.arange(s)[None, :]
+    none = jnp.iinfo(jnp.int32).max
+
+    def candidates(toks, count):
+        joined = _merged(maps, toks[:, :-1], toks[:, 1:], steps)  # [B, S - 1]
+        live = (col[:, :-1] + 1 < count[:, None]) & (joined >= 0)
+        return jnp.where(live, joined, none)
+
+    def cond(carry):
+        _, _, rank, i = carry
+        return (i < s - 1) & jnp.any(rank.min(axis=1) < none)
+
+    def body(carry):
+        toks, count, rank, i = carry
+        j = jnp.argmin(rank, axis=1)[:, None]  # [B, 1]: the pair (j, j + 1) to join
+        best = rank.min(axis=1)  # its token (rank = id)
+        can = best < none
+        shifted = jnp.concatenate([toks[:, 1:], toks[:, -1:]], axis=1)
+        joined = jnp.where(col == j, best[:, None], jnp.where(col > j, shifted, toks))
+        toks = jnp.where(can[:, None], joined, toks)
+        count = count - can.astype(jnp.int32)
+        return toks, count, candidates(toks, count), i + 1
+
+    count = ok.sum(axis=1, dtype=jnp.int32)
+    toks = jnp.where(ok, pieces, 0)
+    toks, count, _, _ = jax.lax.while_loop(cond, body, (toks, count, candidates(toks, count),
+                                                        jnp.int32(0)))
+    if s < length:
+        toks = jnp.pad(toks, ((0, 0), (0, length - s)))
+    valid = jnp.arange(length)[None, :] < count[:, None]
+    return jnp.where(valid, toks[:, :length], 0), valid
+
+
 def make_drafter(model, model_params, maps: VocabMaps, draft_len: int = 4,
                  draft_steps: int = 0, sampling: SamplingConfig = SamplingConfig(),
-                 expansion: float = 0.0):
+                 expansion: float = 0.0, merge_pieces: bool = True):
     """``(CrossVocabDrafter, params)`` for a draft ``model`` and the ``maps`` between the
     target's vocabulary and the draft's (:func:`drafters.cross_vocab_maps.build_maps`);
-    ``expansion`` 0 takes the maps' ``sample_expansion``."""
+    ``expansion`` 0 takes the maps' ``sample_expansion``; ``merge_pieces``: re-join the greedy
+    chain's pieces through the maps' merge table (when they have one)."""
     if maps.draft_vocab != model.vocab_size:
         raise ValueError(f"the maps are for a draft vocabulary of {maps.draft_vocab} ids, the "
                          f"draft model has {model.vocab_size}")
@@ -319,8 +400,11 @@ def make_drafter(model, model_params, maps: VocabMaps, draft_len: int = 4,
         t2d_width=int(maps.target_to_draft.shape[1]),
         d2t_width=int(maps.draft_to_target.shape[1]),
         expansion=float(expansion or maps.sample_expansion),
-        draft_start=int(maps.draft_start))
+        draft_start=int(maps.draft_start),
+        merge_steps=maps.merge_search_steps if merge_pieces else 0)
     arrays = {k: jnp.asarray(v) for k, v in maps.arrays().items()}
+    if not drafter.merge_steps:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("merge_")}
     return drafter, {"model": model_params, "maps": arrays}
 
 
@@ -348,6 +432,10 @@ class CrossVocabOptions(registry.Options):
         0.0, "Draft tokens per target token the draft's feed blocks and cache are sized for "
         "(0: measured on a built-in sample text; raise it for text the draft splits finer).",
         minimum=0.0)
+    merge_pieces: bool = registry.option(
+        True, "Greedy: re-join the drafted text's target pieces through the target's merge "
+        "table, so that target tokens spanning two draft tokens are proposed (lossless either "
+        "way).")
 
     def param_sharding(self) -> str:
         return "replicated" if self.draft_model else "placed_with_target"
@@ -375,7 +463,7 @@ def build(ctx: registry.BuildContext, options: CrossVocabOptions):
                           small.model.vocab_size, options.max_expansion)
         model, params = small.model, small.params
     return make_drafter(model, params, maps, options.draft_len, options.draft_steps,
-                        ctx.sampling, options.expansion)
+                        ctx.sampling, options.expansion, options.merge_pieces)
 
 
 registry.register(registry.Method(

@@ -10,7 +10,12 @@ fixed-width tables:
   bytes of draft id ``d`` (how a drafted token is proposed to the target);
 * ``tli_target_of_draft`` / ``tli_draft_of_target``: the vocabulary *intersection* of
   token-level intersection (TLI, Timor et al.): pairs ``(d, t)`` whose bytes are one token on
-  both sides (``d -> [t]`` and ``t -> [d]``), a bijection; -1 elsewhere.
+  both sides (``d -> [t]`` and ``t -> [d]``), a bijection; -1 elsewhere;
+* the target's **merge table** (``merge_start`` / ``merge_next`` / ``merge_into``, compressed
+  rows): ``(a, b) -> t`` for every pair of target ids whose concatenated bytes are exactly
+  target id ``t``'s (every split of every token into two tokens). The drafter re-joins the
+  pieces a drafted text was cut into at the draft's token boundaries, so that a target token
+  spanning two draft tokens can be proposed (see ``drafters/cross_vocab.py``).
 
 A length of 0 marks an id with no translation. Every non-empty entry is exact: the bytes of the
 translation equal the bytes of the id (checked here for every entry; an entry that fails the
@@ -218,6 +223,11 @@ class VocabMaps:
     draft_start: int
     stats: dict
     sample_expansion: float = 1.0  # expansion() of SAMPLE_TEXT in the target's tokens
+    # The target's merge table (rows by first id, sorted by second id): pairs of row a are
+    # merge_next[merge_start[a]:merge_start[a + 1]], merging into merge_into[...]. None: empty.
+    merge_start: Optional[np.ndarray] = None  # int32[V_t + 1]
+    merge_next: Optional[np.ndarray] = None  # int32[P]
+    merge_into: Optional[np.ndarray] = None  # int32[P]
 
     @property
     def target_vocab(self) -> int:
@@ -238,11 +248,27 @@ class VocabMaps:
         mapped = lengths[lengths > 0]
         return max(1.0, float(mapped.mean())) if mapped.size else 1.0
 
+    @property
+    def num_merges(self) -> int:
+        return 0 if self.merge_next is None else int(self.merge_next.shape[0])
+
+    @property
+    def merge_search_steps(self) -> int:
+        """Binary-search steps that find any pair in its row (0: no merges)."""
+        if not self.num_merges:
+            return 0
+        widest = int(np.diff(self.merge_start).max())
+        return max(1, int(widest).bit_length())
+
     def arrays(self) -> dict:
         """The arrays the drafter reads on the device (its params ``maps``)."""
-        return {"t2d": self.target_to_draft, "t2d_len": self.target_to_draft_len,
-                "d2t": self.draft_to_target, "d2t_len": self.draft_to_target_len,
-                "tli_d_of_t": self.tli_draft_of_target, "tli_t_of_d": self.tli_target_of_draft}
+        out = {"t2d": self.target_to_draft, "t2d_len": self.target_to_draft_len,
+               "d2t": self.draft_to_target, "d2t_len": self.draft_to_target_len,
+               "tli_d_of_t": self.tli_draft_of_target, "tli_t_of_d": self.tli_target_of_draft}
+        if self.num_merges:
+            out |= {"merge_start": self.merge_start, "merge_next": self.merge_next,
+                    "merge_into": self.merge_into}
+        return out
 
 
 def _table(rows: list[Optional[list[int]]], vocab: int, max_width: int):
@@ -255,6 +281,25 @@ def _table(rows: list[Optional[list[int]]], vocab: int, max_width: int):
             lengths[i] = len(r)
     used = int(lengths.max()) if lengths.size else 0
     return table[:, :max(used, 1)], lengths
+
+
+def merge_table(single: dict[bytes, int], vocab: int) -> tuple[np.ndarray, ...]:
+    """``(start int32[vocab + 1], next int32[P], into int32[P])``: for every token ``t`` of
+    ``single`` (bytes -> id) and every split of its bytes into two tokens ``a`` + ``b`` of
+    ``single``, the entry ``(a, b) -> t`` in row ``a`` (rows sorted by ``b``). A pair's bytes
+    determine ``t``, so each pair has one entry."""
+    pairs = []
+    for data, t in single.items():
+        if t >= vocab:
+            continue
+        for k in range(1, len(data)):
+            a, b = single.get(data[:k]), single.get(data[k:])
+            if a is not None and b is not None and a < vocab and b < vocab:
+                pairs.append((a, b, t))
+    pairs.sort()
+    table = np.asarray(pairs, np.int32).reshape(-1, 3)
+    start = np.searchsorted(table[:, 0], np.arange(vocab + 1), side="left").astype(np.int32)
+    return start, table[:, 1].copy(), table[:, 2].copy()
 
 
 def _special_map(src: _Vocab, dst: _Vocab) -> dict[int, int]:
@@ -326,7 +371,10 @@ def build_maps(target_tok, draft_tok, target_vocab: int, draft_vocab: int,
              "intersection": int((tli_t_of_d >= 0).sum()),
              "target_to_draft_width": int(t2d.shape[1]),
              "draft_to_target_width": int(d2t.shape[1])}
-    maps = VocabMaps(t2d, t2d_len, d2t, d2t_len, tli_d_of_t, tli_t_of_d, start, stats)
+    merge_start, merge_next, merge_into = merge_table(tv.single, target_vocab)
+    stats["target_merges"] = int(merge_next.shape[0])
+    maps = VocabMaps(t2d, t2d_len, d2t, d2t_len, tli_d_of_t, tli_t_of_d, start, stats,
+                     merge_start=merge_start, merge_next=merge_next, merge_into=merge_into)
     return dataclasses.replace(maps, sample_expansion=maps.expansion(sample))
 
 

@@ -177,6 +177,58 @@ def test_maps_translate_texts_exactly(target):
     assert (same.target_to_draft_len == 1).all() and same.stats["intersection"] == tok.vocab_size
 
 
+def test_merge_table_joins_exactly_the_splits_of_target_tokens(target):
+    tok = target[0]
+    maps = build_maps(tok, byte_tokenizer(), tok.vocab_size, 258)
+    start, nxt, into = maps.merge_start, maps.merge_next, maps.merge_into
+    assert maps.num_merges == maps.stats["target_merges"] > 0 and start[-1] == maps.num_merges
+    from drafters.cross_vocab_maps import _BYTE_OF_CHAR  # byte-level: GPT-2's alphabet
+    spelled = lambda i: bytes(_BYTE_OF_CHAR[c] for c in tok.backend.id_to_token(i))  # noqa: E731
+    for a in range(tok.vocab_size):
+        row = slice(start[a], start[a + 1])
+        assert (np.diff(nxt[row]) > 0).all()  # sorted, one entry per pair
+        for b, t in zip(nxt[row], into[row]):
+            assert spelled(a) + spelled(b) == spelled(t)
+    # Every two-token split of every token is there: " the" = " " + "the" or " t" + "he" ...
+    pairs = {(a, int(b)) for a in range(tok.vocab_size) for b in nxt[start[a]:start[a + 1]]}
+    single = {spelled(i): i for i in range(1, tok.vocab_size)}
+    for data, t in single.items():
+        for k in range(1, len(data)):
+            if data[:k] in single and data[k:] in single:
+                assert (single[data[:k]], single[data[k:]]) in pairs
+    assert maps.merge_search_steps >= int(np.diff(start).max()).bit_length()
+
+
+def test_rejoined_pieces_are_the_target_tokenization(target):
+    """Text drafted byte by byte comes back as the target's own BPE tokens, for every prompt
+    text (pieces of multi-byte characters included), cut to the chain length; a ragged valid
+    prefix is respected."""
+    from drafters import cross_vocab
+    tok = target[0]
+    byte_tok = byte_tokenizer()
+    maps = build_maps(tok, byte_tok, tok.vocab_size, 258)
+    arrays = {k: jnp.asarray(v) for k, v in maps.arrays().items()}
+    texts = PROMPT_TEXTS + [TEXT[:90], TEXT[100:170]]
+    width = max(len(t.encode("utf-8")) for t in texts)
+    pieces = np.zeros((len(texts), width), np.int32)
+    ok = np.zeros((len(texts), width), bool)
+    for r, text in enumerate(texts):
+        ids = [int(maps.draft_to_target[d, 0]) for d in byte_tok.encode(text, False)]
+        pieces[r, :len(ids)], ok[r, :len(ids)] = ids, True
+    out, valid = cross_vocab._merge_pieces(arrays, jnp.asarray(pieces), jnp.asarray(ok), width,
+                                           maps.merge_search_steps)
+    for r, text in enumerate(texts):
+        got = np.asarray(out[r])[np.asarray(valid[r])].tolist()
+        assert got == tok.encode(text, add_special_tokens=False), text
+    short, short_valid = cross_vocab._merge_pieces(arrays, jnp.asarray(pieces),
+                                                   jnp.asarray(ok), 3, maps.merge_search_steps)
+    np.testing.assert_array_equal(np.asarray(short), np.asarray(out)[:, :3])
+    np.testing.assert_array_equal(np.asarray(short_valid), np.asarray(valid)[:, :3])
+    # Without merging the chain is the byte pieces themselves.
+    drafter, dparams = make_drafter(*tiny(258, seed=1, layers=1), maps, merge_pieces=False)
+    assert drafter.merge_steps == 0 and "merge_start" not in dparams["maps"]
+
+
 # (3) a draft that predicts the target is accepted through the maps -----------------------------
 
 
