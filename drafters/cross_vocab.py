@@ -124,6 +124,9 @@ class CrossVocabDrafter(SampledChainDrafter):
       draft_start: a draft id every rendering starts with (the draft's BOS), or -1.
       merge_steps: binary-search steps of the target's merge table
         (``VocabMaps.merge_search_steps``); 0: the greedy chain's pieces are not re-joined.
+      render_merge_steps: the same for the draft's table
+        (``VocabMaps.draft_merge_search_steps``); 0: the draft reads the target's text as the
+        concatenated per-token renderings, not re-joined.
     """
 
     model: Any
@@ -136,6 +139,7 @@ class CrossVocabDrafter(SampledChainDrafter):
     expansion: float = 1.0
     draft_start: int = -1
     merge_steps: int = 0
+    render_merge_steps: int = 0
 
     def __post_init__(self):
         if self.draft_len < 1 or self.draft_steps < 0:
@@ -290,6 +294,10 @@ class CrossVocabDrafter(SampledChainDrafter):
         rendered = maps["t2d"][jnp.take_along_axis(tok, src, axis=1), sub]
         tokens = jnp.where(col < lead, state.last[:, None], rendered)
         tokens = jnp.where(col < total[:, None], jnp.maximum(tokens, 0), 0)
+        if self.render_merge_steps:  # the draft's own joins (``last`` may join the first piece)
+            tokens, ok = _merge_pieces(maps, tokens, col < total[:, None], width,
+                                       self.render_merge_steps, "dmerge")
+            total = ok.sum(axis=1, dtype=jnp.int32)
         at = jnp.maximum(total - 1, 0)
         out = self.model.forward(params["model"], tokens, cache.lengths[:, None] + col, cache,
                                  masks.causal_mask(cache.lengths, width, num_slots),
@@ -322,10 +330,12 @@ def _chain(maps, drafted, length: int):
     return jnp.where(valid, jnp.maximum(tokens, 0), 0), valid
 
 
-def _merged(maps, first: jax.Array, second: jax.Array, steps: int) -> jax.Array:
-    """``int32[...]`` (the ids' shape): the target id whose bytes are ``first``'s then ``second``'s (the merge
-    table's entry, found by ``steps`` binary-search steps in ``first``'s row), or -1."""
-    start, nxt, into = maps["merge_start"], maps["merge_next"], maps["merge_into"]
+def _merged(maps, first: jax.Array, second: jax.Array, steps: int, table: str = "merge"
+            ) -> jax.Array:
+    """``int32[...]`` (the ids' shape): the id whose bytes are ``first``'s then ``second``'s
+    (the merge table's entry, found by ``steps`` binary-search steps in ``first``'s row), or
+    -1. ``table``: ``"merge"`` (the target's ids) or ``"dmerge"`` (the draft's)."""
+    start, nxt, into = (maps[f"{table}_{k}"] for k in ("start", "next", "into"))
     last = nxt.shape[0] - 1
     first = jnp.maximum(first, 0)
     lo, end = start[first], start[first + 1]
@@ -342,7 +352,8 @@ def _merged(maps, first: jax.Array, second: jax.Array, steps: int) -> jax.Array:
     return jnp.where((lo < end) & (nxt[at] == second), into[at], -1)
 
 
-def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: int):
+def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: int,
+                  table: str = "merge"):
     """The chain of ``pieces[B, S]`` (a valid prefix ``ok``) with neighbours re-joined as a BPE
     would: while any two neighbours are one target token, the pair that makes the lowest id
     (byte-level BPE vocabularies number their tokens in merge order) is joined; then the first
@@ -356,7 +367,7 @@ def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: in
     none = jnp.iinfo(jnp.int32).max
 
     def candidates(toks, count):
-        joined = _merged(maps, toks[:, :-1], toks[:, 1:], steps)  # [B, S - 1]
+        joined = _merged(maps, toks[:, :-1], toks[:, 1:], steps, table)  # [B, S - 1]
         live = (col[:, :-1] + 1 < count[:, None]) & (joined >= 0)
         return jnp.where(live, joined, none)
 
@@ -377,8 +388,9 @@ def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: in
 
     count = ok.sum(axis=1, dtype=jnp.int32)
     toks = jnp.where(ok, pieces, 0)
-    toks, count, _, _ = jax.lax.while_loop(cond, body, (toks, count, candidates(toks, count),
-                                                        jnp.int32(0)))
+    if s > 1:  # one piece has no neighbour
+        toks, count, _, _ = jax.lax.while_loop(cond, body, (toks, count,
+                                                            candidates(toks, count), jnp.int32(0)))
     if s < length:
         toks = jnp.pad(toks, ((0, 0), (0, length - s)))
     valid = jnp.arange(length)[None, :] < count[:, None]
@@ -387,11 +399,13 @@ def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: in
 
 def make_drafter(model, model_params, maps: VocabMaps, draft_len: int = 4,
                  draft_steps: int = 0, sampling: SamplingConfig = SamplingConfig(),
-                 expansion: float = 0.0, merge_pieces: bool = True):
+                 expansion: float = 0.0, merge_pieces: bool = True,
+                 merge_rendering: bool = True):
     """``(CrossVocabDrafter, params)`` for a draft ``model`` and the ``maps`` between the
     target's vocabulary and the draft's (:func:`drafters.cross_vocab_maps.build_maps`);
     ``expansion`` 0 takes the maps' ``sample_expansion``; ``merge_pieces``: re-join the greedy
-    chain's pieces through the maps' merge table (when they have one)."""
+    chain's pieces through the maps' merge table (when they have one); ``merge_rendering``:
+    re-join the draft's rendering of the target's text through the draft's table."""
     if maps.draft_vocab != model.vocab_size:
         raise ValueError(f"the maps are for a draft vocabulary of {maps.draft_vocab} ids, the "
                          f"draft model has {model.vocab_size}")
@@ -401,10 +415,13 @@ def make_drafter(model, model_params, maps: VocabMaps, draft_len: int = 4,
         d2t_width=int(maps.draft_to_target.shape[1]),
         expansion=float(expansion or maps.sample_expansion),
         draft_start=int(maps.draft_start),
-        merge_steps=maps.merge_search_steps if merge_pieces else 0)
+        merge_steps=maps.merge_search_steps if merge_pieces else 0,
+        render_merge_steps=maps.draft_merge_search_steps if merge_rendering else 0)
     arrays = {k: jnp.asarray(v) for k, v in maps.arrays().items()}
     if not drafter.merge_steps:
         arrays = {k: v for k, v in arrays.items() if not k.startswith("merge_")}
+    if not drafter.render_merge_steps:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("dmerge_")}
     return drafter, {"model": model_params, "maps": arrays}
 
 
@@ -436,6 +453,10 @@ class CrossVocabOptions(registry.Options):
         True, "Greedy: re-join the drafted text's target pieces through the target's merge "
         "table, so that target tokens spanning two draft tokens are proposed (lossless either "
         "way).")
+    merge_rendering: bool = registry.option(
+        True, "Re-join the draft's rendering of the target's text (prompt and committed tokens) "
+        "through the draft's merge table, so that the draft reads text split about as its own "
+        "tokenizer would (lossless either way).")
 
     def param_sharding(self) -> str:
         return "replicated" if self.draft_model else "placed_with_target"
@@ -463,7 +484,8 @@ def build(ctx: registry.BuildContext, options: CrossVocabOptions):
                           small.model.vocab_size, options.max_expansion)
         model, params = small.model, small.params
     return make_drafter(model, params, maps, options.draft_len, options.draft_steps,
-                        ctx.sampling, options.expansion, options.merge_pieces)
+                        ctx.sampling, options.expansion, options.merge_pieces,
+                        options.merge_rendering)
 
 
 registry.register(registry.Method(

@@ -15,7 +15,8 @@ fixed-width tables:
   rows): ``(a, b) -> t`` for every pair of target ids whose concatenated bytes are exactly
   target id ``t``'s (every split of every token into two tokens). The drafter re-joins the
   pieces a drafted text was cut into at the draft's token boundaries, so that a target token
-  spanning two draft tokens can be proposed (see ``drafters/cross_vocab.py``).
+  spanning two draft tokens can be proposed (see ``drafters/cross_vocab.py``); and the
+  draft's (``draft_merge_*``), which re-joins the draft's rendering of the target's text.
 
 A length of 0 marks an id with no translation. Every non-empty entry is exact: the bytes of the
 translation equal the bytes of the id (checked here for every entry; an entry that fails the
@@ -228,6 +229,10 @@ class VocabMaps:
     merge_start: Optional[np.ndarray] = None  # int32[V_t + 1]
     merge_next: Optional[np.ndarray] = None  # int32[P]
     merge_into: Optional[np.ndarray] = None  # int32[P]
+    # The draft's merge table, the same way (re-joins the draft's rendering of target text).
+    draft_merge_start: Optional[np.ndarray] = None  # int32[V_d + 1]
+    draft_merge_next: Optional[np.ndarray] = None
+    draft_merge_into: Optional[np.ndarray] = None
 
     @property
     def target_vocab(self) -> int:
@@ -254,11 +259,16 @@ class VocabMaps:
 
     @property
     def merge_search_steps(self) -> int:
-        """Binary-search steps that find any pair in its row (0: no merges)."""
-        if not self.num_merges:
+        """Binary-search steps that find any pair of the target's table in its row (0: no
+        merges)."""
+        return _search_steps(self.merge_start) if self.num_merges else 0
+
+    @property
+    def draft_merge_search_steps(self) -> int:
+        """The same for the draft's table."""
+        if self.draft_merge_next is None or not self.draft_merge_next.shape[0]:
             return 0
-        widest = int(np.diff(self.merge_start).max())
-        return max(1, int(widest).bit_length())
+        return _search_steps(self.draft_merge_start)
 
     def arrays(self) -> dict:
         """The arrays the drafter reads on the device (its params ``maps``)."""
@@ -268,7 +278,14 @@ class VocabMaps:
         if self.num_merges:
             out |= {"merge_start": self.merge_start, "merge_next": self.merge_next,
                     "merge_into": self.merge_into}
+        if self.draft_merge_search_steps:
+            out |= {"dmerge_start": self.draft_merge_start, "dmerge_next": self.draft_merge_next,
+                    "dmerge_into": self.draft_merge_into}
         return out
+
+
+def _search_steps(start: np.ndarray) -> int:
+    return max(1, int(np.diff(start).max()).bit_length())
 
 
 def _table(rows: list[Optional[list[int]]], vocab: int, max_width: int):
@@ -372,9 +389,13 @@ def build_maps(target_tok, draft_tok, target_vocab: int, draft_vocab: int,
              "target_to_draft_width": int(t2d.shape[1]),
              "draft_to_target_width": int(d2t.shape[1])}
     merge_start, merge_next, merge_into = merge_table(tv.single, target_vocab)
+    d_start, d_next, d_into = merge_table(dv.single, draft_vocab)
     stats["target_merges"] = int(merge_next.shape[0])
+    stats["draft_merges"] = int(d_next.shape[0])
     maps = VocabMaps(t2d, t2d_len, d2t, d2t_len, tli_d_of_t, tli_t_of_d, start, stats,
-                     merge_start=merge_start, merge_next=merge_next, merge_into=merge_into)
+                     merge_start=merge_start, merge_next=merge_next, merge_into=merge_into,
+                     draft_merge_start=d_start, draft_merge_next=d_next,
+                     draft_merge_into=d_into)
     return dataclasses.replace(maps, sample_expansion=maps.expansion(sample))
 
 

@@ -224,6 +224,24 @@ def test_rejoined_pieces_are_the_target_tokenization(target):
                                                    jnp.asarray(ok), 3, maps.merge_search_steps)
     np.testing.assert_array_equal(np.asarray(short), np.asarray(out)[:, :3])
     np.testing.assert_array_equal(np.asarray(short_valid), np.asarray(valid)[:, :3])
+    # The draft's side: the target's text rendered token by token into a draft vocabulary with
+    # merged tokens (the permuted one) re-joins into the draft's own BPE encoding.
+    draft_tok, _, added = permuted_tokenizer(tok)
+    dmaps = build_maps(tok, draft_tok, tok.vocab_size, draft_tok.vocab_size)
+    assert dmaps.stats["draft_merges"] > 0 and dmaps.draft_merge_search_steps > 0
+    darrays = {k: jnp.asarray(v) for k, v in dmaps.arrays().items()}
+    joined_any = False
+    for text in texts + [draft_tok.decode([d]) for d, _ in added[:8]]:  # one merged token
+        rendered = [d for t in tok.encode(text, add_special_tokens=False)
+                    for d in dmaps.target_to_draft[t, :dmaps.target_to_draft_len[t]].tolist()]
+        n = len(rendered)
+        got, ok2 = cross_vocab._merge_pieces(darrays, jnp.asarray([rendered]),
+                                             jnp.ones((1, n), bool), n,
+                                             dmaps.draft_merge_search_steps, "dmerge")
+        got = np.asarray(got[0])[np.asarray(ok2[0])].tolist()
+        assert got == draft_tok.encode(text, add_special_tokens=False), text
+        joined_any |= len(got) < n
+    assert joined_any  # some text uses the draft's merged tokens
     # Without merging the chain is the byte pieces themselves.
     drafter, dparams = make_drafter(*tiny(258, seed=1, layers=1), maps, merge_pieces=False)
     assert drafter.merge_steps == 0 and "merge_start" not in dparams["maps"]
