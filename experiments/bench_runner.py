@@ -34,12 +34,22 @@ class MethodRunner:
         self.engine = run.engine(loaded, self.drafter)
         self.key = jax.random.key(run.seed)
         self._compiled: dict[int, object] = {}
+        self._released: set[int] = set()
         self.compile_s = 0.0
         self.warmed = False
 
     @property
     def buckets(self) -> list[int]:
-        return sorted(self._compiled)
+        return sorted(set(self._compiled) | self._released)
+
+    def release(self) -> None:
+        """Drops the compiled programs (``buckets`` stays readable). A run of many methods x
+        prompt buckets otherwise keeps every program's code mapped until the process ends, and
+        XLA:CPU's compiler fails ("Cannot allocate memory", then a crash) once the process
+        reaches the kernel's limit on memory maps (``vm.max_map_count``, 65530 here): seen on
+        2026-12-01 at 18 methods x 6 buckets plus the round-cost programs."""
+        self._released |= set(self._compiled)
+        self._compiled.clear()
 
     def __call__(self, ids: Sequence[int]) -> dict:
         """Generates for one prompt; returns its record (tokens, timing, statistics)."""

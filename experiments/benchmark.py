@@ -292,6 +292,7 @@ def measure(runs: dict[str, methods.Run], loaded, prompts, groups, bar=None,
       ``by_category``), compile time, options, ``round_breakdown`` (draft-then-verify methods,
       with ``round_cost_calls``); and the lossless runs' differences from ar.
     """
+    import jax
     if next(iter(runs)) != "ar":
         raise ValueError("the first run must be ar (the reference)")
     runners = {name: MethodRunner(run, loaded) for name, run in runs.items()}  # errors: now
@@ -301,6 +302,8 @@ def measure(runs: dict[str, methods.Run], loaded, prompts, groups, bar=None,
         if bar is not None:
             bar.set_description(name)
         recs = _run_method(name, runner, prompts, results, mismatches, bar)
+        runner.release()  # its programs are done: free their code (see MethodRunner.release)
+        jax.clear_caches()
         options = dataclasses.asdict(runs[name].options)
         results[name] = {"per_prompt": recs, "compile_s": runner.compile_s,
                          "buckets": runner.buckets,
@@ -323,6 +326,7 @@ def measure(runs: dict[str, methods.Run], loaded, prompts, groups, bar=None,
                 results[name]["round_breakdown"] = bench_round_cost.breakdown(
                     loop, plain, loaded.params, runner.dparams, probe.ids, round_cost_calls) \
                     | {"question_id": probe.question_id}
+                jax.clear_caches()
     ar_recs = results["ar"]["per_prompt"]
     for name, res in results.items():
         res |= summarize(res["per_prompt"], None if name == "ar" else ar_recs, groups)
