@@ -37,12 +37,13 @@ target verifies them as usual, so the output is plain greedy decoding's whatever
 **Re-joining pieces (greedy).** A target token whose text spans two draft tokens (Qwen's
 ``"():\n"`` after SmolLM2's ``"():"`` and ``"\n"``) would never be proposed by the per-token
 expansions alone. With ``merge_pieces`` (the default when the maps hold the target's merge
-table, :func:`drafters.cross_vocab_maps.merge_table`) the concatenated expansions pass once,
-left to right, through that table: the token being built absorbs the next piece whenever the
-two are one target token, else it is proposed and the piece starts the next one (SLEM's
-re-tokenisation of the drafted text, approximated by greedy pair merges on the device:
-it can re-join pieces but not move a boundary inside one, and the last token may still grow
-with text not drafted yet). Whatever it proposes is verified as always.
+table, :func:`drafters.cross_vocab_maps.merge_table`) the concatenated expansions are re-joined
+as a BPE would: while two neighbours are one target token, the pair making the lowest id is
+joined (byte-level BPEs number tokens in merge order). This approximates SLEM's
+re-tokenisation of the drafted text on the device: it cannot move a boundary inside a piece or
+see the tokenizer's pre-tokenizer boundaries, and the last token may still grow with text not
+drafted yet. With ``merge_rendering`` the draft's rendering of the target's text is re-joined
+the same way through the draft's table. Whatever is proposed is verified as always.
 
 **Sampling (TLI).** Each draft step restricts the draft's processed distribution (the
 decoding's temperature / top-k / top-p / min-p) to the intersection, renormalises it and draws

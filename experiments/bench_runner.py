@@ -44,10 +44,11 @@ class MethodRunner:
 
     def release(self) -> None:
         """Drops the compiled programs (``buckets`` stays readable). A run of many methods x
-        prompt buckets otherwise keeps every program's code mapped until the process ends, and
-        XLA:CPU's compiler fails ("Cannot allocate memory", then a crash) once the process
-        reaches the kernel's limit on memory maps (``vm.max_map_count``, 65530 here): seen on
-        2026-12-01 at 18 methods x 6 buckets plus the round-cost programs."""
+        prompt buckets otherwise keeps every program alive until the process ends: on
+        2026-12-01, 18 methods x 6 buckets plus the round-cost programs made XLA:CPU's compiler
+        fail ("LLVM compilation error: Cannot allocate memory", then a crash) with most of the
+        RAM free, most likely at the kernel's limit on memory maps (``vm.max_map_count``,
+        65530 here); with this release the same run completed."""
         self._released |= set(self._compiled)
         self._compiled.clear()
 
