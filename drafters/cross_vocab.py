@@ -365,11 +365,12 @@ def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: in
     """
     b, s = pieces.shape
     col = jnp.arange(s)[None, :]
+    pair = col[:, :-1]  # pair p joins tokens p and p + 1
     none = jnp.iinfo(jnp.int32).max
 
     def candidates(toks, count):
         joined = _merged(maps, toks[:, :-1], toks[:, 1:], steps, table)  # [B, S - 1]
-        live = (col[:, :-1] + 1 < count[:, None]) & (joined >= 0)
+        live = (pair + 1 < count[:, None]) & (joined >= 0)
         return jnp.where(live, joined, none)
 
     def cond(carry):
@@ -378,14 +379,26 @@ def _merge_pieces(maps, pieces: jax.Array, ok: jax.Array, length: int, steps: in
 
     def body(carry):
         toks, count, rank, i = carry
-        j = jnp.argmin(rank, axis=1)[:, None]  # [B, 1]: the pair (j, j + 1) to join
+        j = jnp.argmin(rank, axis=1)  # [B]: the pair (j, j + 1) to join
         best = rank.min(axis=1)  # its token (rank = id)
         can = best < none
+        jc = j[:, None]
         shifted = jnp.concatenate([toks[:, 1:], toks[:, -1:]], axis=1)
-        joined = jnp.where(col == j, best[:, None], jnp.where(col > j, shifted, toks))
-        toks = jnp.where(can[:, None], joined, toks)
+        toks = jnp.where(can[:, None],
+                         jnp.where(col == jc, best[:, None], jnp.where(col > jc, shifted, toks)),
+                         toks)
         count = count - can.astype(jnp.int32)
-        return toks, count, candidates(toks, count), i + 1
+        # Only the two pairs beside the new token change; the pairs after it move down by one.
+        take = lambda at: jnp.take_along_axis(toks, jnp.clip(at, 0, s - 1)[:, None], 1)[:, 0]
+        made = jnp.where(can, best, 0)
+        left = _merged(maps, take(j - 1), made, steps, table)
+        right = _merged(maps, made, take(j + 1), steps, table)
+        moved = jnp.concatenate([rank[:, 1:], jnp.full((b, 1), none, rank.dtype)], axis=1)
+        new = jnp.where(pair == jc - 1, jnp.where(left >= 0, left, none)[:, None],
+                        jnp.where(pair == jc, jnp.where(right >= 0, right, none)[:, None],
+                                  jnp.where(pair > jc, moved, rank)))
+        new = jnp.where(pair + 1 < count[:, None], new, none)
+        return toks, count, jnp.where(can[:, None], new, rank), i + 1
 
     count = ok.sum(axis=1, dtype=jnp.int32)
     toks = jnp.where(ok, pieces, 0)

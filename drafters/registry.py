@@ -151,6 +151,14 @@ class BuildContext:
     def params(self):
         return self.lm.params
 
+    @property
+    def packed_weights(self) -> bool:
+        """Whether the target keeps its weights packed (``--weights=gguf|gguf_a8|int8``): its
+        plain step is then ~3x cheaper while a multi-token verify is not, so methods whose
+        best draft size depends on that ratio take their packed-weights default."""
+        from drafters import head_weights
+        return head_weights.is_packed(self.model)
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:

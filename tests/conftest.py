@@ -62,7 +62,7 @@ def _xla_optimisation_level(request):
 # collection order.
 SLOW_FILES_FIRST = ("test_smollm2_methods.py",  # ~250 (15 methods on gguf, SmolLM2)
                     "test_speculative.py",  # ~330
-                    "test_families.py",  # ~250 (every method on tiny Gemma 3)
+                    "test_families.py",  # ~240 (every method on 5 tiny families; 2026-12-01)
                     "test_embedded_models.py",  # ~160 (Gemma 3 270M, Qwen2.5-Coder 0.5B)
                     "test_bad_input.py",  # ~240
                     "test_notebook.py",  # ~230

@@ -1,16 +1,16 @@
 """Every decoding method is lossless on every model family: greedy output identical to plain
-decoding of the same model, on tiny random models of the other families' layers
-(``tinymodels.FAMILY_KINDS``: Qwen3's q / k norms; Gemma 3's sandwich norms, GeGLU, scaled
+decoding of the same model, on tiny random models of each family's layers (the main method tests
+run on Llama's layers, ``gqa``): Gemma 3's sandwich norms, q / k norms, GeGLU, scaled
 embeddings, query scale and interleaved 6-token-window / global layers with their own rope
-bases; Mistral with a 5-token window on every layer).
+bases; Qwen3's q / k norms and wider heads; Mistral with a 5-token window on every layer;
+Qwen2.5's qkv bias and tied embeddings; Llama 3.1's rope scaling.
 
-Gemma 3 runs every registered method but two that share Medusa's heads (the untrained ones through ``experiments.methods.Run``,
-the CLI's path with the method defaults; the ones with weights with random params: adversarial
-drafts). Its windows are shorter than the prompts plus the new tokens, so every loop verifies
-trees and chains whose keys fall in and out of a window, including tree nodes whose slot is not
-their position. Mistral's all-window model runs a chain and a tree method, Qwen3 a chain. The
-model math itself is checked against a numpy reference and transformers in tests/test_llama.py
-and tests/test_hf_parity.py.
+Every registered method runs on every family but two that share Medusa's heads (the untrained
+ones through ``experiments.methods.Run``, the CLI's path with the method defaults; the ones with
+weights with random params: adversarial drafts). The windows are shorter than the prompts plus
+the new tokens, so every loop verifies trees and chains whose keys fall in and out of a window,
+including tree nodes whose slot is not their position. The model math itself is checked against
+a numpy reference and transformers in tests/test_llama.py and tests/test_hf_parity.py.
 """
 
 import functools
@@ -30,11 +30,12 @@ CONFIG = decode.DecodeConfig(max_new_tokens=12, eos_ids=(13,))
 RUN_CONFIG = decode.DecodeConfig(max_new_tokens=12)
 UNTRAINED = [m.name for m in registry.methods() if m.weights is None and m.name != "ar"]
 WEIGHTED = [m.name for m in registry.methods() if m.weights is not None]
-# For the other families: a chain and a tree with weights (windowed Mistral), a chain (Qwen3).
-FEW = {"mistral_window": ("prompt_lookup", "eagle"), "qwen3": ("prompt_lookup",)}
+# The families beside Llama's (tests/tinymodels.py kinds): Gemma 3, Qwen3, windowed Mistral,
+# Qwen2.5 (qkv bias, tied embeddings), Llama 3.1 (rope scaling).
+FAMILIES = kit.FAMILY_KINDS + ("qwen2", "llama3_rope")
 
 
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=2 * len(FAMILIES))
 def _target(kind, config=CONFIG):
     """``(model, params, plain decoding's rows)`` of a tiny family model."""
     model, params = kit.tiny_model(kind)
@@ -47,9 +48,8 @@ SAME_AS_MEDUSA = ("blockwise", "hydra")
 
 
 def _cases():
-    cases = [("gemma3", name) for name in UNTRAINED + WEIGHTED if name not in SAME_AS_MEDUSA]
-    cases += [(kind, name) for kind, names in FEW.items() for name in names]
-    return cases
+    return [(kind, name) for kind in FAMILIES for name in UNTRAINED + WEIGHTED
+            if name not in SAME_AS_MEDUSA]
 
 
 @pytest.mark.parametrize("kind,name", _cases())
@@ -69,12 +69,13 @@ def test_method_is_lossless_on_the_family(kind, name):
     assert got.tokens == rows
 
 
-def test_windows_matter_in_these_runs():
-    """The window is not idle here: decoding the Gemma model with its windows removed gives
-    other tokens (so the equalities above are about windowed attention)."""
+@pytest.mark.parametrize("kind", ["gemma3", "mistral_window"])
+def test_windows_matter_in_these_runs(kind):
+    """The windows are not idle here: decoding the windowed models with their windows removed
+    gives other tokens (so the equalities above are about windowed attention)."""
     import dataclasses
     from models.llama import LlamaModel
-    model, params, rows = _target("gemma3")
+    model, params, rows = _target(kind)
     unwindowed = LlamaModel(dataclasses.replace(model.config, layer_windows=()))
     assert rows_of(decode.generate(unwindowed, params, PROMPTS, CONFIG)) != rows
 

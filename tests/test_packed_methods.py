@@ -133,3 +133,25 @@ def test_drafter_weights_option_resolves_by_target():
         drafter_packing.resolve("int4", packed_model)
     with pytest.raises(ValueError, match="pack as q8_0"):
         drafter_packing.pack_params({}, "q4_0")
+
+
+@pytest.mark.parametrize("name", ["prompt_lookup", "sam"])
+def test_chain_length_default_follows_the_weight_format(name):
+    """Without ``--draft_len``, prompt lookup and SAM draft their packed-weights length on a
+    packed target and their float32 length otherwise; a given length wins on both."""
+    import importlib
+    module = importlib.import_module(f"drafters.{name}")
+    float_model, float_params = kit.tiny_model("gqa")
+    packed_model, packed_params, _ = _packed_target("gguf")
+    method = registry.get(name)
+    assert module.PACKED_DRAFT_LEN != module.DRAFT_LEN
+    for model, params, default in ((float_model, float_params, module.DRAFT_LEN),
+                                   (packed_model, packed_params, module.PACKED_DRAFT_LEN)):
+        ctx = registry.BuildContext(method_kit.loaded(model, params), None)
+        options = dataclasses.replace(method.make_options(), static="none") \
+            if name == "sam" else method.make_options()
+        drafter, _ = method.build(ctx, options)
+        assert drafter.draft_len == default
+        assert drafter.tree.num_nodes == default + 1
+        drafter, _ = method.build(ctx, dataclasses.replace(options, draft_len=5))
+        assert drafter.draft_len == 5
