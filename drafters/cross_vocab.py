@@ -456,6 +456,7 @@ class CrossVocabOptions(registry.Options):
         None, f"Without --draft_model: how many of the target's first layers form the draft "
         f"model (default {DEFAULT_DRAFT_LAYERS}, fewer on targets with fewer layers).",
         minimum=1)
+    draft_weights: str = draft_model_lib.draft_weights_option()
     max_expansion: int = registry.option(
         16, "Longest translation of one token kept in the vocabulary maps (longer: untranslated).",
         minimum=1)
@@ -477,6 +478,7 @@ class CrossVocabOptions(registry.Options):
 
 
 def build(ctx: registry.BuildContext, options: CrossVocabOptions):
+    draft_model_lib.check_draft_weights(options)
     if options.draft_model is None:
         layers = options.draft_layers
         if layers is None:
@@ -488,8 +490,7 @@ def build(ctx: registry.BuildContext, options: CrossVocabOptions):
             raise ValueError(f"cross_vocab: the target {ctx.lm.name!r} has no tokenizer, and the "
                              "vocabulary maps are built from both tokenizers: use a target "
                              "that ships one")
-        from models import registry as models
-        small = models.load(options.draft_model, dtype=ctx.model.config.dtype)
+        small = draft_model_lib.load_named(ctx, options.draft_model, options.draft_weights)
         if small.tokenizer is None:
             raise ValueError(f"cross_vocab: the draft model {options.draft_model!r} has no "
                              "tokenizer, and the vocabulary maps are built from both "

@@ -18,6 +18,7 @@ no smaller sibling with its tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from specjax import masks
 from specjax.cache import set_lengths
 from drafters import registry
+from models import packing
 from specjax.drafter import Proposal, SampledChainDrafter
 from specjax.sampling import SamplingConfig, draw
 
@@ -121,6 +123,28 @@ def from_target_layers(target, target_params, num_layers: int):
 
 # The method -----------------------------------------------------------------------------------
 
+DRAFT_WEIGHTS = ("auto",) + packing.WEIGHTS
+
+
+def draft_weights_option():
+    """The ``draft_weights`` option of the methods that load a named draft model."""
+    return registry.option(
+        "auto", "Weights of --draft_model: auto (the target's format, so that drafting gets as "
+        "cheap as the target's step: a GGUF format becomes int8 for a HF directory, which keeps "
+        "no blocks), or a format as for --weights.", choices=DRAFT_WEIGHTS)
+
+
+def load_named(ctx: registry.BuildContext, name: str, weights: str = "auto"):
+    """The draft model ``name`` (registry name or checkpoint path) as a ``LoadedModel`` in the
+    target's dtype and in ``weights`` (``auto``: the target's format; see
+    :func:`draft_weights_option`)."""
+    from models import registry as models
+    if weights == "auto":
+        weights = packing.weights_of(ctx.model.config)
+        if weights.startswith("gguf") and os.path.isdir(os.fspath(name)):
+            weights = "int8"
+    return models.load(name, dtype=ctx.model.config.dtype, weights=weights)
+
 
 @dataclasses.dataclass(frozen=True)
 class DraftModelOptions(registry.Options):
@@ -130,15 +154,24 @@ class DraftModelOptions(registry.Options):
         "first --draft_layers layers.")
     draft_layers: int = registry.option(4, "Without --draft_model: how many of the target's "
                                         "first layers form the draft model.", minimum=1)
+    draft_weights: str = draft_weights_option()
 
     def param_sharding(self) -> str:
         return "by_logical_axes" if self.draft_model else "placed_with_target"
 
 
+def check_draft_weights(options) -> None:
+    """ValueError when ``draft_weights`` is set without a named draft model (the target's own
+    layers keep the target's weights)."""
+    if options.draft_weights != "auto" and not options.draft_model:
+        raise ValueError("draft_weights applies to a named --draft_model only (the default "
+                         "draft, the target's own layers, keeps the target's weights)")
+
+
 def build(ctx: registry.BuildContext, options: DraftModelOptions):
+    check_draft_weights(options)
     if options.draft_model:
-        from models import registry as models
-        small = models.load(options.draft_model, dtype=ctx.model.config.dtype)
+        small = load_named(ctx, options.draft_model, options.draft_weights)
         return DraftModelDrafter(small.model, options.draft_len, ctx.sampling), small.params
     model, params = from_target_layers(ctx.model, ctx.params, options.draft_layers)
     return DraftModelDrafter(model, options.draft_len, ctx.sampling), params

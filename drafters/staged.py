@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from drafters import draft_model, registry
+from drafters.draft_model import draft_weights_option
 from drafters.prompt_lookup import PromptLookupDrafter
 from specjax import masks
 from specjax.cache import KVCache, set_lengths
@@ -294,6 +295,7 @@ class StagedOptions(registry.Options):
         None, f"Without --draft_model: how many of the target's first layers form the draft "
         f"model (default {DEFAULT_DRAFT_LAYERS}, fewer on targets with fewer layers).",
         minimum=1)
+    draft_weights: str = draft_weights_option()
 
     def param_sharding(self) -> str:
         return "by_logical_axes" if self.draft_model else "placed_with_target"
@@ -304,7 +306,8 @@ def build(ctx: registry.BuildContext, options: StagedOptions):
     if layers is None:
         layers = max(1, min(DEFAULT_DRAFT_LAYERS, ctx.model.config.num_layers - 1))
     inner, params = draft_model.build(ctx, draft_model.DraftModelOptions(
-        draft_len=options.draft_len, draft_model=options.draft_model, draft_layers=layers))
+        draft_len=options.draft_len, draft_model=options.draft_model, draft_layers=layers,
+        draft_weights=options.draft_weights))
     return StagedDrafter(inner.model, options.draft_len, options.lookup_len, options.max_ngram,
                          options.min_ngram, ctx.sampling), params
 

@@ -79,10 +79,7 @@ def _check_source() -> None:
     import os
     if FLAGS.source == "sharegpt":
         from experiments import sharegpt
-        try:
-            sharegpt.check_available()
-        except sharegpt.ShareGPTUnavailable as e:
-            raise common.UserError(str(e)) from None
+        sharegpt.check_available()  # a UserError saying how to install it
         return
     if not os.path.isfile(FLAGS.source):
         raise common.UserError(f"--source={FLAGS.source!r} is neither 'sharegpt' nor a prompt "
@@ -113,10 +110,7 @@ def _examples(tokenizer, vocab_size: int):
         def response_ids(text):
             return tokenizer.encode(text + end, add_special_tokens=False)
     if FLAGS.source == "sharegpt":
-        try:
-            pairs = [(p, r) for _, p, r in sharegpt.first_turns()][lo:hi]
-        except sharegpt.ShareGPTUnavailable as e:
-            raise common.UserError(str(e)) from None
+        pairs = sharegpt.first_turn_pairs(lo, hi)
         examples = [(prompt_ids(p), response_ids(r)) for p, r in pairs]
         described = FLAGS.source
     else:

