@@ -135,26 +135,38 @@ def test_drafter_weights_option_resolves_by_target():
         drafter_packing.pack_params({}, "q4_0")
 
 
-@pytest.mark.parametrize("name", ["prompt_lookup", "sam"])
-def test_chain_length_default_follows_the_weight_format(name):
-    """Without ``--draft_len``, prompt lookup and SAM draft their packed-weights length on a
-    packed target and their float32 length otherwise; a given length wins on both."""
+@pytest.mark.parametrize("name,field,default,packed_default", [
+    ("prompt_lookup", "draft_len", "DRAFT_LEN", "PACKED_DRAFT_LEN"),
+    ("sam", "draft_len", "DRAFT_LEN", "PACKED_DRAFT_LEN"),
+    ("rest", "num_nodes", "NUM_NODES", "PACKED_NUM_NODES")])
+def test_draft_size_default_follows_the_weight_format(name, field, default, packed_default,
+                                                       tmp_path):
+    """Without ``--draft_len`` / ``--num_nodes``, prompt lookup, SAM and REST draft their
+    packed-weights size on a packed target and their float32 size otherwise; a given size wins
+    on both."""
     import importlib
     module = importlib.import_module(f"drafters.{name}")
     float_model, float_params = kit.tiny_model("gqa")
     packed_model, packed_params, _ = _packed_target("gguf")
     method = registry.get(name)
-    assert module.PACKED_DRAFT_LEN != module.DRAFT_LEN
-    for model, params, default in ((float_model, float_params, module.DRAFT_LEN),
-                                   (packed_model, packed_params, module.PACKED_DRAFT_LEN)):
+    default, packed_default = getattr(module, default), getattr(module, packed_default)
+    assert packed_default != default
+    options = method.make_options()
+    if name == "sam":
+        options = dataclasses.replace(options, static="none")
+    if name == "rest":
+        from drafters.rest_datastore import build_datastore, save_datastore
+        store = build_datastore([[1, 2, 3, 4, 5, 6, 7, 8, 9]], float_model.vocab_size)
+        options = dataclasses.replace(options, datastore=save_datastore(
+            str(tmp_path / "d.safetensors"), store))
+    for model, params, size in ((float_model, float_params, default),
+                                (packed_model, packed_params, packed_default)):
         ctx = registry.BuildContext(method_kit.loaded(model, params), None)
-        options = dataclasses.replace(method.make_options(), static="none") \
-            if name == "sam" else method.make_options()
         drafter, _ = method.build(ctx, options)
-        assert drafter.draft_len == default
-        assert drafter.tree.num_nodes == default + 1
-        drafter, _ = method.build(ctx, dataclasses.replace(options, draft_len=5))
-        assert drafter.draft_len == 5
+        assert getattr(drafter, field) == size
+        assert drafter.tree.num_nodes == size + 1
+        drafter, _ = method.build(ctx, dataclasses.replace(options, **{field: 5}))
+        assert getattr(drafter, field) == 5
 
 
 def test_weights_of_names_the_format_a_model_was_loaded_as():
