@@ -137,7 +137,7 @@ class PromptLookupOptions(registry.Options):
 
 def build(ctx: registry.BuildContext, options: PromptLookupOptions):
     branches = options.num_branches if options.tree == "tree" else 1
-    draft_len = options.draft_len or (PACKED_DRAFT_LEN if ctx.packed_weights else DRAFT_LEN)
+    draft_len = ctx.size_for_weights(options.draft_len, DRAFT_LEN, PACKED_DRAFT_LEN)
     return PromptLookupDrafter(draft_len=draft_len, max_ngram=options.max_ngram,
                                min_ngram=options.min_ngram, num_branches=branches), None
 

@@ -159,6 +159,13 @@ class BuildContext:
         from drafters import head_weights
         return head_weights.is_packed(self.model)
 
+    def size_for_weights(self, given: Optional[int], default: int, packed: int) -> int:
+        """A draft size whose best value depends on the weight format: ``given`` when the user
+        set it, else ``packed`` on a packed target and ``default`` otherwise."""
+        if given is not None:
+            return given
+        return packed if self.packed_weights else default
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:

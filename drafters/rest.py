@@ -264,7 +264,7 @@ class RestOptions(registry.Options):
 
 def build(ctx: registry.BuildContext, options: RestOptions):
     vocab = ctx.lm.model.vocab_size
-    num_nodes = options.num_nodes or (PACKED_NUM_NODES if ctx.packed_weights else NUM_NODES)
+    num_nodes = ctx.size_for_weights(options.num_nodes, NUM_NODES, PACKED_NUM_NODES)
     drafter = RestDrafter(vocab, options.num_candidates, num_nodes, options.draft_depth,
                           options.max_ngram, options.min_ngram)
     path = options.datastore

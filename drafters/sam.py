@@ -229,7 +229,7 @@ def static_file(options: SamOptions, model_name: str) -> Optional[str]:
 
 def build(ctx: registry.BuildContext, options: SamOptions):
     vocab = ctx.lm.model.vocab_size
-    draft_len = options.draft_len or (PACKED_DRAFT_LEN if ctx.packed_weights else DRAFT_LEN)
+    draft_len = ctx.size_for_weights(options.draft_len, DRAFT_LEN, PACKED_DRAFT_LEN)
     drafter = SamDrafter(vocab, draft_len, options.min_match, options.static_min_match)
     path = static_file(options, ctx.lm.name)
     if path is None:
